@@ -1,0 +1,196 @@
+"""`diffalign <command>`: thin argument parsing; each command calls one module.
+
+User-fixable problems (`UserError`) print as one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample a pipeline into a folder of PNGs and a manifest.jsonl")
+    p.add_argument("--model", required=True, help="pipeline folder or hub id; 'toy' for the shipped toy model")
+    p.add_argument("--vae", default=None, help="optional separate VAE folder or hub id")
+    p.add_argument("--lora", default=None, help="a LoRA folder or .safetensors file for pipe.load_lora_weights")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="one prompt")
+    group.add_argument("--prompts", help="file: one prompt a line, or JSONL with a 'prompt' field")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=20, help="number of inference steps")
+    p.add_argument("--seed", type=int, default=0, help="image i gets seed + i")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-images-per-prompt", type=int, default=1)
+    p.add_argument("--negative-prompt", default=None)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from .generation import GenerationSettings, generate_to_folder, read_prompts
+    from .fsutil import ensure_writable_dir
+    from .models import load_lora_into_pipeline, load_pipeline
+    from .toy.paths import resolve_model
+
+    if (args.height is None) != (args.width is None):
+        raise UserError("give both --height and --width, or neither (the model's native size)")
+    for name in ("steps", "batch_size", "num_images_per_prompt"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    ensure_writable_dir(args.out)
+    pipe = load_pipeline(resolve_model(args.model), vae_path=args.vae)
+    if args.lora:
+        load_lora_into_pipeline(pipe, args.lora)
+    settings = GenerationSettings(
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        num_images_per_prompt=args.num_images_per_prompt,
+        negative_prompt=args.negative_prompt,
+        extra={"model": args.model, "lora": args.lora, "vae": args.vae},
+    )
+    rows = generate_to_folder(pipe, prompts, args.out, settings)
+    print(f"wrote {len(rows)} images and manifest.jsonl to {args.out}")
+    return 0
+
+
+def _add_toy(sub) -> None:
+    toy = sub.add_parser("toy", help="the embedded toy world: pretrain the model, train the judge, measure")
+    tsub = toy.add_subparsers(dest="toy_command", required=True)
+
+    p = tsub.add_parser("path", help="print where the shipped toy pipeline is")
+    p.add_argument("--judge", action="store_true", help="print the judge's folder instead")
+    p.set_defaults(func=cmd_toy_path)
+
+    from .toy.pretrain import PretrainConfig
+
+    p = tsub.add_parser("pretrain", help="train the toy StableDiffusionPipeline on CPU (~15 minutes)")
+    defaults = PretrainConfig()
+    p.add_argument("--out", required=True)
+    for key in ("seed", "vae_steps", "pool_size", "unet_steps", "unet_batch_size", "threads"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(defaults, key))
+    p.set_defaults(func=cmd_toy_pretrain)
+
+    p = tsub.add_parser("train-judge", help="train the toy judge (the reward 'toy') on ground-truth renders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None, help="default: the judge module's default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-path", default=None, help="pipeline folder whose VAE round-trips part of each batch; 'toy' for the shipped one")
+    p.set_defaults(func=cmd_toy_train_judge)
+
+    p = tsub.add_parser("fidelity", help="judge fidelity of a toy pipeline's samples at several guidance scales")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--lora", default=None)
+    p.add_argument("--guidance-scales", default="1,3,7.5")
+    p.add_argument("--repeats", type=int, default=10, help="each of the 24 'a {colour} {shape}' prompts this often")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_toy_fidelity)
+
+
+def cmd_toy_path(args) -> int:
+    from .toy.paths import TOY_JUDGE, toy_model_path
+
+    print(TOY_JUDGE if args.judge else toy_model_path())
+    return 0
+
+
+def cmd_toy_pretrain(args) -> int:
+    from .fsutil import ensure_writable_dir
+    from .toy.pretrain import PretrainConfig, pretrain
+
+    ensure_writable_dir(args.out)
+    cfg = PretrainConfig(out=args.out, seed=args.seed, vae_steps=args.vae_steps, pool_size=args.pool_size,
+                         unet_steps=args.unet_steps, unet_batch_size=args.unet_batch_size, threads=args.threads)
+    out = pretrain(cfg)
+    print(json.loads((out / "pretrain_summary.json").read_text()))
+    print(f"toy pipeline written to {out}")
+    return 0
+
+
+def cmd_toy_train_judge(args) -> int:
+    from .fsutil import ensure_writable_dir
+    from .toy.paths import resolve_model
+    from .toy.judge import train_judge
+
+    ensure_writable_dir(args.out)
+    kwargs = {"seed": args.seed, "vae_path": resolve_model(args.vae_path) if args.vae_path else None}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    out = train_judge(args.out, **kwargs)
+    print(f"judge written to {out}")
+    return 0
+
+
+def cmd_toy_fidelity(args) -> int:
+    from .evaluation import get_reward
+    from .models import load_lora_into_pipeline, load_pipeline
+    from .toy.paths import resolve_model
+    from .toy.fidelity import format_table, measure_fidelity
+
+    try:
+        scales = tuple(float(g) for g in args.guidance_scales.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-scales must be comma-separated numbers, got '{args.guidance_scales}'") from None
+    pipe = load_pipeline(resolve_model(args.model))
+    if args.lora:
+        load_lora_into_pipeline(pipe, args.lora)
+    results = measure_fidelity(pipe, get_reward("toy"), scales, repeats=args.repeats, steps=args.steps, seed=args.seed)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the toy world end to end on CPU (today: generation and judge fidelity)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--repeats", type=int, default=4, help="samples of each of the 24 test prompts per guidance scale")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"diffalign {__import__('diffalign').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_toy(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"diffalign {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
