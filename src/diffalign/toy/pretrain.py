@@ -143,11 +143,11 @@ A tiny but standard `StableDiffusionPipeline` of the diffalign toy world: 32x32 
 plain, outlined or striped. Prompts look like `a small green diamond, striped`.
 
 Trained by `diffalign toy pretrain` on CPU ({minutes:.1f} minutes): VAE {vae_steps} steps (PSNR {psnr:.1f} dB),
-UNet {unet_steps} steps (EMA), epsilon prediction, frozen random CLIP text encoder, offline tokenizer.
+UNet {unet_steps} steps (EMA, batch {unet_batch}), epsilon prediction, frozen random CLIP text encoder, offline tokenizer.
 
 ```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{path}")
+pipe = StableDiffusionPipeline.from_pretrained("{path}")  # the shipped copy: `diffalign toy path`
 image = pipe("a red circle", height=32, width=32, num_inference_steps=20, guidance_scale=7.5).images[0]
 ```
 """
@@ -181,7 +181,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     summary = {**asdict(cfg), "minutes": round(minutes, 2), "vae_psnr_db": round(psnr, 2), "scaling_factor": scaling}
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
     (out / "README.md").write_text(
-        MODEL_CARD.format(minutes=minutes, vae_steps=cfg.vae_steps, psnr=psnr, unet_steps=cfg.unet_steps, path=out)
+        MODEL_CARD.format(minutes=minutes, vae_steps=cfg.vae_steps, psnr=psnr, unet_steps=cfg.unet_steps, unet_batch=cfg.unet_batch_size, path=out.name)
     )
     log_file.close()
     return out
