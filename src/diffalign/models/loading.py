@@ -1,0 +1,81 @@
+"""Find the family of a model and load it: as a training adapter (`load_family`) or a stock pipeline.
+
+Family detection reads `_class_name` from `model_index.json`, the one field every diffusers pipeline folder
+has, so a user never has to say "this is SDXL" for standard checkpoints; `family=` overrides it for pipelines
+saved under another class name (e.g. an img2img variant with the same components).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import UserError
+from .base import ModelFamily
+from .sd import SDFamily
+from .sdxl import SDXLFamily
+from .source import VaeRequest, first_line, resolve_source
+
+#: Family name -> adapter class; None marks a family that has a name but no adapter yet.
+FAMILIES: dict[str, type[ModelFamily] | None] = {"sd": SDFamily, "sdxl": SDXLFamily, "cogvideox": None}
+
+#: diffusers pipeline class (model_index.json `_class_name`) -> family name.
+PIPELINE_FAMILIES: dict[str, str] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "CogVideoXPipeline": "cogvideox",
+}
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    """The adapter class for a family name; `UserError` for unknown or not-yet-implemented families."""
+    key = str(name).strip().lower()
+    if key not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}")
+    cls = FAMILIES[key]
+    if cls is None:
+        ready = ", ".join(k for k, v in FAMILIES.items() if v is not None)
+        raise UserError(f"model family {key!r} is not implemented yet; available now: {ready}")
+    return cls
+
+
+def detect_family(pretrained_model_name_or_path: str | os.PathLike) -> str:
+    """The family name of a pipeline folder or hub id, from model_index.json `_class_name`."""
+    source = resolve_source(pretrained_model_name_or_path)
+    family = PIPELINE_FAMILIES.get(source.class_name)
+    if family is None:
+        known = ", ".join(f"{c} ({f})" for c, f in PIPELINE_FAMILIES.items())
+        raise UserError(
+            f"{source.path!r} is a {source.class_name or 'pipeline without _class_name'}, not one diffalign detects "
+            f"({known}); pass family= explicitly if its components match one of them"
+        )
+    return family
+
+
+def load_family(
+    pretrained_model_name_or_path: str | os.PathLike, family: str | None = None, **kwargs
+) -> ModelFamily:
+    """Load the training adapter for a model; the family is detected unless given. kwargs: see from_pretrained."""
+    cls = family_class(family if family is not None else detect_family(pretrained_model_name_or_path))
+    return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def load_pipeline(
+    pretrained_model_name_or_path: str | os.PathLike,
+    vae_path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+):
+    """A stock diffusers pipeline for generation (`DiffusionPipeline.from_pretrained`, no remote code)."""
+    from diffusers import DiffusionPipeline
+
+    source = resolve_source(pretrained_model_name_or_path)
+    kwargs = dict(dtype=dtype, local_files_only=source.local_files_only)
+    if vae_path is not None:
+        kwargs["vae"] = VaeRequest(vae_path).load(dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load pipeline {source.path!r}: {first_line(exc)}") from exc
+    return pipe.to(device)
