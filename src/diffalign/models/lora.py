@@ -172,10 +172,18 @@ def load_lora_into_pipeline(pipe, path: str | os.PathLike, adapter_name: str | N
     """
     file = resolve_lora_file(path)
     before = {k: set(v) for k, v in pipe.get_list_adapters().items()}
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers warns "No LoRA keys associated to ..." for each component a file does not touch; whether
+    # anything matched at all is decided below, so its warnings would only repeat (or blur) that verdict.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         pipe.load_lora_weights(file, adapter_name=adapter_name)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise UserError(f"cannot load LoRA {file!r}: {first_line(exc)} ({_key_sample(file)})") from exc
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     after = pipe.get_list_adapters()
     added = sorted({name for comp, names in after.items() for name in names if name not in before.get(comp, set())})
     if not added:
