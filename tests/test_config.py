@@ -216,7 +216,7 @@ def _random_config(rng: random.Random) -> TrainConfig:
         mixed_precision=rng.choice([None, "no", "fp16", "bf16"]),
         validation_prompts=tuple(rng.choice(["a, b", "no", "null", "1e-5", "yes", "plain"]) for _ in range(3)),
         lora_target_modules=("to_q", "to_out.0"),
-        seed=rng.choice([None, 0, 1234]),
+        seed=rng.choice([0, 1234]),
         revision=rng.choice([None, "main", "0123456"]),
         report_to=rng.choice(["tensorboard", "wandb", "none"]),
         adam_epsilon=rng.choice([1e-8, 1e-15]),

@@ -134,7 +134,7 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = _f(
         None, "Resume exactly: 'latest' (the newest checkpoint in output_dir; starts fresh if there is none), "
         "a checkpoint folder path, or a checkpoint name inside output_dir (checkpoint-500).")
-    seed: Optional[int] = _f(0, "Random seed for noise, timesteps, data order and initialisation; none: random.")
+    seed: int = _f(0, "Random seed for noise, timesteps, data order and initialisation.")
     report_to: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "Tracker for metrics and images.")
     validation_prompts: tuple[str, ...] = _f(
         (), "Prompts sampled every validation_steps. On the command line: comma-separated, or a YAML list "
@@ -142,7 +142,7 @@ class TrainConfig:
     validation_steps: int = _f(500, "Sample validation_prompts every N optimizer updates.")
     validation_guidance_scale: float = _f(7.5, "CFG scale of the validation images.")
     validation_num_inference_steps: int = _f(25, "Sampler steps of the validation images.")
-    validation_seed: Optional[int] = _f(0, "Seed of the validation images (same each time, so they compare).")
+    validation_seed: int = _f(0, "Seed of the validation images (prompt i gets seed + i, the same each time).")
 
     # --- derived values ---------------------------------------------------------------------------------
     @property
