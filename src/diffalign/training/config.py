@@ -324,8 +324,9 @@ class TrainConfig:
             if not self.lora_target_modules:
                 raise UserError("lora_target_modules is empty: LoRA would train nothing")
             if self.use_ema:
-                raise UserError("use_ema is for train_mode=full: an EMA of the whole UNet doubles its memory and "
-                                "the LoRA adapters are the only weights that change; set --use_ema=false")
+                raise UserError("use_ema applies to train_mode=full (an EMA copy of the fine-tuned UNet, saved in "
+                                "its place, as in the diffusers scripts); an EMA of LoRA adapters is not supported: "
+                                "set --use_ema=false or --train_mode=full")
         if not 0 < self.ema_decay < 1:
             raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
