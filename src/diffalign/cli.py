@@ -169,19 +169,89 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="preference training: dpo, mapo, npo, sft (works under `accelerate launch`)", allow_abbrev=False,
+                       description="diffalign train CONFIG.yaml [--key=value ...]; `--help-config` lists every key.")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe (see configs/); keys can be overridden")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
+    p.set_defaults(func=cmd_train, accepts_overrides=True)
+
+    p = sub.add_parser("cache", help="precompute VAE latents and prompt embeddings for a training config", allow_abbrev=False)
+    p.add_argument("config")
+    p.set_defaults(func=cmd_cache, accepts_overrides=True)
+
+    p = sub.add_parser("export", help="export a LoRA for other tools (kohya / ComfyUI / A1111 keys)")
+    p.add_argument("--lora", required=True, help="a LoRA folder or .safetensors written by diffalign train")
+    p.add_argument("--format", choices=["kohya"], default="kohya")
+    p.add_argument("--out", default=None, help="output .safetensors (default: beside the input, *_kohya.safetensors)")
+    p.set_defaults(func=cmd_export)
+
+
+def _train_config(args):
+    from .config_loader import load_config
+    from .training.config import TrainConfig
+
+    return load_config(TrainConfig, args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    if args.help_config:
+        from .config_loader import config_help
+        from .training.config import TrainConfig
+
+        print(config_help(TrainConfig))
+        return 0
+    if args.config is None and not args.overrides:
+        raise UserError("give a config file (see configs/) and/or --key=value overrides; --help-config lists the keys")
+    from .training.loop import train
+
+    train(_train_config(args))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .data import build_cache, fingerprint, load_pairs
+    from .models import load_family
+    from .toy.paths import resolve_model
+
+    cfg = _train_config(args)
+    cfg.validate()
+    family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
+                         pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path)
+    pairs = load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
+                       image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
+                       strict=cfg.strict_data, max_samples=cfg.max_train_samples)
+    resolution = cfg.resolution or family.default_resolution
+    cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
+    build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir)
+    print(f"cache of {len(pairs)} pairs written to {cache_dir} (key {fingerprint(pairs, family, resolution=resolution)[:12]})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .training.export import export_kohya
+
+    print(f"wrote {export_kohya(args.lora, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"diffalign {__import__('diffalign').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_toy(sub)
+    _add_train(sub)
     _add_demo(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -1,0 +1,95 @@
+"""Deterministic batches for training: data order, augmentation and encoding as functions of (seed, step).
+
+The order of epoch e is a permutation drawn from `seed + e`; process r of w takes every w-th index, so the
+global batch is the same whatever the number of processes. Resuming at step k skips straight to the right
+position without loading the skipped data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import Conditioning
+from .recipes import PairBatch
+
+
+class BatchStream:
+    """Yields lists of dataset items for micro-batch number m = 0, 1, 2, ... of this process."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if len(dataset) < batch_size * world:
+            raise ValueError(f"the dataset has {len(dataset)} usable rows, fewer than one global batch "
+                             f"({batch_size} x {world} processes)")
+        self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+        self.per_epoch = len(dataset) // (batch_size * world)  # incomplete last batches are dropped
+
+    def indices(self, micro: int) -> list[int]:
+        epoch, pos = divmod(micro, self.per_epoch)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        global_batch = order[pos * self.batch_size * self.world : (pos + 1) * self.batch_size * self.world]
+        return global_batch[self.rank :: self.world], epoch
+
+    def get(self, micro: int):
+        idx, epoch = self.indices(micro)
+        return [self.dataset.item(i, epoch) for i in idx]
+
+
+class PixelPairs:
+    """Pairs decoded and augmented on the fly; augmentation is seeded by (seed, epoch, row)."""
+
+    def __init__(self, pairs, transform, seed: int):
+        from ..data import deterministic_rng
+
+        self.pairs, self.transform, self.seed, self._rng = pairs, transform, seed, deterministic_rng
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def item(self, i: int, epoch: int):
+        raw = self.pairs[i]
+        if raw is None:
+            return None
+        return self.transform(raw, self._rng(self.seed, epoch, i))
+
+
+class CachedItems:
+    """Items of a latent cache (no augmentation: they were encoded centre-cropped)."""
+
+    def __init__(self, cached):
+        self.cached = cached
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def item(self, i: int, epoch: int):
+        return self.cached[i]
+
+
+def to_pair_batch(items: list, family, resolution: int, device) -> PairBatch | None:
+    """Encode a list of items (pixels or cached latents) into a PairBatch; None if every item was bad."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    if "latents_w" in items[0]:
+        stack = lambda key: torch.stack([it[key] for it in items]).to(device)
+        cond_w = Conditioning(stack("prompt_embeds"),
+                              stack("text_embeds") if "text_embeds" in items[0] else None,
+                              stack("time_ids_w") if "time_ids_w" in items[0] else None)
+        cond_l = cond_w.replace(time_ids=stack("time_ids_l")) if "time_ids_l" in items[0] else cond_w
+        return PairBatch(stack("latents_w").to(family.dtype), stack("latents_l").to(family.dtype), cond_w, cond_l)
+    pixels_w = torch.stack([it["pixel_w"] for it in items]).to(device)
+    pixels_l = torch.stack([it["pixel_l"] for it in items]).to(device)
+    captions = [it["caption"] for it in items]
+    with torch.no_grad():
+        latents = family.encode_images(torch.cat([pixels_w, pixels_l]))
+        cond_w = family.encode_prompts(captions)
+    size = (resolution, resolution)
+    time_w = family.time_ids([it["original_size_w"] for it in items], [it["crop_top_left_w"] for it in items], size)
+    if time_w is not None:
+        time_l = family.time_ids([it["original_size_l"] for it in items], [it["crop_top_left_l"] for it in items], size)
+        cond_l = cond_w.replace(time_ids=time_l.to(device))
+        cond_w = cond_w.replace(time_ids=time_w.to(device))
+    else:
+        cond_l = cond_w
+    lat_w, lat_l = latents.chunk(2)
+    return PairBatch(lat_w, lat_l, cond_w, cond_l)

@@ -1,0 +1,60 @@
+"""`diffalign export --lora DIR --format kohya`: a kohya / ComfyUI / A1111-keyed copy of a diffusers LoRA.
+
+kohya keys name each module with underscores (`lora_unet_down_blocks_1_..._to_q.lora_down.weight`), call
+A and B `lora_down` and `lora_up`, and carry each module's `alpha` as a scalar tensor: the scale applied at
+load time is alpha / rank, so it must travel with the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import UserError
+from ..models import resolve_lora_file
+
+
+def _alpha_by_rank(metadata: dict | None, rank: int) -> float:
+    """lora_alpha from the adapter metadata diffalign writes; rank (scale 1) when there is none."""
+    for key in ("unet_lora_adapter_metadata", "lora_adapter_metadata"):
+        if metadata and key in metadata:
+            try:
+                return float(json.loads(metadata[key]).get("lora_alpha", rank))
+            except (ValueError, TypeError):
+                pass
+    return float(rank)
+
+
+def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    prefixes = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
+    for key, tensor in state_dict.items():
+        prefix = next((p for p in sorted(prefixes, key=len, reverse=True) if key.startswith(p)), None)
+        if prefix is None or not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
+            raise UserError(f"unexpected key '{key}' in a diffusers LoRA file: expected unet./text_encoder. keys "
+                            "ending in .lora_A.weight / .lora_B.weight")
+        module = key[len(prefix): -len(".lora_A.weight")]
+        name = prefixes[prefix] + module.replace(".", "_")
+        if key.endswith(".lora_A.weight"):
+            out[f"{name}.lora_down.weight"] = tensor
+            out[f"{name}.alpha"] = torch.tensor(_alpha_by_rank(metadata, tensor.shape[0]))
+        else:
+            out[f"{name}.lora_up.weight"] = tensor
+    return out
+
+
+def export_kohya(lora: str | Path, out_file: str | Path | None = None) -> Path:
+    source = resolve_lora_file(lora)
+    with safe_open(str(source), framework="pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if not state:
+        raise UserError(f"LoRA file '{source}' holds no tensors")
+    converted = to_kohya(state, metadata)
+    out = Path(out_file) if out_file else Path(source).with_name(Path(source).stem + "_kohya.safetensors")
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(out), metadata={"ss_network_module": "networks.lora"})
+    return out

@@ -1,0 +1,240 @@
+"""The training loop on accelerate: one optimizer step = `gradient_accumulation_steps` micro-batches.
+
+Every random draw (data order, augmentation, noise, timesteps) is a function of (seed, step, micro-batch,
+process), which is what makes `resume_from_checkpoint: latest` continue exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config_loader import dump_config
+from ..errors import UserError
+from ..fsutil import ensure_writable_dir
+from ..models import load_family, lora_disabled
+from .batches import BatchStream, CachedItems, PixelPairs, to_pair_batch
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .model_card import write_model_card
+from .recipes import PreferenceRecipe, sample_noise_and_t
+from .validation import validation_grid
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+
+
+def _make_optimizer(cfg: TrainConfig, params, lr: float):
+    kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("use_8bit_adam needs bitsandbytes: pip install 'diffalign[bnb]' (or set use_8bit_adam=false)") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _load_data(cfg: TrainConfig, family, resolution: int, log):
+    from ..data import PairTransform, load_pairs
+
+    pairs = load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
+                       image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
+                       strict=cfg.strict_data, max_samples=cfg.max_train_samples)
+    if cfg.use_cache:
+        from ..data import build_cache, fingerprint, open_cache
+
+        cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
+        key = fingerprint(pairs, family, resolution=resolution)
+        cached = open_cache(cache_dir, key)
+        if cached is None:
+            log(f"no matching latent cache in {cache_dir}: building it")
+            build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir)
+            cached = open_cache(cache_dir, key)
+        log(f"using the latent cache in {cache_dir} ({len(cached)} pairs; no random flips when cached)")
+        return pairs, CachedItems(cached)
+    transform = PairTransform(resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop)
+    return pairs, PixelPairs(pairs, transform, cfg.seed)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one training job described by `cfg`; returns the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    from ..toy.paths import resolve_model
+
+    cfg.validate()
+    out = ensure_writable_dir(cfg.output_dir)
+    report_to = None if cfg.report_to in (None, "none") else cfg.report_to
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / (cfg.logging_dir or "logs"))),
+    )
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+
+    family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
+                         pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path)
+    family.to(accelerator.device)
+    for module in (family.vae, *family.text_encoders):
+        module.requires_grad_(False).eval()
+    resolution = cfg.resolution or family.default_resolution
+
+    ref_unet = None
+    if cfg.train_mode == "lora":
+        family.add_lora(cfg.rank, cfg.lora_alpha, tuple(cfg.lora_target_modules))
+    else:
+        uses_reference = cfg.method == "dpo" or (cfg.method == "npo" and cfg.npo_objective == "dpo")
+        if uses_reference:
+            ref_unet = copy.deepcopy(family.unet).requires_grad_(False).eval()
+        family.enable_full_finetune()
+    if cfg.gradient_checkpointing:
+        family.enable_gradient_checkpointing()
+    family.unet.train()
+    named = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}
+
+    pairs, items = _load_data(cfg, family, resolution, log)
+    stream = BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world)
+
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    optimizer = _make_optimizer(cfg, list(named.values()), lr)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    ema = {n: p.detach().clone().float() for n, p in named.items()} if cfg.use_ema else None
+
+    unet, optimizer = accelerator.prepare(family.unet, optimizer)
+    family.unet = unet
+    base_unet = accelerator.unwrap_model(unet)
+    recipe = PreferenceRecipe(family, cfg.method, beta=cfg.beta, loss_type=cfg.loss_type, mapo_preset=cfg.mapo_preset,
+                              npo_objective=cfg.npo_objective, ref_unet=ref_unet,
+                              disable_adapters=lambda: lora_disabled(base_unet))
+
+    step = 0
+    resume = resolve_resume(out, cfg.resume_from_checkpoint)
+    if resume is not None:
+        step = load_checkpoint(resume, params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema)["global_step"]
+        log(f"resumed from {resume} at step {step}")
+    if main:
+        dump_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+        log(f"{cfg.method} on {len(pairs)} pairs; {world} process(es) x batch {cfg.train_batch_size} x accumulation "
+            f"{cfg.gradient_accumulation_steps} = global batch {world * cfg.train_batch_size * cfg.gradient_accumulation_steps}")
+
+    ga = cfg.gradient_accumulation_steps
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
+    skipped_batches, started = 0, time.time()
+    while step < cfg.max_train_steps:
+        sums: dict[str, float] = {}
+        for micro in range(ga):
+            batch = to_pair_batch(stream.get(step * ga + micro), family, resolution, accelerator.device)
+            if batch is None:
+                skipped_batches += 1
+                continue
+            noise, t = sample_noise_and_t(batch.latents_w.shape, family.num_train_timesteps,
+                                          _step_generator(cfg.seed, step, micro, rank), accelerator.device)
+            sync = accelerator.no_sync(unet) if micro < ga - 1 else _nullcontext()
+            with sync, accelerator.autocast():
+                result = recipe(batch, noise, t)
+                loss = result.losses.mean()
+            if not torch.isfinite(loss):
+                raise UserError(f"the {cfg.method} loss became {loss.item()} at step {step} (micro-batch {micro}); "
+                                "lower learning_rate or beta, or train in full precision (mixed_precision=no); "
+                                f"the last good checkpoint is in {out}")
+            with sync:
+                accelerator.backward(loss / ga)
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga
+            for k, v in result.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / ga
+        grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in named.items():
+                    ema[n].lerp_(p.detach().float(), 1 - cfg.ema_decay)
+        step += 1
+        sums["lr"] = lr_scheduler.get_last_lr()[0]
+        if grad_norm is not None:
+            sums["grad_norm"] = float(grad_norm)
+        accelerator.log(sums, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
+        if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
+            save_checkpoint(out, step, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                            extra={"method": cfg.method}, total_limit=cfg.checkpoints_total_limit)
+        if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
+            _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    if main:
+        family.unet = base_unet
+        _save_outputs(cfg, family, named, ema, out)
+        report = {"steps": step, "seconds": round(time.time() - started, 1), "skipped_micro_batches": skipped_batches,
+                  "data": pairs.report()}
+        (out / "train_report.json").write_text(json.dumps(report, indent=2))
+        if cfg.validation_prompts:
+            _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
+        write_model_card(cfg, out, resolution=resolution, family=family.name, data_summary=pairs.summary())
+        log(f"saved to {out}")
+    accelerator.end_training()
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_outputs(cfg: TrainConfig, family, named, ema, out: Path) -> None:
+    if cfg.train_mode == "lora":
+        family.save_lora(out)
+        return
+    unet = family.unet
+    if ema is not None:
+        raw = {n: p.detach().clone() for n, p in named.items()}
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(ema[n].to(p.dtype))
+        unet.save_pretrained(out / "unet")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(raw[n])
+        unet.save_pretrained(out / "unet_raw")
+    else:
+        unet.save_pretrained(out / "unet")
+
+
+def _validate(cfg, family, base_unet, ref_unet, out: Path, step: int, accelerator) -> None:
+    saved = family.unet
+    family.unet = base_unet
+    try:
+        grid = validation_grid(family, cfg, ref_unet=ref_unet)
+    finally:
+        family.unet = saved
+        base_unet.train()
+    folder = out / "validation"
+    folder.mkdir(exist_ok=True)
+    grid.save(folder / f"step-{step:06d}.png")
+    tb = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
+    if tb is not None:
+        import numpy as np
+
+        tb.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")

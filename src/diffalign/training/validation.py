@@ -1,0 +1,41 @@
+"""Validation images during training: fixed prompts and seeds, with the trained weights and without them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _sample(family, cfg, resolution: int) -> np.ndarray:
+    pipe = family.make_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(cfg.validation_prompts)
+    gens = [torch.Generator().manual_seed(cfg.validation_seed + i) for i in range(len(prompts))]
+    with torch.no_grad():
+        images = pipe(prompts, height=resolution, width=resolution, guidance_scale=cfg.validation_guidance_scale,
+                      num_inference_steps=cfg.validation_num_inference_steps, generator=gens, output_type="np").images
+    return (images * 255).round().astype(np.uint8)
+
+
+def validation_grid(family, cfg, ref_unet=None) -> Image.Image:
+    """Rows: the trained model, then the base model (adapters off, or the frozen reference copy) when known."""
+    from ..models import lora_disabled
+    from ..models.lora import has_lora
+
+    resolution = cfg.resolution or family.default_resolution
+    family.unet.eval()
+    rows = [_sample(family, cfg, resolution)]
+    if has_lora(family.unet):
+        with lora_disabled(family.unet):
+            rows.append(_sample(family, cfg, resolution))
+    elif ref_unet is not None:
+        trained, family.unet = family.unet, ref_unet
+        try:
+            rows.append(_sample(family, cfg, resolution))
+        finally:
+            family.unet = trained
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    scale = max(1, 256 // resolution)
+    image = Image.fromarray(grid)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image

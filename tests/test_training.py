@@ -1,0 +1,167 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.models import load_family
+from diffalign.toy.render_pairs import write_pairs_parquet
+from diffalign.training.recipes import PairBatch, PreferenceRecipe, count_unet_calls
+
+
+@pytest.fixture(scope="module")
+def style_pairs(tmp_path_factory):
+    return write_pairs_parquet(tmp_path_factory.mktemp("pairs") / "style.parquet", 24, kind="style", seed=3)
+
+
+def _cfg(model, data, out, **kw):
+    from diffalign.training.config import TrainConfig
+
+    base = dict(method="mapo", pretrained_model_name_or_path=str(model), dataset_name=str(data), output_dir=str(out),
+                resolution=32, train_batch_size=4, max_train_steps=3, learning_rate=1e-3, lr_scheduler="constant",
+                lr_warmup_steps=0, rank=4, seed=0, report_to="none", checkpointing_steps=1000, beta=None)
+    base.update(kw)
+    if base["method"] in ("dpo", "npo") and base["beta"] is None:
+        base["beta"] = 5000.0
+    return TrainConfig(**base)
+
+
+def _batch(family, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = lambda: torch.randn(b, 4, 16, 16, generator=g)
+    cond = family.encode_prompts(["a red circle"] * b)
+    return PairBatch(lat(), lat(), cond, cond)
+
+
+def test_first_dpo_loss_with_zero_lora_is_ln2_and_calls_are_counted(tiny_pipelines):
+    family = load_family(tiny_pipelines["sd"])
+    family.add_lora(4)
+    batch = _batch(family)
+    noise = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500, 900])
+    dpo = PreferenceRecipe(family, "dpo", beta=5000.0)
+    with count_unet_calls(family.unet) as calls:
+        result = dpo(batch, noise, t)
+    assert calls["calls"] == 2  # policy + reference (adapters off), each one batch of 2B
+    torch.testing.assert_close(result.losses, torch.full((3,), math.log(2.0)))
+    with count_unet_calls(family.unet) as calls:
+        PreferenceRecipe(family, "mapo")(batch, noise, t)
+    assert calls["calls"] == 1  # MaPO: one network pass per step, no reference
+
+
+def test_recipe_uses_one_noise_and_timestep_per_pair(tiny_pipelines):
+    family = load_family(tiny_pipelines["sd"])
+    family.add_lora(4)
+    batch = _batch(family)
+    batch = PairBatch(batch.latents_w, batch.latents_w.clone(), batch.cond_w, batch.cond_l)  # identical images
+    noise = torch.randn(3, 4, 16, 16)
+    result = PreferenceRecipe(family, "mapo")(batch, noise, torch.tensor([5, 50, 500]))
+    # Same image, same noise, same t: winner and loser errors agree exactly (they share the 2B forward pass).
+    assert result.metrics["err_w"] == pytest.approx(result.metrics["err_l"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dpo", "mapo", "npo", "sft"])
+def test_every_trainable_parameter_changes_and_lora_loads(tiny_pipelines, style_pairs, tmp_path, method):
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.training.loop import train
+
+    out = train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / method, method=method,
+                     validation_prompts=["a red circle"], validation_steps=2, validation_num_inference_steps=2))
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    lora_b = [k for k in weights if "lora_B" in k]
+    assert lora_b and all(weights[k].abs().max() > 0 for k in lora_b)  # B starts at zero: all moved
+    lora_a = [k for k in weights if "lora_A" in k]
+    fresh = load_family(tiny_pipelines["sd"])
+    fresh.add_lora(4)
+    init = {k: v for k, v in fresh.unet.state_dict().items() if "lora_A" in k}
+    assert len(init) == len(lora_a)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipelines["sd"])
+    pipe.load_lora_weights(out)
+    assert pipe.get_list_adapters()["unet"]
+    assert (out / "config.yaml").is_file() and (out / "README.md").is_file()
+    assert "pipe.load_lora_weights" in (out / "README.md").read_text()
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-000002.png", "step-000003.png"]
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps"] == 3
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipelines, style_pairs, tmp_path):
+    from diffalign.training.loop import train
+
+    kw = dict(method="dpo", max_train_steps=4, checkpointing_steps=2, gradient_accumulation_steps=2, train_batch_size=2)
+    straight = train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "straight", **kw))
+    # Stop after step 2 (the run ends there, writing checkpoint-2 first), then resume to step 4.
+    interrupted = tmp_path / "resumed"
+    train(_cfg(tiny_pipelines["sd"], style_pairs, interrupted, **{**kw, "max_train_steps": 3, "checkpointing_steps": 2}))
+    assert (interrupted / "checkpoint-2").is_dir()
+    resumed = train(_cfg(tiny_pipelines["sd"], style_pairs, interrupted, resume_from_checkpoint=str(interrupted / "checkpoint-2"), **kw))
+    a = load_file(straight / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_full_finetune_dpo_with_frozen_reference_and_ema(tiny_pipelines, style_pairs, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.training.loop import train
+
+    out = train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "full", method="dpo", train_mode="full",
+                     learning_rate=1e-4, max_train_steps=2, use_ema=True, ema_decay=0.5))
+    base = UNet2DConditionModel.from_pretrained(tiny_pipelines["sd"], subfolder="unet").state_dict()
+    trained = UNet2DConditionModel.from_pretrained(out / "unet_raw").state_dict()
+    unchanged = [k for k in base if torch.equal(base[k], trained[k])]
+    assert not unchanged, unchanged[:5]
+    ema = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    key = next(iter(base))
+    assert not torch.equal(ema[key], trained[key])
+
+
+def test_sdxl_mapo_trains(tiny_pipelines, style_pairs, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffalign.training.loop import train
+
+    out = train(_cfg(tiny_pipelines["sdxl"], style_pairs, tmp_path / "xl", method="mapo", max_train_steps=2))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipelines["sdxl"])
+    pipe.load_lora_weights(out)
+    assert pipe.get_list_adapters()["unet"]
+
+
+def test_kohya_export_round_trips_through_diffusers(tiny_pipelines, style_pairs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.cli import main
+    from diffalign.training.loop import train
+
+    out = train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "k", method="mapo", max_train_steps=2,
+                     learning_rate=1e-2, lora_alpha=8))
+    assert main(["export", "--lora", str(out), "--format", "kohya", "--out", str(tmp_path / "kohya.safetensors")]) == 0
+    keys = load_file(tmp_path / "kohya.safetensors").keys()
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".alpha") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
+
+    def images(lora):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_pipelines["sd"])
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(lora)
+        return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    np.testing.assert_allclose(images(str(out)), images(str(tmp_path / "kohya.safetensors")), atol=1e-5)
+
+
+def test_train_cli_overrides_and_bad_keys(tiny_pipelines, style_pairs, tmp_path, capsys):
+    from diffalign.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"method: sft\npretrained_model_name_or_path: {tiny_pipelines['sd']}\nresolution: 32\n"
+                      f"dataset_name: {style_pairs}\ntrain_batch_size: 2\nmax_train_steps: 5\nreport_to: none\n")
+    assert main(["train", str(config), f"--output_dir={tmp_path / 'o'}", "--max_train_steps=1"]) == 0
+    assert json.loads((tmp_path / "o" / "train_report.json").read_text())["steps"] == 1
+    assert main(["train", str(config), f"--output_dir={tmp_path / 'o2'}", "--learnng_rate=1e-4"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
