@@ -41,13 +41,20 @@ class PixelPairs:
         from ..data import deterministic_rng
 
         self.pairs, self.transform, self.seed, self._rng = pairs, transform, seed, deterministic_rng
+        self._counted: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def item(self, i: int, epoch: int):
+        from ..data.pairs import is_skipped
+
         raw = self.pairs[i]
-        if raw is None:
+        if is_skipped(raw):
+            # An image that fails to decode is counted once (in the run's data report), then left out.
+            if i not in self._counted:
+                self._counted.add(i)
+                self.pairs.record_skipped([raw])
             return None
         return self.transform(raw, self._rng(self.seed, epoch, i))
 

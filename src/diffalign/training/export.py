@@ -19,14 +19,23 @@ from ..models import resolve_lora_file
 
 
 def _alpha_by_rank(metadata: dict | None, rank: int) -> float:
-    """lora_alpha from the adapter metadata diffalign writes; rank (scale 1) when there is none."""
-    for key in ("unet_lora_adapter_metadata", "lora_adapter_metadata"):
-        if metadata and key in metadata:
-            try:
-                return float(json.loads(metadata[key]).get("lora_alpha", rank))
-            except (ValueError, TypeError):
-                pass
+    """lora_alpha from the adapter metadata the diffusers saver writes (`unet.lora_alpha` inside a JSON
+    string); rank (scale 1) when there is none."""
+    for value in (metadata or {}).values():
+        try:
+            config = json.loads(value)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(config, dict):
+            alpha = next((v for k, v in config.items() if k == "lora_alpha" or k.endswith(".lora_alpha")), None)
+            if isinstance(alpha, (int, float)):
+                return float(alpha)
     return float(rank)
+
+
+# diffusers writes `.lora.down/.lora.up`; peft-style files use `.lora_A/.lora_B`: both are accepted.
+_DOWN = (".lora.down.weight", ".lora_A.weight")
+_UP = (".lora.up.weight", ".lora_B.weight")
 
 
 def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> dict[str, torch.Tensor]:
@@ -34,12 +43,13 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict | None = None) 
     prefixes = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
     for key, tensor in state_dict.items():
         prefix = next((p for p in sorted(prefixes, key=len, reverse=True) if key.startswith(p)), None)
-        if prefix is None or not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
+        suffix = next((x for x in _DOWN + _UP if key.endswith(x)), None)
+        if prefix is None or suffix is None:
             raise UserError(f"unexpected key '{key}' in a diffusers LoRA file: expected unet./text_encoder. keys "
-                            "ending in .lora_A.weight / .lora_B.weight")
-        module = key[len(prefix): -len(".lora_A.weight")]
+                            "ending in .lora.down/.lora.up.weight or .lora_A/.lora_B.weight")
+        module = key[len(prefix): -len(suffix)]
         name = prefixes[prefix] + module.replace(".", "_")
-        if key.endswith(".lora_A.weight"):
+        if suffix in _DOWN:
             out[f"{name}.lora_down.weight"] = tensor
             out[f"{name}.alpha"] = torch.tensor(_alpha_by_rank(metadata, tensor.shape[0]))
         else:

@@ -6,6 +6,7 @@ process), which is what makes `resume_from_checkpoint: latest` continue exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -90,6 +91,9 @@ def train(cfg: TrainConfig) -> Path:
         module.requires_grad_(False).eval()
     resolution = cfg.resolution or family.default_resolution
 
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # LoRA initialisation is reproducible from the seed
     ref_unet = None
     if cfg.train_mode == "lora":
         family.add_lora(cfg.rank, cfg.lora_alpha, tuple(cfg.lora_target_modules))
@@ -145,15 +149,15 @@ def train(cfg: TrainConfig) -> Path:
                 continue
             noise, t = sample_noise_and_t(batch.latents_w.shape, family.num_train_timesteps,
                                           _step_generator(cfg.seed, step, micro, rank), accelerator.device)
-            sync = accelerator.no_sync(unet) if micro < ga - 1 else _nullcontext()
-            with sync, accelerator.autocast():
-                result = recipe(batch, noise, t)
-                loss = result.losses.mean()
-            if not torch.isfinite(loss):
-                raise UserError(f"the {cfg.method} loss became {loss.item()} at step {step} (micro-batch {micro}); "
-                                "lower learning_rate or beta, or train in full precision (mixed_precision=no); "
-                                f"the last good checkpoint is in {out}")
-            with sync:
+            # DDP: gradients are all-reduced only on the last micro-batch of an optimizer step.
+            with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
+                with accelerator.autocast():
+                    result = recipe(batch, noise, t)
+                    loss = result.losses.mean()
+                if not torch.isfinite(loss):
+                    raise UserError(f"the {cfg.method} loss became {loss.item()} at step {step} (micro-batch {micro}); "
+                                    "lower learning_rate or beta, or train in full precision (mixed_precision=no); "
+                                    f"the last good checkpoint is in {out}")
                 accelerator.backward(loss / ga)
             sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga
             for k, v in result.metrics.items():
@@ -193,14 +197,6 @@ def train(cfg: TrainConfig) -> Path:
         log(f"saved to {out}")
     accelerator.end_training()
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_outputs(cfg: TrainConfig, family, named, ema, out: Path) -> None:
