@@ -90,6 +90,15 @@ def _add_toy(sub) -> None:
     p.add_argument("--vae-path", default=None, help="pipeline folder whose VAE round-trips part of each batch; 'toy' for the shipped one")
     p.set_defaults(func=cmd_toy_train_judge)
 
+    p = tsub.add_parser("render-pairs", help="write Pick-a-Pic-schema pairs rendered from ground truth (parquet)")
+    p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--kind", choices=["style", "fidelity"], default="style",
+                   help="style: chosen = the same scene in --style, rejected plain; fidelity: rejected has another colour and shape")
+    p.add_argument("--style", default="striped", choices=["outlined", "striped"])
+    p.add_argument("-n", "--num-pairs", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_toy_render_pairs)
+
     p = tsub.add_parser("fidelity", help="judge fidelity of a toy pipeline's samples at several guidance scales")
     p.add_argument("--model", default="toy")
     p.add_argument("--lora", default=None)
@@ -132,6 +141,16 @@ def cmd_toy_train_judge(args) -> int:
         kwargs["steps"] = args.steps
     out = train_judge(args.out, **kwargs)
     print(f"judge written to {out}")
+    return 0
+
+
+def cmd_toy_render_pairs(args) -> int:
+    from .fsutil import ensure_writable_dir
+    from .toy.render_pairs import write_pairs_parquet
+
+    ensure_writable_dir(Path(args.out).parent)
+    path = write_pairs_parquet(args.out, args.num_pairs, kind=args.kind, style=args.style, seed=args.seed)
+    print(f"wrote {args.num_pairs} {args.kind} pairs to {path}")
     return 0
 
 
