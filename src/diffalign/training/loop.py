@@ -67,6 +67,10 @@ def _load_data(cfg: TrainConfig, family, resolution: int, log):
 
 def train(cfg: TrainConfig) -> Path:
     """Run one training job described by `cfg`; returns the output folder."""
+    if cfg.method == "selfnpo":
+        from .selfnpo_loop import train_selfnpo
+
+        return train_selfnpo(cfg)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -175,6 +179,9 @@ def train(cfg: TrainConfig) -> Path:
         if grad_norm is not None:
             sums["grad_norm"] = float(grad_norm)
         accelerator.log(sums, step=step)
+        if main:  # always kept in the run folder, whatever tracker is configured
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in sums.items()}}) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
         if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
