@@ -54,14 +54,23 @@ def _png(a):
     return buf.getvalue()
 
 
-def judge_pairs(pipe, judge, n_prompts_repeat: int, guidance: float, seed: int = 10_000) -> list[dict]:
+def judge_pairs(pipe, judge, n_prompts_repeat: int, guidance: float, seed: int = 10_000, decisive: bool = False) -> list[dict]:
+    """Two samples per prompt; the judge's more faithful one is chosen. `decisive`: keep only pairs where
+    exactly one image shows both the asked shape and colour."""
     prompts = fidelity_prompts(n_prompts_repeat)
     a = sample_images(pipe, prompts, guidance, seed=seed)
     b = sample_images(pipe, prompts, guidance, seed=seed + len(prompts))
     sa, sb = judge.score(a, prompts), judge.score(b, prompts)
+    da, db = judge.details(a, prompts), judge.details(b, prompts)
+    ok_a = (da["shape_correct"] * da["colour_correct"]).tolist()
+    ok_b = (db["shape_correct"] * db["colour_correct"]).tolist()
     rows = []
-    for p, x, y, u, v in zip(prompts, a, b, sa.tolist(), sb.tolist()):
-        if abs(u - v) < 0.05:
+    for p, x, y, u, v, oa, ob in zip(prompts, a, b, sa.tolist(), sb.tolist(), ok_a, ok_b):
+        if decisive:
+            if oa == ob:
+                continue
+            u, v = oa, ob
+        elif abs(u - v) < 0.05:
             continue  # too close to call: a tie, dropped
         rows.append({"caption": p, "jpg_0": _png(x), "jpg_1": _png(y), "label_0": float(u > v), "label_1": float(u <= v)})
     return rows
@@ -86,9 +95,14 @@ def run(args):
     common = dict(pretrained_model_name_or_path=str(model), resolution=32, train_batch_size=args.batch,
                   max_train_steps=args.steps, learning_rate=args.lr, lr_scheduler="constant", rank=8, seed=0,
                   report_to="none", checkpointing_steps=10_000, random_flip=False)
-    results = {}
+    results = {} if args.only_judge else _style(args, out, judge, model, common)
+    results.update(_judge(args, out, judge, model, common))
+    (out / "toy_effects.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    return results
 
-    # 1. Pick-Style
+
+def _style(args, out, judge, model, common):
+    results = {}
     rows = [r for r in render_pairs(args.pairs, kind="style", seed=1) if r["caption"] not in HELD_OUT]
     style_data = _write(rows, out / "data" / "pick_style.parquet")
     held_out = [p for _ in range(args.repeats) for p in HELD_OUT]
@@ -100,10 +114,13 @@ def run(args):
         results["style"][method] = {**evaluate(model, str(run_dir), judge, held_out, 7.5)[0],
                                     "train_seconds": round(time.time() - t0, 1)}
         print(method, results["style"][method], flush=True)
+    return results
 
-    # 2. judge-labelled pairs
+
+def _judge(args, out, judge, model, common):
+    results = {}
     pipe = load_pipeline(str(model))
-    rows = judge_pairs(pipe, judge, args.judge_repeats, guidance=3.0)
+    rows = judge_pairs(pipe, judge, args.judge_repeats, guidance=args.pair_guidance, decisive=args.decisive)
     pref_data = _write(rows, out / "data" / "judge_pairs.parquet")
     prompts = fidelity_prompts(args.repeats)
     results["judge"] = {"base": evaluate(model, None, judge, prompts, 7.5)[0], "train_pairs": len(rows)}
@@ -114,7 +131,6 @@ def run(args):
         results["judge"][method] = {**evaluate(model, str(run_dir), judge, prompts, 7.5)[0],
                                     "train_seconds": round(time.time() - t0, 1)}
         print(method, results["judge"][method], flush=True)
-    (out / "toy_effects.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return results
 
 
@@ -138,6 +154,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--dpo-beta", type=float, default=5000.0)
+    ap.add_argument("--pair-guidance", type=float, default=3.0, help="guidance of the judge-labelled pairs' samples")
+    ap.add_argument("--decisive", action="store_true", help="judge pairs: keep only one-right-one-wrong pairs")
+    ap.add_argument("--only-judge", action="store_true", help="skip the Pick-Style scenario")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = run(args)

@@ -168,3 +168,50 @@ def test_train_cli_overrides_and_bad_keys(tiny_pipelines, style_pairs, tmp_path,
     assert json.loads((tmp_path / "o" / "train_report.json").read_text())["steps"] == 1
     assert main(["train", str(config), f"--output_dir={tmp_path / 'o2'}", "--learnng_rate=1e-4"]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_training_uses_a_matching_cache_and_says_so(tiny_pipelines, style_pairs, tmp_path, capsys):
+    from diffalign.training.loop import train
+
+    cache = tmp_path / "cache"
+    kw = dict(method="mapo", max_train_steps=2, use_cache=True, cache_dir=str(cache), random_flip=False)
+    train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "a", **kw))
+    first = capsys.readouterr().out
+    assert "building it" in first and (cache / "manifest.json").is_file()
+    built = (cache / "manifest.json").stat().st_mtime_ns
+    train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "b", **kw))
+    second = capsys.readouterr().out
+    assert "using the latent cache" in second and "building it" not in second
+    assert (cache / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+def test_resume_latest_and_checkpoint_limit(tiny_pipelines, style_pairs, tmp_path, capsys):
+    from diffalign.training.checkpoint import list_checkpoints
+    from diffalign.training.loop import train
+
+    out = tmp_path / "run"
+    kw = dict(method="sft", checkpointing_steps=1, checkpoints_total_limit=2)
+    train(_cfg(tiny_pipelines["sd"], style_pairs, out, max_train_steps=4, **kw))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    capsys.readouterr()
+    train(_cfg(tiny_pipelines["sd"], style_pairs, out, max_train_steps=5, resume_from_checkpoint="latest", **kw))
+    assert "resumed from" in capsys.readouterr().out and "checkpoint-3" in str(list_checkpoints(out))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [4, 5]
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_pipelines, style_pairs, tmp_path, monkeypatch):
+    from diffalign.errors import UserError
+    from diffalign.training import recipes
+    from diffalign.training.loop import train
+
+    real = recipes.PreferenceRecipe.__call__
+
+    def poisoned(self, batch, noise, t):
+        result = real(self, batch, noise, t)
+        result.losses = result.losses * float("nan")
+        return result
+
+    monkeypatch.setattr(recipes.PreferenceRecipe, "__call__", poisoned)
+    with pytest.raises(UserError, match="loss became nan at step 0"):
+        train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "nan", max_train_steps=2))
