@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 from diffalign.config_loader import check_types
 from diffalign.errors import UserError
 
-METHODS = ("dpo", "mapo", "npo", "sft")
+METHODS = ("dpo", "mapo", "npo", "sft", "selfnpo")
 # The names diffusers.optimization.get_scheduler takes without extra arguments we do not expose.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -33,11 +33,12 @@ class TrainConfig:
     """Settings of one training run. Method, model, dataset and output folder have no default: give them."""
 
     # --- what to train ------------------------------------------------------------------------------
-    method: Optional[Literal["dpo", "mapo", "npo", "sft"]] = _f(
+    method: Optional[Literal["dpo", "mapo", "npo", "sft", "selfnpo"]] = _f(
         None, "Training method (required): dpo = Diffusion-DPO (needs the frozen reference: for LoRA the base "
         "with adapters off); mapo = MaPO (reference-free, one UNet pass per step); npo = Diffusion-NPO "
         "(a negative model: a preference objective on swapped pairs, see npo_objective); sft = plain "
-        "fine-tuning on the preferred images.")
+        "fine-tuning on the preferred images; selfnpo = Self-NPO (a negative model learned from the model "
+        "itself, no preference labels: see the selfnpo_* / teacher_* keys).")
     pretrained_model_name_or_path: Optional[str] = _f(
         None, "Base pipeline (required): a hub id, a local diffusers folder, or 'toy' for the shipped toy model.")
     pretrained_vae_model_name_or_path: Optional[str] = _f(
@@ -49,12 +50,17 @@ class TrainConfig:
     # --- data -----------------------------------------------------------------------------------------
     dataset_name: Optional[str] = _f(
         None, "Preference data (required): a hub dataset id, a local dataset folder, or a parquet file or "
-        "glob (data/*.parquet). Pick-a-Pic schema by default: caption, jpg_0, jpg_1, label_0, label_1.")
+        "glob (data/*.parquet). Pick-a-Pic schema by default: caption, jpg_0, jpg_1, label_0, label_1. "
+        "selfnpo: the prompts (caption_column) - also a .txt file (one prompt a line), a .jsonl file, or "
+        "'toy' for the toy world's training prompts; with selfnpo_start=images, image-caption data "
+        "(one image column, see image_columns).")
     dataset_split_name: str = _f("train", "Split to train on (the diffusers DPO script's default 'validation' "
                                  "is a known trap; Pick-a-Pic v2 has train/validation/test/test_unique).")
     caption_column: str = _f("caption", "Column holding the prompt.")
     image_columns: tuple[str, ...] = _f(
-        ("jpg_0", "jpg_1"), "Image columns (encoded image bytes or paths): two for a pair; sft also takes one.")
+        ("jpg_0", "jpg_1"), "Image columns (encoded image bytes or paths): two for a pair; sft also takes one; "
+        "selfnpo_start=images takes exactly one (e.g. image, or jpg_0 of Pick-a-Pic); selfnpo_start=noise "
+        "reads no images.")
     label_columns: tuple[str, ...] = _f(
         ("label_0", "label_1"), "Preference label columns matching image_columns (1 = preferred, 0.5 = tie).")
     ties: Literal["drop", "error"] = _f(
@@ -125,6 +131,26 @@ class TrainConfig:
         "reference) or mapo (reference-free; uses mapo_preset).")
     use_ema: bool = _f(False, "Keep an EMA copy of the trained UNet and save it (train_mode=full only).")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer update.")
+
+    # --- Self-NPO (method=selfnpo; DESIGN.md section 1) --------------------------------------------------
+    selfnpo_start: Literal["noise", "images"] = _f(
+        "noise", "Where the teacher's trajectories start. noise: data-free, prompts only (the paper's claim): "
+        "pure noise at the top of the DDIM grid, lower starts reached by the teacher's own denoising from "
+        "noise; images: noised latents of real image-caption data at t_start (what the official code does).")
+    teacher_ema_decay: float = _f(
+        0.999, "Decay of the teacher, an EMA of the student initialised at the base model, updated after every "
+        "optimizer step (LoRA: an EMA of the adapter weights on the shared base UNet).")
+    teacher_guidance: float = _f(
+        -1.0, "Teacher guidance w in pred = cond + w*(cond - uncond): -1 = unconditional (official SD1.5), "
+        "-5 (official SDXL); 0 = conditional.")
+    ddim_grid: int = _f(25, "Steps of the DDIM grid the teacher walks on (trailing spacing: T-1 is the top).")
+    teacher_steps: int = _f(
+        5, "K: DDIM steps the teacher takes from x_{t_start} to x_t per training step (K+1 teacher network "
+        "calls with selfnpo_start=images; see diffalign.training.selfnpo for the count with noise).")
+    selfnpo_loss: Literal["pseudo_huber", "l2"] = _f(
+        "pseudo_huber", "Distance between the student's x0 prediction at (x_s, s, caption) and the teacher's "
+        "x0 estimate at (x_t, t): pseudo_huber (official, see huber_c) or l2 (per-element mean squared error).")
+    huber_c: float = _f(1e-3, "c of the pseudo-Huber distance sqrt(d^2 + c^2) - c, per element (official 1e-3).")
 
     # --- checkpoints, logging, validation ---------------------------------------------------------------
     output_dir: Optional[str] = _f(None, "Run folder (required): weights, checkpoints, logs, resolved config.")
@@ -241,6 +267,7 @@ class TrainConfig:
 
     def _validate_objective(self) -> None:
         m = self.method
+        self._validate_selfnpo()
         if self.npo_objective != "dpo" and m != "npo":
             raise UserError(f"npo_objective={self.npo_objective} only applies to method=npo (method is {m})")
         if self.beta is not None and not self.beta > 0:
@@ -271,13 +298,18 @@ class TrainConfig:
 
     def _validate_data(self) -> None:
         n_img = len(self.image_columns)
-        if self.method == "sft":
+        if self.method == "selfnpo":
+            if self.selfnpo_start == "images" and n_img != 1:
+                raise UserError(f"image_columns needs exactly 1 column for selfnpo_start=images (one image per "
+                                f"caption), got {list(self.image_columns)}: pass e.g. --image_columns=image "
+                                "(or --image_columns=jpg_0 for Pick-a-Pic)")
+        elif self.method == "sft":
             if n_img not in (1, 2):
                 raise UserError(f"image_columns needs 1 or 2 columns for sft, got {list(self.image_columns)}")
         elif n_img != 2:
             raise UserError(f"image_columns needs exactly 2 columns (a pair) for {self.method}, "
                             f"got {list(self.image_columns)}")
-        if n_img == 2 and len(self.label_columns) != 2:
+        if n_img == 2 and len(self.label_columns) != 2 and self.method != "selfnpo":
             raise UserError(f"label_columns needs 2 columns matching image_columns, got {list(self.label_columns)}")
         if len(set(self.image_columns)) != n_img:
             raise UserError(f"image_columns names a column twice: {list(self.image_columns)}")
@@ -289,6 +321,43 @@ class TrainConfig:
             raise UserError(f"resolution must be a positive multiple of 8 (or none for native), got {self.resolution}")
         if self.dataloader_num_workers < 0:
             raise UserError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+
+    _SELFNPO_KEYS = ("selfnpo_start", "teacher_ema_decay", "teacher_guidance", "ddim_grid", "teacher_steps",
+                     "selfnpo_loss", "huber_c")
+
+    def _validate_selfnpo(self) -> None:
+        m = self.method
+        if m != "selfnpo":
+            defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in self._SELFNPO_KEYS}
+            changed = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if changed:
+                raise UserError(f"{changed[0]}={getattr(self, changed[0])} only applies to method=selfnpo "
+                                f"(method is {m}): remove it")
+            return
+        if self.beta is not None:
+            raise UserError("beta does not apply to method=selfnpo (no preference logit): remove it")
+        if self.mapo_preset != "official":
+            raise UserError(f"mapo_preset={self.mapo_preset} only applies to MaPO, not method=selfnpo")
+        if self.use_ema:
+            raise UserError("use_ema does not apply to method=selfnpo: its teacher is already an EMA of the "
+                            "student (teacher_ema_decay) and the student is saved; set --use_ema=false")
+        if self.ties != "drop":
+            raise UserError(f"ties={self.ties} is about preference pairs; method=selfnpo reads no labels: remove it")
+        if self.use_cache:
+            raise UserError("use_cache (the preference-pair latent cache) does not apply to method=selfnpo: "
+                            "set --use_cache=false")
+        if self.selfnpo_start == "images" and self.dataset_name == "toy":
+            raise UserError("dataset_name=toy gives prompts only, and selfnpo_start=images needs image-caption data: "
+                            "pass a parquet/dataset with an image and a caption column, or --selfnpo_start=noise")
+        if self.teacher_steps < 1:
+            raise UserError(f"teacher_steps must be >= 1 (the teacher must take a step), got {self.teacher_steps}")
+        if self.ddim_grid < self.teacher_steps + 1:
+            raise UserError(f"ddim_grid={self.ddim_grid} is too coarse for teacher_steps={self.teacher_steps}: "
+                            "the grid needs at least teacher_steps + 1 points")
+        if not 0 <= self.teacher_ema_decay < 1:
+            raise UserError(f"teacher_ema_decay must be in [0, 1), got {self.teacher_ema_decay}")
+        if not self.huber_c > 0:
+            raise UserError(f"huber_c must be > 0, got {self.huber_c}")
 
     def _validate_optimisation(self) -> None:
         for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lr_num_cycles"):

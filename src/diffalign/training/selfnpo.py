@@ -1,0 +1,268 @@
+"""Self-NPO: truncated diffusion fine-tuning of a negative model against an EMA teacher (DESIGN.md section 1).
+
+Wang et al. 2025, "Self-NPO: Negative Preference Optimization of Diffusion Models by Simply Learning from
+Itself without Explicit Preference Annotation". One training step, per sample:
+
+1. a start point ``x_{t_start}`` with ``t_start = g[i]`` on a DDIM grid ``g`` (:func:`ddim_grid`, trailing
+   spacing, ``g[0] = T-1``), ``i ~ U{0..N-1-K}``:
+   - ``start="images"``: ``x_{t_start} = a x0 + s eps`` from the latent ``x0`` of a real image;
+   - ``start="noise"``: data-free. ``x_{g[0]}`` is pure noise; a lower ``t_start`` is reached by the teacher's
+     own denoising from that noise (the same guided DDIM steps), so no image is ever read;
+2. the teacher (an EMA of the student, :class:`EmaTeacher`) takes ``K`` deterministic DDIM steps (eta = 0) from
+   ``t_start`` to ``t = g[i+K]`` with the guided prediction ``pred = cond + w*(cond - uncond)``;
+3. the target is the teacher's (guided) x0 estimate ``x0_hat(x_t, t)``; the student sees
+   ``x_s = renoise(x_t, t, s, ...)`` with ``s ~ U{t+1..T-1}`` and its caption, and is trained on the
+   pseudo-Huber (or L2) distance between its own x0 prediction at ``(x_s, s, c)`` and the target;
+4. after the optimizer step the loop calls :meth:`EmaTeacher.update`.
+
+Teacher network calls per training step (the convention the tests check). A *call* is one forward of the
+UNet on one batch; conditional and unconditional inputs of all samples travel in that one batch (2B rows). The
+teacher's x0 estimate at each state serves both the DDIM step and, at the last state, the target, so:
+
+- ``start="images"``: exactly ``K + 1`` calls (K DDIM steps, then the x0 estimate at ``x_t``);
+- ``start="noise"``: ``max_b(i_b) + K + 1`` calls: every sample walks from the top of the grid, in lock-step,
+  and leaves the batch once it reaches its ``t``; ``K + 1`` when every sample starts at the top.
+
+When ``w == -1`` the guided prediction is exactly the unconditional one (and when ``w == 0`` the conditional
+one), so the call carries only that half (B rows): the same number of calls at half the cost, which is the
+official SD1.5 setting. Everything the teacher does runs under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ..models import Conditioning
+from ..objectives import pseudo_huber, renoise
+from .recipes import StepResult, per_sample_mse
+
+START_MODES = ("noise", "images")
+SELFNPO_LOSSES = ("pseudo_huber", "l2")
+
+
+def ddim_grid(num_train_timesteps: int, steps: int) -> Tensor:
+    """Descending DDIM timesteps with trailing spacing: ``round(T - j*T/N) - 1`` for j = 0..N-1.
+
+    The top is ``T-1``, where pure noise is the closest to the true marginal (leading spacing would start at
+    ``T - T/N`` instead). For T = 1000, N = 25: 999, 959, ..., 39.
+    """
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"the DDIM grid needs 1..{num_train_timesteps} steps, got {steps}")
+    grid = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)) - 1
+    return grid.long()[:steps]
+
+
+class EmaTeacher:
+    """The Self-NPO teacher: an exponential moving average of the student's trainable weights.
+
+    ``weights`` maps the student's trainable parameter names to the teacher's values (float32, no gradient):
+    - full fine-tune (``separate_copy=True``): a frozen copy of the UNet made at construction (= the base
+      model); ``weights`` are that copy's parameters, so the teacher runs as its own module;
+    - LoRA (``separate_copy=False``): the teacher is the base UNet plus EMA'd adapter weights. Only the
+      adapters are copied; :meth:`active` loads them into the shared UNet for the teacher's calls and puts the
+      student's values back afterwards (no second UNet in memory).
+
+    The teacher changes only in :meth:`update`: ``teacher = decay * teacher + (1 - decay) * student``.
+    """
+
+    def __init__(self, unet: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], decay: float, *,
+                 separate_copy: bool):
+        if not 0 <= decay < 1:
+            raise ValueError(f"teacher EMA decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.separate_copy = separate_copy
+        if separate_copy:
+            self.module = copy.deepcopy(unet).requires_grad_(False).eval()
+            own = dict(self.module.named_parameters())
+            missing = sorted(set(trainable) - set(own))
+            if missing:
+                raise ValueError(f"the teacher copy has no parameter {missing[0]!r}")
+            self.weights = {name: own[name] for name in trainable}
+            for w in self.weights.values():
+                if w.dtype != torch.float32:
+                    w.data = w.data.float()
+        else:
+            self.module = unet
+            self.weights = {name: p.detach().clone().float() for name, p in trainable.items()}
+        self._trainable = trainable
+
+    @torch.no_grad()
+    def update(self, trainable: Optional[dict[str, torch.nn.Parameter]] = None) -> None:
+        """One EMA step towards the student's current weights (call after the optimizer step)."""
+        d = self.decay
+        for name, p in (trainable or self._trainable).items():
+            w = self.weights[name]
+            w.copy_(d * w + (1 - d) * p.detach().to(w.device, w.dtype))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.weights
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[torch.nn.Module]:
+        """The module to call as the teacher (eval mode, teacher weights) for the duration of the context."""
+        if self.separate_copy:
+            yield self.module
+            return
+        was_training = self.module.training
+        saved = {n: p.detach().clone() for n, p in self._trainable.items()}
+        with torch.no_grad():
+            for n, p in self._trainable.items():
+                p.copy_(self.weights[n].to(p.dtype))
+        self.module.eval()
+        try:
+            yield self.module
+        finally:
+            with torch.no_grad():
+                for n, p in self._trainable.items():
+                    p.copy_(saved[n])
+            self.module.train(was_training)
+
+
+@dataclass
+class SelfNPOBatch:
+    """Captions' conditioning, the matching unconditional one, and (``start="images"``) clean latents."""
+
+    cond: Conditioning
+    uncond: Conditioning
+    latents: Optional[Tensor] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.cond)
+
+
+@dataclass
+class TeacherResult:
+    x_t: Tensor  # the state the teacher reached [B, ...], float32
+    t: Tensor  # its timestep [B]
+    target: Tensor  # the teacher's x0 estimate at (x_t, t) [B, ...], float32
+    t_start: Tensor  # [B]
+    calls: int  # teacher network calls made
+
+
+class SelfNPORecipe:
+    """Turns a :class:`SelfNPOBatch` and a seeded generator into per-sample Self-NPO losses.
+
+    ``latent_shape`` is the per-sample latent shape (C, H, W) for ``start="noise"``. All randomness is drawn
+    from the generator, in a fixed order (start indices, start noise, s, re-noising noise), so the loop's
+    (seed, step) generator makes a resumed run identical.
+    """
+
+    def __init__(self, family, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
+                 grid_steps: int = 25, teacher_steps: int = 5, loss: str = "pseudo_huber", huber_c: float = 1e-3,
+                 latent_shape: Optional[tuple[int, ...]] = None):
+        if start not in START_MODES:
+            raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+        if loss not in SELFNPO_LOSSES:
+            raise ValueError(f"loss must be one of {SELFNPO_LOSSES}, got {loss!r}")
+        if teacher_steps < 1 or grid_steps < teacher_steps + 1:
+            raise ValueError(f"need teacher_steps >= 1 and grid_steps >= teacher_steps + 1, got K={teacher_steps}, "
+                             f"N={grid_steps}")
+        if start == "noise" and latent_shape is None:
+            raise ValueError("start='noise' needs latent_shape (C, H, W)")
+        self.family, self.teacher = family, teacher
+        self.start, self.guidance, self.K = start, float(guidance), int(teacher_steps)
+        self.loss, self.huber_c, self.latent_shape = loss, float(huber_c), latent_shape
+        self.grid = ddim_grid(family.num_train_timesteps, grid_steps)
+
+    # ------------------------------------------------------------------------------------------ teacher
+    def _coeffs(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+        abar = self.family.alphas_cumprod.to(torch.float32)[t.cpu()].to(ref.device)
+        shape = (-1,) + (1,) * (ref.ndim - 1)
+        return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
+
+    def _guided_x0(self, unet, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
+        """The teacher's x0 estimate from ``cond + w*(cond - uncond)``: ONE network call."""
+        family, w = self.family, self.guidance
+        saved, family.unet = family.unet, unet
+        try:
+            if w == -1.0:  # cond + (-1)(cond - uncond) == uncond: only that half is needed
+                out = family.predict(x, t, uncond)
+            elif w == 0.0:
+                out = family.predict(x, t, cond)
+            else:
+                both = family.predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
+                out_c, out_u = both.float().chunk(2)
+                out = out_c + w * (out_c - out_u)
+        finally:
+            family.unet = saved
+        return family.pred_x0(x, t, out.float()).float()
+
+    @torch.no_grad()
+    def teacher_target(self, batch: SelfNPOBatch, generator: torch.Generator) -> TeacherResult:
+        """Steps 1-3 of the module docstring: the teacher's state ``x_t``, its ``t`` and x0 target."""
+        B, K, grid = batch.size, self.K, self.grid
+        device = self.family.device
+        i = torch.randint(0, len(grid) - K, (B,), generator=generator)
+        end = i + K
+        if self.start == "images":
+            if batch.latents is None:
+                raise ValueError("start='images' needs batch.latents")
+            x0 = batch.latents.float()
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            a, s = self._coeffs(grid[i], x0)
+            x = a * x0.to(device) + s * noise
+            pos = i.clone()
+        else:
+            x = torch.randn((B, *self.latent_shape), generator=generator).to(device)
+            pos = torch.zeros(B, dtype=torch.long)
+        x_t, target = torch.empty_like(x), torch.empty_like(x)
+        calls = 0
+        with self.teacher.active() as unet:
+            todo = torch.arange(B)
+            while len(todo):
+                t_cur = grid[pos[todo]]
+                xs = x[todo.to(device)]
+                x0_hat = self._guided_x0(unet, xs, t_cur.to(device), batch.cond[todo], batch.uncond[todo])
+                calls += 1
+                done = pos[todo] == end[todo]
+                if done.any():
+                    idx = todo[done].to(device)
+                    x_t[idx], target[idx] = xs[done.to(device)], x0_hat[done.to(device)]
+                go = ~done
+                if go.any():  # deterministic DDIM (eta = 0) from t_cur to the next grid point
+                    moving = todo[go]
+                    a, s = self._coeffs(t_cur[go], xs)
+                    a_next, s_next = self._coeffs(grid[pos[moving] + 1], xs)
+                    xg, x0g = xs[go.to(device)], x0_hat[go.to(device)]
+                    eps_hat = (xg - a * x0g) / s
+                    x[moving.to(device)] = a_next * x0g + s_next * eps_hat
+                    pos[moving] += 1
+                todo = todo[go]
+        return TeacherResult(x_t, grid[end].to(device), target, grid[i].to(device), calls)
+
+    # ------------------------------------------------------------------------------------------ student
+    def __call__(self, batch: SelfNPOBatch, generator: torch.Generator) -> StepResult:
+        family = self.family
+        teacher = self.teacher_target(batch, generator)
+        B, T = batch.size, family.num_train_timesteps
+        t = teacher.t.cpu()
+        u = torch.rand(B, generator=generator, dtype=torch.float64)
+        s = torch.minimum(t + 1 + (u * (T - 1 - t)).long(), torch.tensor(T - 1))  # U{t+1..T-1}
+        z = torch.randn(teacher.x_t.shape, generator=generator).to(teacher.x_t.device)
+        s = s.to(teacher.x_t.device)
+        x_s = renoise(teacher.x_t, teacher.t, s, family.alphas_cumprod, z)
+        x_s = x_s.to(family.dtype)
+        out = family.predict(x_s, s, batch.cond)
+        x0_pred = family.pred_x0(x_s, s, out).float()
+        if self.loss == "pseudo_huber":
+            losses = pseudo_huber(x0_pred, teacher.target, c=self.huber_c)
+        else:
+            losses = per_sample_mse(x0_pred, teacher.target)
+        metrics = {
+            "t": teacher.t.float().mean().item(),
+            "s": s.float().mean().item(),
+            "t_start": teacher.t_start.float().mean().item(),
+            "teacher_calls": float(teacher.calls),
+            "x0_l2": per_sample_mse(x0_pred.detach(), teacher.target).mean().item(),
+        }
+        return StepResult(losses, metrics)
+
+
+__all__ = ["EmaTeacher", "SELFNPO_LOSSES", "START_MODES", "SelfNPOBatch", "SelfNPORecipe", "TeacherResult", "ddim_grid"]

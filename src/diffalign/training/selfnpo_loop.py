@@ -1,0 +1,307 @@
+"""``diffalign train`` with ``method: selfnpo``: the Self-NPO loop on accelerate (LoRA or full UNet).
+
+Same structure as :func:`diffalign.training.loop.train`: every random draw (data order, crops, start indices,
+noise, s) is a function of (seed, step, micro-batch, process), so ``resume_from_checkpoint: latest`` continues
+exactly; checkpoints hold the student's trainable weights, the teacher EMA (``ema.safetensors``), the optimizer
+and the LR scheduler. The output is the negative offset: the student's LoRA (``pytorch_lora_weights.safetensors``)
+or its UNet (``unet/``), meant for the negative branch of classifier-free guidance only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config_loader import dump_config
+from ..errors import UserError
+from ..fsutil import ensure_writable_dir
+from ..models import load_family
+from .batches import BatchStream
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .loop import _make_optimizer, _step_generator, _validate
+from .selfnpo import EmaTeacher, SelfNPOBatch, SelfNPORecipe
+
+
+class _PromptItems:
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def item(self, i: int, epoch: int) -> dict:
+        return {"caption": self.prompts[i]}
+
+
+class _ImageItems:
+    def __init__(self, data, transform, seed: int):
+        self.data, self.transform, self.seed = data, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def item(self, i: int, epoch: int) -> dict | None:
+        from ..data import deterministic_rng
+
+        image = self.data.image(i)
+        if image is None:
+            return None
+        return {"caption": self.data.caption(i), **self.transform(image, deterministic_rng(self.seed, epoch, i))}
+
+
+def _load_data(cfg: TrainConfig, resolution: int):
+    """(items for BatchStream, report dict, one-line summary)."""
+    from ..data.prompts import ImageCaptions, ImageCaptionTransform, load_prompts
+
+    if cfg.selfnpo_start == "noise":
+        prompts = load_prompts(cfg.dataset_name, cfg.caption_column, split=cfg.dataset_split_name,
+                               max_samples=cfg.max_train_samples)
+        n_empty = sum(1 for p in prompts if not p.strip())
+        summary = f"{len(prompts)} prompts from {cfg.dataset_name!r}" + (f" ({n_empty} empty)" if n_empty else "")
+        return _PromptItems(prompts), {"prompts": len(prompts), "empty_prompts": n_empty}, summary
+    data = ImageCaptions(cfg.dataset_name, image_column=cfg.image_columns[0], caption_column=cfg.caption_column,
+                         split=cfg.dataset_split_name, strict=cfg.strict_data, max_samples=cfg.max_train_samples)
+    transform = ImageCaptionTransform(resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop)
+    return _ImageItems(data, transform, cfg.seed), data, data.summary()
+
+
+def make_batch(items: list, family, resolution: int, uncond1, with_latents: bool) -> SelfNPOBatch | None:
+    """Encode captions (and images) of a micro-batch; the unconditional branch shares the SDXL time ids."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    n = len(items)
+    cond = family.encode_prompts([it["caption"] for it in items])
+    size = (resolution, resolution)
+    originals = [it.get("original_size", size) for it in items]
+    crops = [it.get("crop_top_left", (0, 0)) for it in items]
+    time_ids = family.time_ids(originals, crops, size)
+    if time_ids is not None:
+        cond = cond.replace(time_ids=time_ids.to(family.device))
+    uncond = uncond1.repeat(n).replace(time_ids=cond.time_ids)
+    latents = None
+    if with_latents:
+        pixels = torch.stack([it["pixels"] for it in items]).to(family.device)
+        latents = family.encode_images(pixels)
+    return SelfNPOBatch(cond, uncond, latents)
+
+
+def train_selfnpo(cfg: TrainConfig) -> Path:
+    """Run one Self-NPO job described by ``cfg`` (``method: selfnpo``); returns the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    from ..toy.paths import resolve_model
+
+    cfg.validate()
+    if cfg.method != "selfnpo":
+        raise UserError(f"train_selfnpo needs method=selfnpo, got {cfg.method}")
+    out = ensure_writable_dir(cfg.output_dir)
+    report_to = None if cfg.report_to in (None, "none") else cfg.report_to
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / (cfg.logging_dir or "logs"))),
+    )
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+
+    family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
+                         pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path)
+    family.to(accelerator.device)
+    for module in (family.vae, *family.text_encoders):
+        module.requires_grad_(False).eval()
+    resolution = cfg.resolution or family.default_resolution
+    if cfg.ddim_grid > family.num_train_timesteps:
+        raise UserError(f"ddim_grid={cfg.ddim_grid} exceeds the model's {family.num_train_timesteps} timesteps")
+
+    set_seed(cfg.seed)  # LoRA initialisation is reproducible from the seed
+    lora = cfg.train_mode == "lora"
+    if lora:
+        family.add_lora(cfg.rank, cfg.lora_alpha, tuple(cfg.lora_target_modules), dropout=cfg.lora_dropout)
+    else:
+        family.enable_full_finetune()
+    if cfg.gradient_checkpointing:
+        family.enable_gradient_checkpointing()
+    family.unet.train()
+    named = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}
+    # Initialised at the base model: a zero-B LoRA, or a copy of the not-yet-trained UNet.
+    teacher = EmaTeacher(family.unet, named, cfg.teacher_ema_decay, separate_copy=not lora)
+
+    items, data, data_summary = _load_data(cfg, resolution)
+    stream = BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world)
+    with torch.no_grad():
+        uncond1 = family.unconditional(1)
+
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    optimizer = _make_optimizer(cfg, list(named.values()), lr)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
+                                 power=cfg.lr_power)
+
+    unet, optimizer = accelerator.prepare(family.unet, optimizer)
+    family.unet = unet
+    base_unet = accelerator.unwrap_model(unet)
+    latent_side = resolution // family.vae_scale_factor
+    recipe = SelfNPORecipe(family, teacher, start=cfg.selfnpo_start, guidance=cfg.teacher_guidance,
+                           grid_steps=cfg.ddim_grid, teacher_steps=cfg.teacher_steps, loss=cfg.selfnpo_loss,
+                           huber_c=cfg.huber_c,
+                           latent_shape=(base_unet.config.in_channels, latent_side, latent_side))
+
+    step = 0
+    resume = resolve_resume(out, cfg.resume_from_checkpoint)
+    if resume is not None:
+        if not (resume / "ema.safetensors").is_file():
+            raise UserError(f"checkpoint '{resume}' has no teacher EMA (ema.safetensors): it was not written by a "
+                            "selfnpo run")
+        state = load_checkpoint(resume, params=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                ema=teacher.state_dict())
+        step = state["global_step"]
+        log(f"resumed from {resume} at step {step}")
+    if main:
+        dump_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+        log(f"selfnpo ({cfg.selfnpo_start} start, K={cfg.teacher_steps} on a {cfg.ddim_grid}-step grid, "
+            f"w={cfg.teacher_guidance:g}) on {data_summary}; {world} process(es) x batch {cfg.train_batch_size} x "
+            f"accumulation {cfg.gradient_accumulation_steps}")
+
+    ga = cfg.gradient_accumulation_steps
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train selfnpo", unit="step", disable=not main)
+    skipped_batches, started = 0, time.time()
+    while step < cfg.max_train_steps:
+        sums: dict[str, float] = {}
+        for micro in range(ga):
+            gen = _step_generator(cfg.seed, step, micro, rank)
+            with torch.no_grad():
+                batch = make_batch(stream.get(step * ga + micro), family, resolution, uncond1,
+                                   with_latents=cfg.selfnpo_start == "images")
+            if batch is None:
+                skipped_batches += 1
+                continue
+            with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
+                with accelerator.autocast():
+                    result = recipe(batch, gen)
+                    loss = result.losses.mean()
+                if not torch.isfinite(loss):
+                    raise UserError(f"the selfnpo loss became {loss.item()} at step {step} (micro-batch {micro}); "
+                                    "lower learning_rate or train in full precision (mixed_precision=no); "
+                                    f"the last good checkpoint is in {out}")
+                accelerator.backward(loss / ga)
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga
+            for k, v in result.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / ga
+        grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        teacher.update(named)
+        step += 1
+        sums["lr"] = lr_scheduler.get_last_lr()[0]
+        if grad_norm is not None:
+            sums["grad_norm"] = float(grad_norm)
+        accelerator.log(sums, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
+        if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
+            save_checkpoint(out, step, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                            ema=teacher.state_dict(), extra={"method": "selfnpo"},
+                            total_limit=cfg.checkpoints_total_limit)
+        if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
+            _validate(cfg, family, base_unet, None, out, step, accelerator)
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    if main:
+        family.unet = base_unet
+        if lora:
+            family.save_lora(out)
+        else:
+            base_unet.save_pretrained(out / "unet")
+        report = {"steps": step, "seconds": round(time.time() - started, 1), "skipped_micro_batches": skipped_batches,
+                  "data": data if isinstance(data, dict) else data.report()}
+        (out / "train_report.json").write_text(json.dumps(report, indent=2))
+        if cfg.validation_prompts:
+            _validate(cfg, family, base_unet, None, out, step, accelerator)
+        write_selfnpo_model_card(cfg, out, resolution=resolution, family=family.name, data_summary=data_summary)
+        log(f"saved to {out}")
+    accelerator.end_training()
+    return out
+
+
+def write_selfnpo_model_card(cfg: TrainConfig, out: Path, *, resolution: int, family: str, data_summary: str) -> Path:
+    """README.md saying what the weights are: a NEGATIVE model, for the negative branch of CFG only."""
+    from ..toy.paths import resolve_model
+
+    lora = cfg.train_mode == "lora"
+    base = cfg.pretrained_model_name_or_path
+    loadable = resolve_model(base)  # 'toy' -> the shipped folder, so the snippet runs as written
+    grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
+    load = (f'neg.load_lora_weights("{out}")  # reads pytorch_lora_weights.safetensors: theta_base + delta'
+            if lora else f'neg.unet = UNet2DConditionModel.from_pretrained("{out}/unet")  # theta_base + delta')
+    huber = f" (c = {cfg.huber_c:g})" if cfg.selfnpo_loss == "pseudo_huber" else ""
+    start = ("pure noise and prompts only (data-free)" if cfg.selfnpo_start == "noise"
+             else "noised latents of real images")
+    lines = [
+        "---",
+        "library_name: diffusers",
+        f"base_model: {base}",
+        f"tags: [diffalign, selfnpo, negative-model, {'lora' if lora else 'full-finetune'}]",
+        "---",
+        f"# Self-NPO negative {'LoRA' if lora else 'UNet'} for {base}",
+        "",
+        "This is a **NEGATIVE model** (Self-NPO, Wang et al. 2025), trained with diffalign. Use it only in the "
+        "unconditional / negative branch of classifier-free guidance, never as the positive model:",
+        "",
+        "    eps = eps_neg(x, t, c_neg) + g * (eps_pos(x, t, c) - eps_neg(x, t, c_neg))",
+        "",
+        "with the negative weights composed as `theta_neg = theta_base + alpha*eta + beta*delta` (`delta` = these "
+        "weights minus the base, `eta` = an optional positive offset such as a preference LoRA; defaults "
+        "alpha = beta = 1). A negative prompt, if any, goes to the negative model.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | `{base}` ({family}) |",
+        f"| method | selfnpo: student regressed onto an EMA teacher's {cfg.teacher_steps}-step DDIM x0 estimate "
+        f"({cfg.ddim_grid}-step grid, guidance w = {cfg.teacher_guidance:g}) |",
+        f"| trajectories start from | {start} |",
+        f"| teacher EMA decay | {cfg.teacher_ema_decay:g} |",
+        f"| loss | {cfg.selfnpo_loss}{huber} |",
+        f"| {'LoRA rank' if lora else 'trained'} | {cfg.rank if lora else 'full UNet'} |",
+        f"| data | {data_summary} |",
+        f"| steps | {cfg.max_train_steps} x batch {cfg.train_batch_size} x accumulation "
+        f"{cfg.gradient_accumulation_steps} |",
+        f"| learning rate | {cfg.learning_rate:g} ({cfg.lr_scheduler}, warm-up {cfg.lr_warmup_steps}) |",
+        f"| resolution | {resolution} |",
+        "",
+        "## Use (negative branch only)",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline" + ("" if lora else ", UNet2DConditionModel"),
+        f'pipe = DiffusionPipeline.from_pretrained("{loadable}")  # the positive model',
+        f'neg = DiffusionPipeline.from_pretrained("{loadable}")   # becomes the negative model',
+        load,
+        "# at every sampling step: eps = eps_neg + g * (eps_pos - eps_neg),",
+        "# eps_pos from pipe.unet with the prompt, eps_neg from neg.unet with the negative prompt ('' if none)",
+        "```",
+    ]
+    if grids:
+        lines += ["", "## Validation", "",
+                  "Samples of the negative model itself as the positive model (top row; expected to look worse) and "
+                  "of the base (bottom row, LoRA only), same prompts and seeds.", "",
+                  f"![validation]({grids[-1].relative_to(out)})"]
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = ["make_batch", "train_selfnpo", "write_selfnpo_model_card"]
