@@ -18,6 +18,11 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
     beta = f"beta = {cfg.beta:g} (Diffusion-DPO convention with the 0.5; the diffusers SD1.5 script's beta is twice this)" \
         if cfg.beta is not None else "no beta"
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
+    base = cfg.pretrained_model_name_or_path
+    if base == "toy":  # the shorthand only means something to diffalign: give diffusers the real folder
+        from ..toy.paths import toy_model_path
+
+        base = str(toy_model_path())
     usage = (
         f'pipe.load_lora_weights("{out}")  # reads pytorch_lora_weights.safetensors'
         if lora else f'unet = UNet2DConditionModel.from_pretrained("{out}/unet")'
@@ -48,7 +53,7 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
         "",
         "```python",
         "from diffusers import DiffusionPipeline" + ("" if lora else ", UNet2DConditionModel"),
-        f'pipe = DiffusionPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}")',
+        f'pipe = DiffusionPipeline.from_pretrained("{base}")',
         usage,
         "```",
     ]
