@@ -207,6 +207,9 @@ def test_lora_noise_start_trains_every_parameter_and_loads(tiny_pipelines, promp
     assert (out / "config.yaml").is_file() and (out / "validation" / "step-000003.png").is_file()
     report = json.loads((out / "train_report.json").read_text())
     assert report["steps"] == 3 and report["data"]["prompts"] == 4
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert {"loss", "t", "s", "t_start", "teacher_calls", "lr", "grad_norm"} <= set(metrics[0])
 
 
 def test_full_finetune_images_start_v_prediction(tiny_pipelines, image_captions, tmp_path):

@@ -210,6 +210,9 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
         if grad_norm is not None:
             sums["grad_norm"] = float(grad_norm)
         accelerator.log(sums, step=step)
+        if main:  # always kept in the run folder, whatever tracker is configured (as the main loop does)
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in sums.items()}}) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
         if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
