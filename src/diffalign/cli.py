@@ -189,7 +189,7 @@ def cmd_demo(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="preference training: dpo, mapo, npo, sft (works under `accelerate launch`)", allow_abbrev=False,
+    p = sub.add_parser("train", help="training: dpo, mapo, npo, sft, selfnpo (works under `accelerate launch`)", allow_abbrev=False,
                        description="diffalign train CONFIG.yaml [--key=value ...]; `--help-config` lists every key.")
     p.add_argument("config", nargs="?", default=None, help="YAML recipe (see configs/); keys can be overridden")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")

@@ -100,7 +100,7 @@ def train(cfg: TrainConfig) -> Path:
     set_seed(cfg.seed)  # LoRA initialisation is reproducible from the seed
     ref_unet = None
     if cfg.train_mode == "lora":
-        family.add_lora(cfg.rank, cfg.lora_alpha, tuple(cfg.lora_target_modules))
+        family.add_lora(cfg.rank, cfg.lora_alpha, tuple(cfg.lora_target_modules), dropout=cfg.lora_dropout)
     else:
         uses_reference = cfg.method == "dpo" or (cfg.method == "npo" and cfg.npo_objective == "dpo")
         if uses_reference:
@@ -119,7 +119,8 @@ def train(cfg: TrainConfig) -> Path:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
     optimizer = _make_optimizer(cfg, list(named.values()), lr)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
+                                 num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
+                                 power=cfg.lr_power)
     ema = {n: p.detach().clone().float() for n, p in named.items()} if cfg.use_ema else None
 
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
