@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from tqdm.auto import tqdm
 
 from ..config_loader import dump_config
 from ..errors import UserError
-from ..fsutil import ensure_writable_dir
-from ..models import load_family, lora_disabled
+from ..models import lora_disabled
 from .batches import BatchStream, CachedItems, PixelPairs, to_pair_batch
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .model_card import write_model_card
+from .setup import start_run
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
@@ -71,33 +70,12 @@ def train(cfg: TrainConfig) -> Path:
         from .selfnpo_loop import train_selfnpo
 
         return train_selfnpo(cfg)
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
 
-    from ..toy.paths import resolve_model
+    run = start_run(cfg)
+    accelerator, out, family, resolution = run.accelerator, run.out, run.family, run.resolution
+    rank, world, main, log = run.rank, run.world, run.main, run.log
 
-    cfg.validate()
-    out = ensure_writable_dir(cfg.output_dir)
-    report_to = None if cfg.report_to in (None, "none") else cfg.report_to
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / (cfg.logging_dir or "logs"))),
-    )
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
-
-    family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
-                         pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path)
-    family.to(accelerator.device)
-    for module in (family.vae, *family.text_encoders):
-        module.requires_grad_(False).eval()
-    resolution = cfg.resolution or family.default_resolution
-
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)  # LoRA initialisation is reproducible from the seed
     ref_unet = None
     if cfg.train_mode == "lora":
         family.add_lora(cfg.rank, cfg.lora_alpha, tuple(cfg.lora_target_modules), dropout=cfg.lora_dropout)

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config_loader import dump_config
 from ..errors import UserError
-from ..fsutil import ensure_writable_dir
-from ..models import load_family
+from .setup import start_run
 from .batches import BatchStream
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
@@ -94,35 +93,16 @@ def make_batch(items: list, family, resolution: int, uncond1, with_latents: bool
 
 def train_selfnpo(cfg: TrainConfig) -> Path:
     """Run one Self-NPO job described by ``cfg`` (``method: selfnpo``); returns the output folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    from ..toy.paths import resolve_model
-
-    cfg.validate()
     if cfg.method != "selfnpo":
         raise UserError(f"train_selfnpo needs method=selfnpo, got {cfg.method}")
-    out = ensure_writable_dir(cfg.output_dir)
-    report_to = None if cfg.report_to in (None, "none") else cfg.report_to
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / (cfg.logging_dir or "logs"))),
-    )
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
-
-    family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
-                         pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path)
-    family.to(accelerator.device)
-    for module in (family.vae, *family.text_encoders):
-        module.requires_grad_(False).eval()
-    resolution = cfg.resolution or family.default_resolution
+    run = start_run(cfg)
+    accelerator, out, family, resolution = run.accelerator, run.out, run.family, run.resolution
+    rank, world, main, log = run.rank, run.world, run.main, run.log
     if cfg.ddim_grid > family.num_train_timesteps:
         raise UserError(f"ddim_grid={cfg.ddim_grid} exceeds the model's {family.num_train_timesteps} timesteps")
 
-    set_seed(cfg.seed)  # LoRA initialisation is reproducible from the seed
     lora = cfg.train_mode == "lora"
     if lora:
         family.add_lora(cfg.rank, cfg.lora_alpha, tuple(cfg.lora_target_modules), dropout=cfg.lora_dropout)
