@@ -29,7 +29,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-images-per-prompt", type=int, default=1)
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None, help="goes to the negative model when --negative-model is given")
+    p.add_argument("--negative-model", default=None,
+                   help="NPO / Self-NPO offset delta for negative-branch CFG: a LoRA file/folder (one batched UNet "
+                        "call per step) or a UNet folder (a second UNet, two calls per step)")
+    p.add_argument("--npo-alpha", type=float, default=1.0,
+                   help="weight of the positive offset (--lora) in the negative model base + alpha*eta + beta*delta")
+    p.add_argument("--npo-beta", type=float, default=1.0, help="weight of the negative offset delta (--negative-model)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -47,7 +53,16 @@ def cmd_generate(args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     ensure_writable_dir(args.out)
     pipe = load_pipeline(resolve_model(args.model), vae_path=args.vae)
-    if args.lora:
+    npo_record = {}
+    if args.negative_model:
+        from .guidance import attach_negative_guidance
+
+        info = attach_negative_guidance(
+            pipe, negative=args.negative_model, positive=args.lora, alpha=args.npo_alpha, beta=args.npo_beta
+        )
+        npo_record = info.record()
+        npo_record["negative_model"] = args.negative_model
+    elif args.lora:
         load_lora_into_pipeline(pipe, args.lora)
     settings = GenerationSettings(
         guidance_scale=args.guidance_scale,
@@ -58,7 +73,7 @@ def cmd_generate(args) -> int:
         batch_size=args.batch_size,
         num_images_per_prompt=args.num_images_per_prompt,
         negative_prompt=args.negative_prompt,
-        extra={"model": args.model, "lora": args.lora, "vae": args.vae},
+        extra={"model": args.model, "lora": args.lora, "vae": args.vae, **npo_record},
     )
     rows = generate_to_folder(pipe, prompts, args.out, settings)
     print(f"wrote {len(rows)} images and manifest.jsonl to {args.out}")
@@ -253,6 +268,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_extract_lora(sub) -> None:
+    p = sub.add_parser("extract-lora", help="LoRA of chosen rank from a full fine-tune (SVD of tuned - base)")
+    p.add_argument("--base", required=True, help="base pipeline folder or hub id; 'toy' for the toy model")
+    p.add_argument("--tuned", required=True, help="fine-tuned UNet folder (or pipeline folder with unet/)")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank (exact when >= the difference's rank)")
+    p.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
+    p.set_defaults(func=cmd_extract_lora)
+
+
+def cmd_extract_lora(args) -> int:
+    from .guidance import extract_lora
+
+    print(f"wrote {extract_lora(args.base, args.tuned, args.rank, args.out)}")
+    return 0
+
+
+def _add_export_negative(sub) -> None:
+    p = sub.add_parser("export-negative", help="write the composed negative UNet base + alpha*eta + beta*delta")
+    p.add_argument("--model", required=True, help="base pipeline folder or hub id; 'toy' for the toy model")
+    p.add_argument("--lora", default=None, help="positive offset eta: LoRA file/folder or UNet folder")
+    p.add_argument("--negative-model", required=True, help="negative offset delta: LoRA file/folder or UNet folder")
+    p.add_argument("--npo-alpha", type=float, default=1.0)
+    p.add_argument("--npo-beta", type=float, default=1.0)
+    p.add_argument("--out", required=True, help="output UNet folder (config.json + safetensors)")
+    p.set_defaults(func=cmd_export_negative)
+
+
+def cmd_export_negative(args) -> int:
+    from .guidance import export_negative_unet
+    from .models import load_pipeline
+    from .toy.paths import resolve_model
+
+    pipe = load_pipeline(resolve_model(args.model))
+    export_negative_unet(pipe, args.out, negative=args.negative_model, positive=args.lora,
+                         alpha=args.npo_alpha, beta=args.npo_beta)
+    print(f"wrote the negative UNet to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"diffalign {__import__('diffalign').__version__}")
@@ -261,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_toy(sub)
     _add_train(sub)
     _add_demo(sub)
+    _add_extract_lora(sub)
+    _add_export_negative(sub)
     return parser
 
 

@@ -1,0 +1,43 @@
+"""Negative-branch guidance (Diffusion-NPO, Self-NPO) inside stock diffusers pipelines.
+
+`attach_negative_guidance(pipe, negative=..., positive=..., alpha=1, beta=1)` makes a stock SD/SDXL pipeline
+sample with `eps = eps_neg(x,t,c_neg) + g*(eps_pos(x,t,c) - eps_neg(x,t,c_neg))` where the negative weights are
+`theta_base + alpha*eta + beta*delta`. LoRA offsets run in one batched UNet call per step; full-UNet offsets
+need a second UNet and two calls (`extract_lora` converts them).
+"""
+
+from .offsets import (
+    Offset,
+    compose_dense_unet,
+    compose_lora_factors,
+    extract_lora,
+    extract_lora_factors,
+    lora_factors,
+    read_lora,
+    resolve_offset,
+)
+from .unet import (
+    GuidanceInfo,
+    NegativeGuidedUNet,
+    attach_negative_guidance,
+    detach_negative_guidance,
+    export_negative_unet,
+    mixed_adapter_batch,
+)
+
+__all__ = [
+    "Offset",
+    "GuidanceInfo",
+    "NegativeGuidedUNet",
+    "attach_negative_guidance",
+    "detach_negative_guidance",
+    "export_negative_unet",
+    "compose_dense_unet",
+    "compose_lora_factors",
+    "extract_lora",
+    "extract_lora_factors",
+    "lora_factors",
+    "mixed_adapter_batch",
+    "read_lora",
+    "resolve_offset",
+]

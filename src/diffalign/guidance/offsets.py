@@ -1,0 +1,272 @@
+"""Weight offsets of the negative model, `theta_neg = theta_base + alpha*eta + beta*delta` (DESIGN.md section 1).
+
+An offset is either a LoRA file (low rank, `B @ A * scaling` per module) or a full UNet folder taken as its
+difference to the base UNet. Two ways to turn offsets into a negative model:
+
+* `compose_lora_factors`: when every offset is a LoRA the composed offset is again low rank. Concatenating the
+  factors, `A_neg = [A_eta; A_delta]` and `B_neg = [alpha*s_eta*B_eta, beta*s_delta*B_delta]`, gives
+  `B_neg @ A_neg = alpha*s_eta*B_eta@A_eta + beta*s_delta*B_delta@A_delta` exactly, at rank r_eta + r_delta and
+  scaling 1. This is what lets both CFG branches share one network call (see `unet.py`).
+* `compose_dense_unet`: a merged copy of the base UNet (a second UNet in memory), needed when an offset is a
+  full UNet, and what `diffalign export-negative` writes.
+
+`extract_lora` goes the other way: a truncated SVD of a full fine-tune's difference on the attention projections,
+so a full-UNet offset can use the fast path at a chosen rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..models.lora import DEFAULT_TARGET_MODULES, LORA_WEIGHT_NAME, load_lora_into_unet, resolve_lora_file
+
+#: module name -> (A weight, B weight, scaling); the module's LoRA delta is `B @ A * scaling` (conv: 1x1 B).
+LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+@dataclass(frozen=True)
+class Offset:
+    """One weight offset: `kind` is 'lora' (a LoRA file) or 'unet' (a UNet folder, minus the base)."""
+
+    kind: str
+    path: str
+
+    @property
+    def is_lora(self) -> bool:
+        return self.kind == "lora"
+
+
+def _unet_folder(path: Path) -> tuple[str, str | None] | None:
+    """(folder, subfolder) when `path` is a UNet folder or a pipeline folder with a `unet/`, else None."""
+    cfg = path / "config.json"
+    if cfg.is_file():
+        try:
+            name = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name", "")
+        except (OSError, ValueError):
+            name = ""
+        if "UNet" in name or "Transformer" in name:
+            return str(path), None
+    if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
+        return str(path), "unet"
+    return None
+
+
+def resolve_offset(path: str | os.PathLike) -> Offset:
+    """Classify a path: LoRA file/folder, or UNet folder (a diffusers UNet folder or a pipeline folder)."""
+    text = os.fspath(path)
+    p = Path(text).expanduser()
+    if p.is_dir() and not (p / LORA_WEIGHT_NAME).is_file() and _unet_folder(p) is not None:
+        return Offset("unet", str(p))
+    try:
+        return Offset("lora", resolve_lora_file(text))
+    except UserError as exc:
+        raise UserError(
+            f"{text!r} is neither a LoRA (.safetensors file or folder) nor a UNet folder (config.json of a UNet, "
+            f"or a pipeline folder with unet/): {exc}"
+        ) from exc
+
+
+def as_offset(value) -> Offset | None:
+    if value is None or isinstance(value, Offset):
+        return value
+    return resolve_offset(value)
+
+
+def load_unet(path: str, dtype: torch.dtype | None = None):
+    """Load a UNet from a UNet folder or a pipeline folder's `unet/`."""
+    from diffusers import UNet2DConditionModel
+
+    where = _unet_folder(Path(path))
+    if where is None:
+        raise UserError(f"{path!r} is not a UNet folder nor a pipeline folder with unet/")
+    folder, sub = where
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load UNet {path!r}: {exc}") from exc
+
+
+def lora_factors(unet: torch.nn.Module, adapter_name: str) -> LoraFactors:
+    """The (A, B, scaling) of one peft adapter on every module it touches (detached copies)."""
+    from peft.tuners.lora import LoraLayer
+
+    out: LoraFactors = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter_name, False):
+            raise UserError("DoRA adapters cannot be composed into a negative model; use a plain LoRA")
+        a = module.lora_A[adapter_name].weight.detach().clone()
+        b = module.lora_B[adapter_name].weight.detach().clone()
+        out[name] = (a, b, float(module.scaling[adapter_name]))
+    return out
+
+
+def read_lora(unet: torch.nn.Module, pipeline_class, path: str, inplace: bool = True) -> LoraFactors:
+    """Factors of a LoRA file as it would load into `unet` (any format `pipe.load_lora_weights` reads).
+
+    The file is loaded as a temporary adapter and removed again. `inplace=False` uses a scratch copy of the UNet,
+    so a UNet that must stay free of peft layers (e.g. one about to be saved) is never touched.
+    """
+    target = unet if inplace else copy.deepcopy(unet)
+    name = "_diffalign_read"
+    load_lora_into_unet(target, pipeline_class, path, adapter_name=name)
+    try:
+        return lora_factors(target, name)
+    finally:
+        if inplace:
+            target.delete_adapters(name)
+
+
+def _lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The dense weight delta `scaling * B @ A` of a Linear or Conv2d LoRA (B is a 1x1 conv for conv layers)."""
+    if a.ndim == 2:
+        return scaling * (b.float() @ a.float())
+    # Conv: A is (r, in, kh, kw), B is (out, r, 1, 1).
+    delta = b.float().flatten(1) @ a.float().flatten(1)
+    return scaling * delta.reshape(b.shape[0], *a.shape[1:])
+
+
+def compose_lora_factors(terms: list[tuple[float, LoraFactors]]) -> tuple[LoraFactors, int]:
+    """Sum of `coef * LoRA` terms as one LoRA of scaling 1 (factors concatenated, zero-padded to one rank).
+
+    Returns the factors and the common rank. Exact: `sum_i coef_i*s_i*B_i@A_i == B @ A` for every module.
+    """
+    modules = sorted({m for _, f in terms for m in f})
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in modules}
+    for coef, factors in terms:
+        for m, (a, b, s) in factors.items():
+            parts[m].append((a.float(), b.float() * (float(coef) * s)))
+    rank = max((sum(a.shape[0] for a, _ in p) for p in parts.values()), default=1)
+    out: LoraFactors = {}
+    for m, p in parts.items():
+        a = torch.cat([a for a, _ in p], dim=0)
+        b = torch.cat([b for _, b in p], dim=1)
+        pad = rank - a.shape[0]
+        if pad:
+            a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])], dim=0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad, *b.shape[2:])], dim=1)
+        out[m] = (a, b, 1.0)
+    return out, rank
+
+
+def add_factor_adapter(unet: torch.nn.Module, adapter_name: str, factors: LoraFactors, rank: int) -> None:
+    """Add a peft adapter (lora_alpha = rank, scaling 1) whose weights are the given factors."""
+    from peft import LoraConfig
+
+    if not factors:
+        raise UserError("the composed negative LoRA touches no module")
+    config = LoraConfig(r=int(rank), lora_alpha=int(rank), target_modules=list(factors), init_lora_weights=True)
+    unet.add_adapter(config, adapter_name=adapter_name)
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, (a, b, _) in factors.items():
+            layer = modules[name]
+            wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            wa.copy_(a.reshape(wa.shape).to(wa.dtype))
+            wb.copy_(b.reshape(wb.shape).to(wb.dtype))
+    for param in unet.parameters():
+        param.requires_grad_(False)
+
+
+def _plain_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without LoRA weights, keyed as a plain UNet (peft's `.base_layer` removed)."""
+    return {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+
+
+def unet_difference(base: torch.nn.Module, tuned: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`tuned - base` per parameter (float32), for parameters that differ; shapes and names must match."""
+    base_sd, tuned_sd = _plain_state(base), _plain_state(tuned)
+    if set(base_sd) != set(tuned_sd):
+        missing = sorted(set(base_sd) ^ set(tuned_sd))[:3]
+        raise UserError(f"the UNet does not match the base architecture (differing keys, e.g. {missing})")
+    out = {}
+    for k, v in base_sd.items():
+        t = tuned_sd[k]
+        if t.shape != v.shape:
+            raise UserError(f"the UNet does not match the base architecture: {k} has shape {tuple(t.shape)}")
+        d = t.float() - v.float()
+        if torch.any(d != 0):
+            out[k] = d
+    return out
+
+
+def _dense_offset(base_unet, pipeline_class, offset: Offset) -> dict[str, torch.Tensor]:
+    """An offset as dense per-parameter deltas keyed like `base_unet.state_dict()`."""
+    if offset.is_lora:
+        factors = read_lora(base_unet, pipeline_class, offset.path, inplace=False)
+        return {f"{m}.weight": _lora_delta(a, b, s) for m, (a, b, s) in factors.items()}
+    tuned = load_unet(offset.path, dtype=torch.float32)
+    return unet_difference(base_unet, tuned)
+
+
+def compose_dense_unet(base_unet, pipeline_class, positive=None, negative=None, alpha: float = 1.0, beta: float = 1.0):
+    """A new UNet with weights `theta_base + alpha*eta + beta*delta` (the base UNet is left unchanged).
+
+    `base_unet` must carry no LoRA layers (load the positive LoRA through `positive=` instead).
+    """
+    if getattr(base_unet, "peft_config", None):
+        raise UserError("the base UNet already has LoRA adapters; pass the positive LoRA as positive= instead")
+    out = copy.deepcopy(base_unet)
+    state = _plain_state(out)
+    with torch.no_grad():
+        for coef, offset in ((alpha, as_offset(positive)), (beta, as_offset(negative))):
+            if offset is None or coef == 0:
+                continue
+            for key, delta in _dense_offset(base_unet, pipeline_class, offset).items():
+                if key not in state:
+                    raise UserError(f"offset {offset.path!r} has weights for {key!r}, which the base UNet lacks")
+                param = state[key]
+                param.copy_((param.float() + float(coef) * delta.to(param.device)).to(param.dtype))
+    return out
+
+
+def extract_lora_factors(base_unet, tuned_unet, rank: int, target_modules=DEFAULT_TARGET_MODULES) -> LoraFactors:
+    """Truncated SVD of `tuned - base` on the attention projections: `B = U_r S_r`, `A = V_r^T`, scaling 1.
+
+    Exact when `rank` is at least the rank of each difference; zero-padded where a layer is smaller than `rank`.
+    """
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    tuned_modules = dict(tuned_unet.named_modules())
+    out: LoraFactors = {}
+    for name, module in base_unet.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(name == t or name.endswith("." + t) for t in target_modules):
+            continue
+        other = tuned_modules.get(name)
+        if other is None or other.weight.shape != module.weight.shape:
+            raise UserError(f"the tuned UNet does not match the base at {name!r}")
+        diff = other.weight.detach().double() - module.weight.detach().double()
+        u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+        r = min(rank, s.shape[0])
+        b = (u[:, :r] * s[:r]).float()
+        a = vh[:r].float()
+        if r < rank:
+            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
+        out[name] = (a, b, 1.0)
+    if not out:
+        raise UserError(f"no attention projection ({', '.join(target_modules)}) found in the UNet")
+    return out
+
+
+def extract_lora(base_path: str, tuned_path: str, rank: int, out_dir: str) -> Path:
+    """`diffalign extract-lora`: save the rank-`rank` LoRA of `tuned - base` as `out_dir/pytorch_lora_weights.safetensors`."""
+    from ..models.lora import save_lora
+    from ..models.loading import load_pipeline
+    from ..toy.paths import resolve_model
+
+    pipe = load_pipeline(resolve_model(base_path))
+    base = pipe.unet
+    tuned = load_unet(str(resolve_model(tuned_path)), dtype=base.dtype)
+    factors = extract_lora_factors(base, tuned, rank)
+    add_factor_adapter(base, "default", factors, rank)
+    return save_lora(base, type(pipe), out_dir, adapter_name="default")
