@@ -13,6 +13,7 @@ from diffalign.guidance import (
     compose_dense_unet,
     detach_negative_guidance,
     extract_lora_factors,
+    mixed_adapter_batch,
 )
 from diffalign.models import load_family, load_pipeline
 
@@ -165,6 +166,9 @@ def test_positive_and_negative_lora_compose_as_the_formula(tiny_pipelines, loras
     states = states[:, : pipe.tokenizer.model_max_length]
     with torch.no_grad():
         batched = pipe.unet(x, 10, states, return_dict=False)[0]
+        with mixed_adapter_batch(pipe.unet.positive, ["npo_neg", "npo_pos"]):  # peft's own mixed-batch forward
+            peft_mixed = pipe.unet.positive(x, 10, states, return_dict=False)[0]
+        torch.testing.assert_close(batched, peft_mixed, atol=1e-6, rtol=1e-5)
         composed.load_state_dict(expected)
         alone = composed.eval()(x[:1], 10, states[:1], return_dict=False)[0]
     torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-4)

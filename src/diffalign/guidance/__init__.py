@@ -23,6 +23,7 @@ from .unet import (
     detach_negative_guidance,
     export_negative_unet,
     mixed_adapter_batch,
+    sliced_adapter_batch,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "extract_lora_factors",
     "lora_factors",
     "mixed_adapter_batch",
+    "sliced_adapter_batch",
     "read_lora",
     "resolve_offset",
 ]

@@ -8,12 +8,14 @@ the second half to the positive weights; the pipeline's own code keeps doing sch
 SDXL added conditions, `num_images_per_prompt` and generators. The user's negative prompt (or "") is what the
 pipeline encodes into the first half, so it reaches the negative model.
 
-Fast path (every offset a LoRA): one UNet holds adapter "pos" (eta) and adapter "neg" (the pre-composed
-`alpha*eta + beta*delta`, see `offsets.compose_lora_factors`), and peft's mixed-batch LoRA forward
-(`adapter_names`, one name per sample) runs both halves in ONE network call. peft's mixed batch picks exactly one
-adapter per sample and cannot weight two adapters for one sample, which is why the negative offset is composed
-into a single adapter beforehand. peft only accepts `adapter_names` on plain PeftModels, so we pass it to each
-LoRA layer with forward pre-hooks for the duration of the call.
+Fast path (every offset a LoRA): one UNet holds adapter "npo_pos" (eta) and adapter "npo_neg", the pre-composed
+`alpha*eta + beta*delta` (`offsets.compose_lora_factors`: factors concatenated, rank r_eta + r_delta, scales
+folded in), and both halves run in ONE network call with one adapter per half. Composing first is what makes
+"one adapter per sample" enough: peft's mixed-batch forward (`adapter_names`) picks exactly one adapter per
+sample and cannot weight two. The per-half forward itself is `sliced_adapter_batch`: base layer on the whole
+batch, then each adapter's `B(A(x[half])) * scaling` added to its half. It is the same sum peft's mixed batch
+computes (`mixed_adapter_batch` gives peft's version; the tests check they agree), but on slice views instead of
+gathered index lists, which was measurably cheaper on the toy model (CFG ratio 1.32 -> 1.14).
 
 Slow path (some offset is a full UNet): a second, merged UNet in memory and two network calls per step.
 `diffalign extract-lora` turns a full fine-tune into a LoRA to get back to the fast path.
@@ -64,6 +66,43 @@ def mixed_adapter_batch(unet: torch.nn.Module, adapter_names: list[str]):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def sliced_adapter_batch(unet: torch.nn.Module, parts: list[tuple[slice, str]]):
+    """Like `mixed_adapter_batch` for contiguous halves: base layer on the whole batch, each adapter on its slice.
+
+    Same sums as peft's mixed-batch forward, but slices are views (peft gathers index lists and scatters back),
+    which is measurably cheaper per LoRA layer. Adapters are switched off for the base forward and restored after.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        for part, name in parts:
+            if name not in module.lora_A:
+                continue
+            lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+            delta = lora_b(lora_a(x[part].to(lora_a.weight.dtype))) * module.scaling[name]
+            output[part] += delta.to(output.dtype)
+        return output
+
+    saved = [m._disable_adapters for m in layers]
+    handles = []
+    try:
+        for m in layers:
+            if m.merged:
+                raise UserError("cannot run per-half adapters on a UNet with merged LoRA weights; unmerge first")
+            m._disable_adapters = True
+            handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, d in zip(layers, saved):
+            m._disable_adapters = d
 
 
 def _split(value, n: int, part: slice):
@@ -125,8 +164,10 @@ class NegativeGuidedUNet(torch.nn.Module):
         n = sample.shape[0]
         cfg = self._is_cfg_batch(n)
         if self.fast:
-            names = [self.neg_adapter] * (n // 2) + [self.pos_adapter] * (n // 2) if cfg else [self.pos_adapter] * n
-            with mixed_adapter_batch(self.positive, names):
+            half = n // 2
+            parts = [(slice(0, half), self.neg_adapter), (slice(half, n), self.pos_adapter)] if cfg else [
+                (slice(0, n), self.pos_adapter)]
+            with sliced_adapter_batch(self.positive, parts):
                 return self.positive(sample, timestep, encoder_hidden_states, *args, **kwargs)
         if not cfg:
             return self.positive(sample, timestep, encoder_hidden_states, *args, **kwargs)
@@ -289,4 +330,5 @@ __all__ = [
     "detach_negative_guidance",
     "export_negative_unet",
     "mixed_adapter_batch",
+    "sliced_adapter_batch",
 ]
