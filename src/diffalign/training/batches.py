@@ -23,7 +23,8 @@ class BatchStream:
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.per_epoch = len(dataset) // (batch_size * world)  # incomplete last batches are dropped
 
-    def indices(self, micro: int) -> list[int]:
+    def indices(self, micro: int) -> tuple[list[int], int]:
+        """This process's dataset rows for micro-batch `micro`, and the epoch they belong to."""
         epoch, pos = divmod(micro, self.per_epoch)
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         global_batch = order[pos * self.batch_size * self.world : (pos + 1) * self.batch_size * self.world]
