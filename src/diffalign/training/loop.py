@@ -6,7 +6,6 @@ process), which is what makes `resume_from_checkpoint: latest` continue exactly.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
@@ -23,6 +22,7 @@ from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .model_card import write_model_card
 from .setup import start_run
+from .steps import backward_micro_batch, log_step, optimizer_step
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
@@ -132,37 +132,15 @@ def train(cfg: TrainConfig) -> Path:
                 continue
             noise, t = sample_noise_and_t(batch.latents_w.shape, family.num_train_timesteps,
                                           _step_generator(cfg.seed, step, micro, rank), accelerator.device)
-            # DDP: gradients are all-reduced only on the last micro-batch of an optimizer step.
-            with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
-                with accelerator.autocast():
-                    result = recipe(batch, noise, t)
-                    loss = result.losses.mean()
-                if not torch.isfinite(loss):
-                    raise UserError(f"the {cfg.method} loss became {loss.item()} at step {step} (micro-batch {micro}); "
-                                    "lower learning_rate or beta, or train in full precision (mixed_precision=no); "
-                                    f"the last good checkpoint is in {out}")
-                accelerator.backward(loss / ga)
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga
-            for k, v in result.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / ga
-        grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            backward_micro_batch(accelerator, unet, lambda: recipe(batch, noise, t), micro=micro, ga=ga, step=step,
+                                 sums=sums, what=cfg.method, hint="lower learning_rate or beta", out=out)
+        optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler, cfg.max_grad_norm, sums)
         if ema is not None:
             with torch.no_grad():
                 for n, p in named.items():
                     ema[n].lerp_(p.detach().float(), 1 - cfg.ema_decay)
         step += 1
-        sums["lr"] = lr_scheduler.get_last_lr()[0]
-        if grad_norm is not None:
-            sums["grad_norm"] = float(grad_norm)
-        accelerator.log(sums, step=step)
-        if main:  # always kept in the run folder, whatever tracker is configured
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in sums.items()}}) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
+        log_step(accelerator, out, main, step, sums, bar)
         if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
             save_checkpoint(out, step, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
                             extra={"method": cfg.method}, total_limit=cfg.checkpoints_total_limit)

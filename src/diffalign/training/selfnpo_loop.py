@@ -9,7 +9,6 @@ or its UNet (``unet/``), meant for the negative branch of classifier-free guidan
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from ..config_loader import dump_config
 from ..errors import UserError
 from .setup import start_run
+from .steps import backward_micro_batch, log_step, optimizer_step
 from .batches import BatchStream
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
@@ -168,33 +168,12 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
             if batch is None:
                 skipped_batches += 1
                 continue
-            with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
-                with accelerator.autocast():
-                    result = recipe(batch, gen)
-                    loss = result.losses.mean()
-                if not torch.isfinite(loss):
-                    raise UserError(f"the selfnpo loss became {loss.item()} at step {step} (micro-batch {micro}); "
-                                    "lower learning_rate or train in full precision (mixed_precision=no); "
-                                    f"the last good checkpoint is in {out}")
-                accelerator.backward(loss / ga)
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga
-            for k, v in result.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / ga
-        grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            backward_micro_batch(accelerator, unet, lambda: recipe(batch, gen), micro=micro, ga=ga, step=step,
+                                 sums=sums, what="selfnpo", hint="lower learning_rate", out=out)
+        optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler, cfg.max_grad_norm, sums)
         teacher.update(named)
         step += 1
-        sums["lr"] = lr_scheduler.get_last_lr()[0]
-        if grad_norm is not None:
-            sums["grad_norm"] = float(grad_norm)
-        accelerator.log(sums, step=step)
-        if main:  # always kept in the run folder, whatever tracker is configured (as the main loop does)
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in sums.items()}}) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
+        log_step(accelerator, out, main, step, sums, bar)
         if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
             save_checkpoint(out, step, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
                             ema=teacher.state_dict(), extra={"method": "selfnpo"},

@@ -1,0 +1,52 @@
+"""The parts of one optimizer step that every training loop shares: a micro-batch's forward and backward
+(DDP sync only on the last micro-batch, NaN stop), the optimizer update, and logging the step."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+
+
+def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga: int, step: int, sums: dict,
+                         what: str, hint: str, out: Path):
+    """Run `forward()` (-> StepResult) for micro-batch `micro` of `ga`, backpropagate loss/ga, add to `sums`."""
+    # DDP: gradients are all-reduced only on the last micro-batch of an optimizer step.
+    with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
+        with accelerator.autocast():
+            result = forward()
+            loss = result.losses.mean()
+        if not torch.isfinite(loss):
+            raise UserError(f"the {what} loss became {loss.item()} at step {step} (micro-batch {micro}); {hint}, "
+                            f"or train in full precision (mixed_precision=no); the last good checkpoint is in {out}")
+        accelerator.backward(loss / ga)
+    sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga
+    for k, v in result.metrics.items():
+        sums[k] = sums.get(k, 0.0) + v / ga
+    return result
+
+
+def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict) -> None:
+    """Clip, step, schedule, zero; records lr and grad_norm in `sums`."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums["lr"] = lr_scheduler.get_last_lr()[0]
+    if grad_norm is not None:
+        sums["grad_norm"] = float(grad_norm)
+
+
+def log_step(accelerator, out: Path, main: bool, step: int, sums: dict, bar) -> None:
+    """Trackers, plus metrics.jsonl in the run folder whatever tracker is configured, and the progress bar."""
+    accelerator.log(sums, step=step)
+    if main:
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in sums.items()}}) + "\n")
+    bar.update(1)
+    bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
