@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data import deterministic_rng
+from ..data.pairs import is_skipped
 from ..models import Conditioning
 from .recipes import PairBatch
 
@@ -22,11 +24,15 @@ class BatchStream:
                              f"({batch_size} x {world} processes)")
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.per_epoch = len(dataset) // (batch_size * world)  # incomplete last batches are dropped
+        self._order: tuple[int, list[int]] | None = None  # (epoch, permutation): drawn once per epoch
 
     def indices(self, micro: int) -> tuple[list[int], int]:
         """This process's dataset rows for micro-batch `micro`, and the epoch they belong to."""
         epoch, pos = divmod(micro, self.per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (epoch, torch.randperm(len(self.dataset), generator=gen).tolist())
+        order = self._order[1]
         global_batch = order[pos * self.batch_size * self.world : (pos + 1) * self.batch_size * self.world]
         return global_batch[self.rank :: self.world], epoch
 
@@ -39,17 +45,13 @@ class PixelPairs:
     """Pairs decoded and augmented on the fly; augmentation is seeded by (seed, epoch, row)."""
 
     def __init__(self, pairs, transform, seed: int):
-        from ..data import deterministic_rng
-
-        self.pairs, self.transform, self.seed, self._rng = pairs, transform, seed, deterministic_rng
+        self.pairs, self.transform, self.seed = pairs, transform, seed
         self._counted: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def item(self, i: int, epoch: int):
-        from ..data.pairs import is_skipped
-
         raw = self.pairs[i]
         if is_skipped(raw):
             # An image that fails to decode is counted once (in the run's data report), then left out.
@@ -57,7 +59,7 @@ class PixelPairs:
                 self._counted.add(i)
                 self.pairs.record_skipped([raw])
             return None
-        return self.transform(raw, self._rng(self.seed, epoch, i))
+        return self.transform(raw, deterministic_rng(self.seed, epoch, i))
 
 
 class CachedItems:
