@@ -15,31 +15,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config_loader import dump_config
-from ..errors import UserError
 from ..models import lora_disabled
 from .batches import BatchStream, CachedItems, PixelPairs, to_pair_batch
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .model_card import write_model_card
 from .setup import start_run
-from .steps import backward_micro_batch, log_step, optimizer_step
+from .steps import backward_micro_batch, log_step, make_optimizer, optimizer_step
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
-
-
-def _make_optimizer(cfg: TrainConfig, params, lr: float):
-    kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("use_8bit_adam needs bitsandbytes: pip install 'diffalign[bnb]' (or set use_8bit_adam=false)") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
 
 
 def _load_data(cfg: TrainConfig, family, resolution: int, log):
@@ -70,8 +58,6 @@ def train(cfg: TrainConfig) -> Path:
         from .selfnpo_loop import train_selfnpo
 
         return train_selfnpo(cfg)
-    from diffusers.optimization import get_scheduler
-
     run = start_run(cfg)
     accelerator, out, family, resolution = run.accelerator, run.out, run.family, run.resolution
     rank, world, main, log = run.rank, run.world, run.main, run.log
@@ -92,13 +78,7 @@ def train(cfg: TrainConfig) -> Path:
     pairs, items = _load_data(cfg, family, resolution, log)
     stream = BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world)
 
-    lr = cfg.learning_rate
-    if cfg.scale_lr:
-        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
-    optimizer = _make_optimizer(cfg, list(named.values()), lr)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
-                                 power=cfg.lr_power)
+    optimizer, lr_scheduler = make_optimizer(cfg, list(named.values()), world)
     ema = {n: p.detach().clone().float() for n, p in named.items()} if cfg.use_ema else None
 
     unet, optimizer = accelerator.prepare(family.unet, optimizer)

@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 from ..config_loader import dump_config
 from ..errors import UserError
 from .setup import start_run
-from .steps import backward_micro_batch, log_step, optimizer_step
+from .steps import backward_micro_batch, log_step, make_optimizer, optimizer_step
 from .batches import BatchStream
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
-from .loop import _make_optimizer, _step_generator, _validate
+from .loop import _step_generator, _validate
 from .selfnpo import EmaTeacher, SelfNPOBatch, SelfNPORecipe
 
 
@@ -93,8 +93,6 @@ def make_batch(items: list, family, resolution: int, uncond1, with_latents: bool
 
 def train_selfnpo(cfg: TrainConfig) -> Path:
     """Run one Self-NPO job described by ``cfg`` (``method: selfnpo``); returns the output folder."""
-    from diffusers.optimization import get_scheduler
-
     if cfg.method != "selfnpo":
         raise UserError(f"train_selfnpo needs method=selfnpo, got {cfg.method}")
     run = start_run(cfg)
@@ -120,13 +118,7 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
     with torch.no_grad():
         uncond1 = family.unconditional(1)
 
-    lr = cfg.learning_rate
-    if cfg.scale_lr:
-        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
-    optimizer = _make_optimizer(cfg, list(named.values()), lr)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
-                                 power=cfg.lr_power)
+    optimizer, lr_scheduler = make_optimizer(cfg, list(named.values()), world)
 
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
     family.unet = unet

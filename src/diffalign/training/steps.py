@@ -13,6 +13,27 @@ import torch
 from ..errors import UserError
 
 
+def make_optimizer(cfg, params: list, num_processes: int):
+    """AdamW (8-bit when asked and bitsandbytes is installed) at the (scale_lr-scaled) learning rate, and its
+    LR schedule; the scheduler is stepped once per optimizer step, whatever the number of processes."""
+    from diffusers.optimization import get_scheduler
+
+    kwargs = dict(lr=cfg.scaled_learning_rate(num_processes), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("use_8bit_adam needs bitsandbytes: pip install 'diffalign[bnb]' (or set use_8bit_adam=false)") from None
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **kwargs)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
+                                 power=cfg.lr_power)
+    return optimizer, lr_scheduler
+
+
 def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga: int, step: int, sums: dict,
                          what: str, hint: str, out: Path):
     """Run `forward()` (-> StepResult) for micro-batch `micro` of `ga`, backpropagate loss/ga, add to `sums`."""
