@@ -159,3 +159,16 @@ def test_train_judge_with_vae_writes_loadable_files(tmp_path):
     s1 = ToyReward(out).score(x, ["a red circle"] * 8)
     s2 = get_reward(f"toy={out}").score(x, ["a red circle"] * 8)
     torch.testing.assert_close(s1, s2, rtol=0, atol=0)
+
+
+def test_toy_term_reward_scores_one_details_term(reward, batch):
+    scenes, images = batch
+    prompts = [caption(shape=s.shape, colour=s.colour) for s in scenes]
+    details = reward.details(images, prompts)
+    assert torch.equal(details["clarity"], reward.score(images, [""] * len(images)))
+    for term in ("style_striped", "shape_colour_correct", "colour_prob", "clarity"):
+        scored = get_reward(f"toy:term={term}").score(images, prompts)
+        assert torch.equal(scored, details[term])
+    assert get_reward("toy:term=style_striped").name == "toy:style_striped"
+    with pytest.raises(UserError, match="no term 'stripes'.*style_striped"):
+        get_reward("toy:term=stripes")

@@ -1,14 +1,22 @@
 """Reward models behind one interface: `score(images, prompts) -> Tensor[N]`, higher is better.
 
 Every reward takes images in any of the forms the rest of the project produces (see `images_to_tensor`)
-and one prompt per image. `get_reward("name")` or `get_reward("name=PATH")` builds one by name; new rewards
-register themselves with `@register_reward("name")` (PickScore, CLIP, aesthetic, HPSv2 come later).
+and one prompt per image. `get_reward(spec)` builds one from a spec string
+
+    NAME[=PATH][:KEY=VALUE]...      e.g.  toy   pickscore=/models/pick:processor=/models/clip-h
+
+where PATH is a local folder/file or hub id and the KEY=VALUE options are the ones the reward declares
+(an option starts at a ':' followed by a word and '=', so 'C:\\models' stays one path). Rewards register
+themselves with `@register_reward("name", options=(...))`: toy here, pickscore/clip/aesthetic in
+`clip_rewards`, hpsv2/imagereward in `optional_rewards`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +79,7 @@ class Reward:
     """Base class. Subclasses set `name` and implement `score`; `details` adds named per-image terms."""
 
     name: str = ""
+    spec: str = ""  # the spec it was built from by `get_reward` (for reports)
 
     def score(self, images, prompts: Sequence[str] | str) -> torch.Tensor:
         """One float per image (Tensor[N]), higher is better."""
@@ -89,14 +98,53 @@ class Reward:
 
 # --------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Callable[[str | None], Reward]] = {}
+@dataclass(frozen=True)
+class RewardSpec:
+    """A parsed reward spec: `NAME[=PATH][:KEY=VALUE]...`."""
+
+    name: str
+    path: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = self.name + (f"={self.path}" if self.path else "")
+        return text + "".join(f":{k}={v}" for k, v in self.options.items())
 
 
-def register_reward(name: str):
-    """Decorator: `factory(path_or_None) -> Reward` becomes available as `get_reward(name[=PATH])`."""
+# An option begins at ':' followed by an identifier and '='; any other ':' belongs to the path.
+_OPTION_START = re.compile(r":(?=[A-Za-z_]\w*=)")
+
+
+def parse_reward_spec(spec: str) -> RewardSpec:
+    head, *option_texts = _OPTION_START.split(str(spec).strip())
+    name, _, path = head.partition("=")
+    options: dict[str, str] = {}
+    for text in option_texts:
+        key, _, value = text.partition("=")
+        if key in options:
+            raise UserError(f"reward spec '{spec}' gives option '{key}' twice: keep one")
+        options[key] = value.strip()
+    if not name.strip():
+        raise UserError(f"reward spec '{spec}' has no name: write NAME[=PATH][:KEY=VALUE], e.g. toy or pickscore=FOLDER")
+    return RewardSpec(name.strip(), path.strip() or None, options)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., Reward]
+    options: tuple[str, ...]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_reward(name: str, options: Sequence[str] = ()):
+    """Decorator: `factory(path_or_None, *, device, batch_size, **options) -> Reward` becomes available as
+    `get_reward("name[=PATH][:option=VALUE]")`. `options` lists the spec options the factory accepts;
+    `device`/`batch_size` are None unless the caller chose them (the factory's defaults apply)."""
 
     def wrap(factory):
-        _REGISTRY[name] = factory
+        _REGISTRY[name] = _Entry(factory, tuple(options))
         return factory
 
     return wrap
@@ -106,13 +154,41 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_reward(spec: str) -> Reward:
-    """Build a reward from `name` or `name=PATH` (e.g. `toy`, `toy=/path/to/judge`)."""
-    name, _, path = str(spec).partition("=")
-    name = name.strip()
-    if name not in _REGISTRY:
-        raise UserError(f"unknown reward '{name}': known rewards are {', '.join(available_rewards())} (spec: name or name=PATH)")
-    return _REGISTRY[name](path.strip() or None)
+def get_reward(spec: str | RewardSpec, device: str | torch.device | None = None, batch_size: int | None = None) -> Reward:
+    """Build a reward from a spec (see the module docstring), e.g. `toy`, `toy=/path/to/judge`,
+    `aesthetic=/models/clip-l14:head=/models/head.pth`."""
+    parsed = spec if isinstance(spec, RewardSpec) else parse_reward_spec(spec)
+    entry = _REGISTRY.get(parsed.name)
+    if entry is None:
+        raise UserError(f"unknown reward '{parsed.name}': known rewards are {', '.join(available_rewards())} "
+                        "(spec: NAME[=PATH][:KEY=VALUE])")
+    unknown = sorted(set(parsed.options) - set(entry.options))
+    if unknown:
+        allowed = ", ".join(entry.options) or "none"
+        raise UserError(f"reward '{parsed.name}' has no option {', '.join(map(repr, unknown))} (in spec '{parsed}'); "
+                        f"its options: {allowed}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"reward batch size must be at least 1, got {batch_size}")
+    reward = entry.factory(parsed.path, device=device, batch_size=batch_size, **parsed.options)
+    reward.spec = str(parsed)
+    return reward
+
+
+def images_to_pil(images) -> list:
+    """Any supported image batch (see `images_to_tensor`) -> list of RGB PIL images, for processors that
+    want PIL input exactly as the reference implementations feed it."""
+    from PIL import Image
+
+    if isinstance(images, (list, tuple)) and all(hasattr(im, "convert") for im in images):
+        return [im.convert("RGB") for im in images]
+    x = images_to_tensor(images)
+    array = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def check_prompts(prompts, n: int) -> list[str]:
+    """One prompt per image: a single string is repeated; a sequence must have length n."""
+    return _check_prompts(prompts, n)
 
 
 # ----------------------------------------------------------------------------------------------- toy
@@ -158,7 +234,9 @@ class ToyReward(Reward):
         """`score`; per attribute `{attr}_prob` (probability of the named value) and `{attr}_correct`
         (1.0 if the judge's top choice is the named value, else 0.0), both NaN where the prompt does not
         name the attribute; `shape_colour_correct` (NaN unless both are named); `style_plain`,
-        `style_outlined`, `style_striped`: the judge's style probabilities, whatever the prompt says."""
+        `style_outlined`, `style_striped`: the judge's style probabilities, whatever the prompt says;
+        `clarity`: the judge's top probability averaged over the four attributes, whatever the prompt
+        says - how clearly the image shows *some* valid scene (a stand-in for the papers' quality rewards)."""
         probs = self.probabilities(images)
         n = len(next(iter(probs.values())))
         named = self._named_indices(_check_prompts(prompts, n))
@@ -176,6 +254,7 @@ class ToyReward(Reward):
             count += has.float()
         best = torch.stack([probs[a].amax(1) for a in self.ATTRIBUTES]).mean(0)
         out["score"] = torch.where(count > 0, total / count.clamp(min=1), best)
+        out["clarity"] = best
         both = (named["shape"] >= 0) & (named["colour"] >= 0)
         out["shape_colour_correct"] = torch.where(both, out["shape_correct"] * out["colour_correct"], nan)
         for i, style in enumerate(self.judge.vocabs["style"]):
@@ -186,6 +265,27 @@ class ToyReward(Reward):
         return self.details(images, prompts)["score"]
 
 
-@register_reward("toy")
-def _toy(path: str | None) -> Reward:
-    return ToyReward(path)
+class ToyTermReward(ToyReward):
+    """One named term of `ToyReward.details` as the score, e.g. `style_striped` (how striped an image looks,
+    whatever the prompt says: the Pick-Style target) or `shape_colour_correct` (1 when the judge reads the
+    prompt's shape and colour, NaN when the prompt does not name both)."""
+
+    def __init__(self, term: str, judge_path: str | Path | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 512):
+        super().__init__(judge_path, device=device, batch_size=batch_size)
+        terms = [f"{a}_{k}" for a in self.ATTRIBUTES for k in ("prob", "correct")]
+        terms += ["shape_colour_correct", "clarity"] + [f"style_{s}" for s in self.judge.vocabs["style"]]
+        if term not in terms:
+            raise UserError(f"the toy reward has no term '{term}': choose one of {', '.join(terms)}")
+        self.term = term
+        self.name = f"toy:{term}"
+
+    def score(self, images, prompts: Sequence[str] | str) -> torch.Tensor:
+        return self.details(images, prompts)[self.term]
+
+
+@register_reward("toy", options=("term",))
+def _toy(path: str | None, device=None, batch_size=None, term: str | None = None) -> Reward:
+    if term:
+        return ToyTermReward(term, path, device=device or "cpu", batch_size=batch_size or 512)
+    return ToyReward(path, device=device or "cpu", batch_size=batch_size or 512)
