@@ -3,7 +3,8 @@
 `attach_negative_guidance(pipe, negative=..., positive=..., alpha=1, beta=1)` makes a stock SD/SDXL pipeline
 sample with `eps = eps_neg(x,t,c_neg) + g*(eps_pos(x,t,c) - eps_neg(x,t,c_neg))` where the negative weights are
 `theta_base + alpha*eta + beta*delta`. LoRA offsets run in one batched UNet call per step; full-UNet offsets
-need a second UNet and two calls (`extract_lora` converts them).
+need a second UNet and two calls (`extract_lora` converts them). CogVideoX pipelines (a transformer instead of a
+UNet) are routed to `video.py`, which also saves generated clips as frames plus an mp4 or GIF.
 """
 
 from .offsets import (
@@ -25,11 +26,23 @@ from .unet import (
     mixed_adapter_batch,
     sliced_adapter_batch,
 )
+from .video import (
+    NegativeGuidedTransformer,
+    attach_video_negative_guidance,
+    detach_video_negative_guidance,
+    generate_videos,
+    save_video,
+)
 
 __all__ = [
     "Offset",
     "GuidanceInfo",
     "NegativeGuidedUNet",
+    "NegativeGuidedTransformer",
+    "attach_video_negative_guidance",
+    "detach_video_negative_guidance",
+    "generate_videos",
+    "save_video",
     "attach_negative_guidance",
     "detach_negative_guidance",
     "export_negative_unet",

@@ -6,6 +6,7 @@ loudly when nothing matched.
 """
 
 from .base import Conditioning, ModelFamily
+from .cogvideox import CogVideoXFamily
 from .loading import FAMILIES, PIPELINE_FAMILIES, detect_family, family_class, load_family, load_pipeline
 from .lora import (
     DEFAULT_TARGET_MODULES,
@@ -27,6 +28,7 @@ __all__ = [
     "ModelFamily",
     "SDFamily",
     "SDXLFamily",
+    "CogVideoXFamily",
     "FAMILIES",
     "PIPELINE_FAMILIES",
     "detect_family",

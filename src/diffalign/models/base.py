@@ -56,6 +56,11 @@ class ModelFamily(abc.ABC):
     pipeline_class_name: ClassVar[str]
     #: model_index.json entries this family needs; checked before loading so a wrong family fails clearly.
     required_components: ClassVar[tuple[str, ...]] = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+    #: The denoiser's pipeline component name ("transformer" for DiT families such as CogVideoX). The module itself
+    #: is always held in `self.unet`, so recipes and loops never branch on it; this names folders and LoRA prefixes.
+    denoiser_name: ClassVar[str] = "unet"
+    #: Video families have 5-D latents (B, F', C, H', W') and clips of frames instead of images.
+    is_video: ClassVar[bool] = False
 
     def __init__(self, *, unet, vae, noise_scheduler, scheduler, text_encoders, tokenizers, pipeline_config=None):
         self.unet = unet
@@ -158,11 +163,22 @@ class ModelFamily(abc.ABC):
     # ---------------------------------------------------------------------------------------------- basics
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        # The first floating weight's dtype. diffusers' `unet.dtype` walks every submodule looking for casting
+        # hooks on each call: ~4% of a toy training step, which asks several times (issue 8 profile).
+        unet = self.bare_unet
+        return next((p.dtype for p in unet.parameters() if p.is_floating_point()), None) or unet.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.bare_unet.device
+
+    @property
+    def bare_unet(self):
+        """The UNet itself, also while a training loop holds it in a DDP / FSDP wrapper (`.module`)."""
+        unet = self.unet
+        while not hasattr(unet, "config") and isinstance(getattr(unet, "module", None), torch.nn.Module):
+            unet = unet.module
+        return unet
 
     @property
     def pipeline_class(self):
@@ -190,7 +206,12 @@ class ModelFamily(abc.ABC):
     @property
     def default_resolution(self) -> int:
         """Pixel size the pipeline samples at by default (UNet sample size times the VAE factor)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return int(self.bare_unet.config.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, ...]:
+        """Per-sample latent shape, e.g. for sampling pure noise: (C, H/f, W/f) here, (F', C, H', W') for video."""
+        side = (resolution or self.default_resolution) // self.vae_scale_factor
+        return (int(self.bare_unet.config.in_channels), side, side)
 
     @property
     def text_encoder(self):

@@ -13,12 +13,13 @@ import torch
 
 from ..errors import UserError
 from .base import ModelFamily
+from .cogvideox import CogVideoXFamily
 from .sd import SDFamily
 from .sdxl import SDXLFamily
 from .source import VaeRequest, first_line, resolve_source
 
 #: Family name -> adapter class; None marks a family that has a name but no adapter yet.
-FAMILIES: dict[str, type[ModelFamily] | None] = {"sd": SDFamily, "sdxl": SDXLFamily, "cogvideox": None}
+FAMILIES: dict[str, type[ModelFamily] | None] = {"sd": SDFamily, "sdxl": SDXLFamily, "cogvideox": CogVideoXFamily}
 
 #: diffusers pipeline class (model_index.json `_class_name`) -> family name.
 PIPELINE_FAMILIES: dict[str, str] = {

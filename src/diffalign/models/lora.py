@@ -23,6 +23,13 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def denoiser_component(pipeline_class) -> str:
+    """'unet' (SD, SDXL) or 'transformer' (DiT pipelines such as CogVideoX): the LoRA key prefix and the keyword
+    names of the pipeline class's save/load methods (`unet_lora_layers` vs `transformer_lora_layers`)."""
+    modules = getattr(pipeline_class, "_lora_loadable_modules", None) or ["unet"]
+    return "unet" if "unet" in modules else "transformer"
+
+
 def has_lora(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "peft_config", None))
 
@@ -77,20 +84,26 @@ def add_lora(
 
 
 def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Save one adapter as `out_dir/pytorch_lora_weights.safetensors` with `unet.`-prefixed diffusers keys."""
+    """Save one adapter as `out_dir/pytorch_lora_weights.safetensors` with `unet.`-prefixed diffusers keys
+    (`transformer.` for a DiT pipeline class such as CogVideoXPipeline)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     if adapter_name not in (getattr(unet, "peft_config", None) or {}):
         raise UserError(f"the UNet has no LoRA adapter named {adapter_name!r}; call add_lora() or load_lora() first")
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    layers = {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    component = denoiser_component(pipeline_class)
+    # UNet LoRAs use diffusers' `lora.down/up` names (the SD scripts' format); transformer LoRAs keep peft's
+    # `lora_A/B`, the format diffusers' CogVideoX LoRA script writes and hub CogVideoX LoRAs use.
+    if component == "unet":
+        state = convert_state_dict_to_diffusers(state)
+    layers = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipeline_class.save_lora_weights(
         str(out),
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+        **{f"{component}_lora_layers": layers,
+           f"{component}_lora_adapter_metadata": unet.peft_config[adapter_name].to_dict()},
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
     )
@@ -146,17 +159,26 @@ def load_lora_into_unet(
     file = resolve_lora_file(path)
     if adapter_name in (getattr(unet, "peft_config", None) or {}):
         raise UserError(f"the UNet already has a LoRA adapter named {adapter_name!r}; pick another adapter_name")
+    component = denoiser_component(pipeline_class)
     try:
-        state_dict, alphas, metadata = pipeline_class.lora_state_dict(file, return_lora_metadata=True)
-        pipeline_class.load_lora_into_unet(
-            state_dict, network_alphas=alphas, unet=unet, adapter_name=adapter_name, metadata=metadata
-        )
+        if component == "unet":
+            state_dict, alphas, metadata = pipeline_class.lora_state_dict(file, return_lora_metadata=True)
+            pipeline_class.load_lora_into_unet(
+                state_dict, network_alphas=alphas, unet=unet, adapter_name=adapter_name, metadata=metadata
+            )
+        else:  # DiT mixins return no network alphas (the alpha travels in the metadata)
+            state_dict, metadata = pipeline_class.lora_state_dict(file, return_lora_metadata=True)
+            pipeline_class.load_lora_into_transformer(
+                state_dict, transformer=unet, adapter_name=adapter_name, metadata=metadata
+            )
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise UserError(f"cannot load LoRA {file!r} into the UNet: {first_line(exc)} ({_key_sample(file)})") from exc
     if adapter_name not in (getattr(unet, "peft_config", None) or {}):
         raise UserError(
-            f"LoRA {file!r} has no weights for this UNet ({_key_sample(file)}); "
-            "expected diffusers keys starting with 'unet.' (or a kohya file with 'lora_unet_' keys)"
+            f"LoRA {file!r} has no weights for this {'UNet' if component == 'unet' else component} "
+            f"({_key_sample(file)}); "
+            f"expected diffusers keys starting with '{component}.'"
+            + (" (or a kohya file with 'lora_unet_' keys)" if component == "unet" else "")
         )
     for param in lora_parameters(unet, adapter_name):
         param.requires_grad_(trainable)
@@ -189,7 +211,8 @@ def load_lora_into_pipeline(pipe, path: str | os.PathLike, adapter_name: str | N
     if not added:
         raise UserError(
             f"LoRA {file!r} matched no module of {type(pipe).__name__} ({_key_sample(file)}); "
-            "expected diffusers keys starting with 'unet.'/'text_encoder.' or a kohya file for this architecture"
+            f"expected diffusers keys starting with '{denoiser_component(type(pipe))}.'/'text_encoder.' or a kohya "
+            "file for this architecture"
         )
     return added[0]
 

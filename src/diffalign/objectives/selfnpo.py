@@ -74,11 +74,12 @@ def renoise(
     # Coefficients in float64 on the CPU (B numbers; MPS has no float64), then cast to x_t's device/dtype.
     abar = alphas_cumprod.detach().to(device="cpu", dtype=torch.float64)
     abar_t, abar_s = abar[t.cpu()], abar[s.cpu()]
-    a_t, a_s = abar_t.sqrt(), abar_s.sqrt()
-    # (s_s/a_s)^2 - (s_t/a_t)^2 with (s/a)^2 = (1 - abar)/abar; clamp guards a non-monotone schedule.
-    extra_var = ((1.0 - abar_s) / abar_s - (1.0 - abar_t) / abar_t).clamp_min(0.0)
-    coef_x = a_s / a_t
-    coef_noise = a_s * extra_var.sqrt()
+    # a_s * sqrt((s_s/a_s)^2 - (s_t/a_t)^2) == sqrt(1 - abar_s/abar_t): the same value without dividing by abar_s,
+    # which is exactly 0 at s = T-1 in zero-terminal-SNR schedules (CogVideoX), where the other form gives 0*inf.
+    # abar_t > 0 always (t < s <= T-1). The clamp guards a non-monotone schedule.
+    ratio = abar_s / abar_t
+    coef_x = ratio.sqrt()
+    coef_noise = (1.0 - ratio).clamp_min(0.0).sqrt()
     shape = (-1,) + (1,) * (x_t.ndim - 1)
     coef_x = coef_x.to(device=x_t.device, dtype=x_t.dtype).reshape(shape)
     coef_noise = coef_noise.to(device=x_t.device, dtype=x_t.dtype).reshape(shape)

@@ -12,6 +12,11 @@ def _sample(family, cfg, resolution: int) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     prompts = list(cfg.validation_prompts)
     gens = [torch.Generator().manual_seed(cfg.validation_seed + i) for i in range(len(prompts))]
+    if family.is_video:  # clips: first/middle/last frame side by side (models/cogvideox.py)
+        with torch.no_grad():
+            return family.preview_images(pipe, prompts, gens, resolution=cfg.resolution,
+                                         guidance_scale=cfg.validation_guidance_scale,
+                                         num_inference_steps=cfg.validation_num_inference_steps)
     with torch.no_grad():
         images = pipe(prompts, height=resolution, width=resolution, guidance_scale=cfg.validation_guidance_scale,
                       num_inference_steps=cfg.validation_num_inference_steps, generator=gens, output_type="np").images

@@ -1,0 +1,249 @@
+"""Negative-branch CFG inside the stock `CogVideoXPipeline` (and saving what it generates).
+
+Same maths as `unet.py`: `v = v_neg(x, t, c_neg) + g * (v_pos(x, t, c) - v_neg(x, t, c_neg))`, the stock CFG
+combination once the first half of the pipeline's `[negative-prompt half; prompt half]` batch is predicted with
+`theta_neg = theta_base + alpha*eta + beta*delta`. The pipeline keeps doing everything else: its scheduler,
+rotary embeddings and `use_dynamic_cfg` (a guidance scale that changes every step - it only rescales
+`g`, so routing the halves is all the wrapper does).
+
+Two things differ from the UNet pipelines, hence a separate wrapper:
+- the pipeline calls `pipe.transformer(hidden_states=..., encoder_hidden_states=..., timestep=...,
+  image_rotary_emb=...)` with keywords, and the rotary embeddings are per token, not per sample, so they must
+  never be split with the batch;
+- `CogVideoXPipeline` has no `do_classifier_free_guidance` property, and with `use_dynamic_cfg` its
+  `guidance_scale` changes during the call, so neither says whether a batch is a CFG batch. The pipeline
+  always calls `encode_prompt(prompt, negative_prompt, do_classifier_free_guidance, ...)` first; the wrapper
+  reads that flag there, per call.
+
+Offsets must be LoRAs here (full transformer folders are not composed for video yet). Fast path: one call per
+step, adapters `npo_pos` / `npo_neg` on the two halves (`sliced_adapter_batch`). `force_two_calls`: a merged
+copy of the transformer predicts the negative half (a second model in memory, two calls; for reference).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .offsets import add_factor_adapter, as_offset, compose_dense_unet, compose_lora_factors, lora_factors, read_lora
+from .unet import BASE, NEG_ADAPTER, POS_ADAPTER, GuidanceInfo, sliced_adapter_batch
+
+logger = logging.getLogger(__name__)
+
+_BATCHED = ("hidden_states", "encoder_hidden_states", "timestep")
+
+
+class NegativeGuidedTransformer(torch.nn.Module):
+    """Looks like `pipe.transformer`; predicts the first half of a CFG batch with the negative weights.
+
+    `negative is None`: fast path, `positive` holds both adapters and runs once. Otherwise `negative` is a merged
+    transformer and each half goes to its own model. Non-CFG batches go to the positive model only.
+    """
+
+    def __init__(self, positive, negative=None, pos_adapter: str = BASE, neg_adapter: str = NEG_ADAPTER):
+        super().__init__()
+        self.positive = positive
+        self.negative = negative
+        self.pos_adapter = pos_adapter
+        self.neg_adapter = neg_adapter
+        #: Set by the pipeline's encode_prompt at the start of each call; None outside a pipeline call.
+        self.cfg_active: bool | None = None
+
+    @property
+    def fast(self) -> bool:
+        return self.negative is None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.positive.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.positive.device
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # config, cache_context, ... of the real transformer
+            return getattr(self._modules["positive"], name)
+
+    def forward(self, *args, **kwargs):
+        # Positional arguments follow CogVideoXTransformer3DModel.forward; name them so halves can be cut.
+        for name, value in zip(_BATCHED, args):
+            kwargs[name] = value
+        extra = args[len(_BATCHED):]
+        n = kwargs["hidden_states"].shape[0]
+        cfg = n % 2 == 0 and self.cfg_active is not False
+        if self.fast:
+            half = n // 2
+            parts = [(slice(0, half), self.neg_adapter), (slice(half, n), self.pos_adapter)] if cfg else [
+                (slice(0, n), self.pos_adapter)]
+            with sliced_adapter_batch(self.positive, parts):
+                return self.positive(*extra, **kwargs)
+        if not cfg:
+            return self.positive(*extra, **kwargs)
+        outs = []
+        for model, part in ((self.negative, slice(0, n // 2)), (self.positive, slice(n // 2, n))):
+            own = {k: (v[part] if k in _BATCHED and torch.is_tensor(v) and v.ndim > 0 else v) for k, v in kwargs.items()}
+            outs.append(model(*extra, **own))
+        pred = torch.cat([o[0] if isinstance(o, tuple) else o.sample for o in outs])
+        if kwargs.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=pred)
+        return (pred,)
+
+
+def _set_transformer(pipe, module) -> None:
+    # Bypass DiffusionPipeline.__setattr__: the wrapper is not a component to record in the pipeline config.
+    object.__setattr__(pipe, "transformer", module)
+
+
+def _watch_cfg(pipe, wrapper: NegativeGuidedTransformer) -> None:
+    """Record the pipeline's do_classifier_free_guidance from its encode_prompt call (the 3rd argument)."""
+    original = type(pipe).encode_prompt.__get__(pipe)
+
+    def encode_prompt(*args, **kwargs):
+        flag = args[2] if len(args) > 2 else kwargs.get("do_classifier_free_guidance", True)
+        wrapper.cfg_active = bool(flag)
+        return original(*args, **kwargs)
+
+    object.__setattr__(pipe, "encode_prompt", encode_prompt)
+
+
+def attach_video_negative_guidance(pipe, negative=None, positive=None, alpha: float = 1.0, beta: float = 1.0,
+                                   force_two_calls: bool = False) -> GuidanceInfo:
+    """Make a stock CogVideoXPipeline sample with `theta_neg = theta_base + alpha*eta + beta*delta` in the
+    negative branch. `positive` (eta) and `negative` (delta) are LoRA files/folders. Undo with
+    `detach_video_negative_guidance(pipe)`.
+    """
+    from ..models.lora import load_lora_into_pipeline
+
+    base = pipe.transformer
+    if isinstance(base, NegativeGuidedTransformer):
+        raise UserError("negative guidance is already attached to this pipeline; detach it first")
+    if getattr(base, "peft_config", None):
+        raise UserError("the pipeline's transformer already has LoRA adapters; pass the positive LoRA as positive= "
+                        "so both branches are composed from it, or fuse it first (pipe.fuse_lora(); "
+                        "pipe.unload_lora_weights())")
+    eta, delta = as_offset(positive), as_offset(negative)
+    if delta is None and eta is None:
+        raise UserError("negative guidance needs a negative model (delta) or a positive offset (eta)")
+    for offset in (eta, delta):
+        if offset is not None and not offset.is_lora:
+            raise UserError(f"{offset.path!r} is a full model folder; video guidance composes LoRA offsets only "
+                            "(train the negative model with train_mode=lora)")
+    alpha, beta = float(alpha), float(beta)
+    info = GuidanceInfo(fast=not force_two_calls, calls_per_step=2 if force_two_calls else 1,
+                        positive=eta.path if eta else None, negative=delta.path if delta else None,
+                        alpha=alpha, beta=beta)
+    if info.fast:
+        pos_name, terms = BASE, []
+        if eta is not None:
+            pos_name = load_lora_into_pipeline(pipe, eta.path, adapter_name=POS_ADAPTER)
+            terms.append((alpha, lora_factors(base, pos_name)))
+        if delta is not None:
+            terms.append((beta, read_lora(base, type(pipe), delta.path)))
+        factors, info.rank = compose_lora_factors(terms)
+        add_factor_adapter(base, NEG_ADAPTER, factors, info.rank)
+        wrapper = NegativeGuidedTransformer(base.eval(), None, pos_adapter=pos_name)
+    else:
+        negative_model = compose_dense_unet(base, type(pipe), eta, delta, alpha, beta).eval()
+        if eta is not None:
+            load_lora_into_pipeline(pipe, eta.path, adapter_name=POS_ADAPTER)
+        wrapper = NegativeGuidedTransformer(base.eval(), negative_model)
+    _set_transformer(pipe, wrapper)
+    _watch_cfg(pipe, wrapper)
+    pipe._npo_guidance = info
+    logger.info("NPO guidance for video: %s", info.record()["npo_path"])
+    return info
+
+
+def detach_video_negative_guidance(pipe) -> None:
+    """Restore the pipeline's own transformer and encode_prompt; the adapters added for guidance are removed."""
+    wrapper = pipe.transformer
+    if not isinstance(wrapper, NegativeGuidedTransformer):
+        return
+    base = wrapper.positive
+    _set_transformer(pipe, base)
+    pipe.__dict__.pop("encode_prompt", None)
+    if NEG_ADAPTER in (getattr(base, "peft_config", None) or {}):
+        base.delete_adapters([NEG_ADAPTER])
+    if any(POS_ADAPTER in names for names in pipe.get_list_adapters().values()):
+        pipe.delete_adapters([POS_ADAPTER])
+    pipe.__dict__.pop("_npo_guidance", None)
+
+
+# ------------------------------------------------------------------------------------------- saving clips
+def save_video(frames: Any, out_dir: str | os.PathLike, fps: int = 8, name: str = "video") -> dict[str, Any]:
+    """Write one clip as PNG frames (`frame_000.png`, ...) plus `name.mp4` when diffusers can export video
+    (imageio + imageio-ffmpeg, or OpenCV installed), else an animated `name.gif` (Pillow is always there).
+
+    `frames`: a list of PIL images or an array (F, H, W, 3) in [0, 1] (float) or uint8 - what
+    `CogVideoXPipeline(...).frames[i]` gives for output_type "pil" or "np". Returns {"frames": [...], "video": path}.
+    """
+    from PIL import Image
+
+    if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], Image.Image):
+        images = [f.convert("RGB") for f in frames]
+    else:
+        arr = np.asarray(frames)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise UserError(f"frames must be (F, H, W, 3) or a list of PIL images, got shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+        images = [Image.fromarray(f) for f in arr]
+    if not images:
+        raise UserError("no frames to save")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(out / f"frame_{i:03d}.png")
+        image.save(paths[-1])
+    video = None
+    if mp4_available():
+        from diffusers.utils import export_to_video
+
+        try:
+            video = Path(export_to_video(images, str(out / f"{name}.mp4"), fps=fps))
+        except (ImportError, AttributeError, OSError, RuntimeError) as exc:  # e.g. imageio without its ffmpeg
+            logger.warning("mp4 export failed (%s); writing a GIF instead", exc)
+    if video is None:
+        video = out / f"{name}.gif"
+        images[0].save(video, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+    return {"frames": paths, "video": video}
+
+
+def mp4_available() -> bool:
+    """diffusers' export_to_video needs imageio (+ imageio-ffmpeg) or OpenCV; neither is a diffalign dependency."""
+    from diffusers.utils.import_utils import is_imageio_available, is_opencv_available
+
+    return bool(is_imageio_available() or is_opencv_available())
+
+
+def generate_videos(pipe, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0, fps: int = 8,
+                    **call_kwargs: Any) -> list[dict[str, Any]]:
+    """Run `pipe` (guided or not) once per prompt with seeds `seed + i` and save each clip to `out_dir/<i>/`."""
+    results = []
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator().manual_seed(seed + i)
+        frames = pipe(prompt, generator=gen, output_type="np", **call_kwargs).frames[0]
+        results.append({"prompt": prompt, **save_video(frames, Path(out_dir) / f"{i:03d}", fps=fps)})
+    return results
+
+
+__all__ = [
+    "NegativeGuidedTransformer",
+    "attach_video_negative_guidance",
+    "detach_video_negative_guidance",
+    "generate_videos",
+    "mp4_available",
+    "save_video",
+]
