@@ -60,7 +60,7 @@ def test_recipe_uses_one_noise_and_timestep_per_pair(tiny_pipelines):
     noise = torch.randn(3, 4, 16, 16)
     result = PreferenceRecipe(family, "mapo")(batch, noise, torch.tensor([5, 50, 500]))
     # Same image, same noise, same t: winner and loser errors agree exactly (they share the 2B forward pass).
-    assert result.metrics["err_w"] == pytest.approx(result.metrics["err_l"], rel=1e-5)
+    assert float(result.metrics["err_w"]) == pytest.approx(float(result.metrics["err_l"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["dpo", "mapo", "npo", "sft"])
@@ -204,5 +204,6 @@ def test_nan_loss_stops_with_a_clear_error(tiny_pipelines, style_pairs, tmp_path
         return result
 
     monkeypatch.setattr(recipes.PreferenceRecipe, "__call__", poisoned)
-    with pytest.raises(UserError, match="loss became nan at step 0"):
-        train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "nan", max_train_steps=2))
+    # Issue 9: a non-finite step is skipped; max_consecutive_nonfinite of them in a row stop the run.
+    with pytest.raises(UserError, match=r"loss or its gradients were not finite .* stopped at step 1"):
+        train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "nan", max_train_steps=2, max_consecutive_nonfinite=1))

@@ -206,13 +206,31 @@ def _unknown_key(key: str, known, source: str) -> UserError:
     return UserError(f"unknown config key {key!r} {source}{hint} (--help-config lists every key)")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: PyYAML reports it itself
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         what = "is a folder, not a YAML file" if p.is_dir() else "does not exist"
         raise UserError(f"config file '{p}' {what}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise UserError(f"config file '{p}' is not valid YAML: {' '.join(str(exc).split())}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -325,8 +343,15 @@ def dump_config(cfg, path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Resolved {type(cfg).__name__}: every key, as it ran. Load it again with --config {p.name}\n"
-    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=None, width=1000)
-    p.write_text(header + body, encoding="utf-8")
+    data = config_to_dict(cfg)
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=1000)
+    if yaml.safe_load(body) != data:
+        # PyYAML writes a few characters (NEL, LS, PS, ...) raw that its reader then folds as line breaks:
+        # escape everything non-ASCII instead, so what ran is what loads back.
+        body = yaml.safe_dump(data, sort_keys=False, allow_unicode=False, default_flow_style=None, width=1000)
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(p, header + body)  # a run killed while writing it never leaves half a config
     return p
 
 

@@ -348,6 +348,29 @@ def _read_caption_entries(file: Path, caption_column: str) -> list[tuple[str | N
     return entries
 
 
+def _check_inside(root: Path, name: str, row: int, shown: str, index_file: str) -> None:
+    """A captions entry may only name files inside the dataset folder: no absolute path, no `..`, no symlink
+    whose target lies outside. Refused in lenient mode too: this is an untrusted dataset, not a bad row."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    reason = None
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        reason = "an absolute path"
+    elif ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        reason = "a path with '..'"
+    else:
+        inside = root.resolve()
+        for sub in ("w", "l"):
+            target = (root / sub / name).resolve()
+            if not target.is_relative_to(inside):
+                reason = f"a symlink to {target}"
+                break
+    if reason:
+        raise UserError(
+            f"image folder {shown!r}: row {row} of {index_file} names {name!r}, {reason} outside the dataset folder; "
+            "file names must be relative paths inside w/ and l/ (refusing to read it)")
+
+
 def _image_folder(root: Path, shown: str, caption_column: str, strict: bool) -> Source:
     caption_files = [root / n for n in CAPTION_FILES if (root / n).is_file()]
     if not caption_files:
@@ -358,6 +381,9 @@ def _image_folder(root: Path, shown: str, caption_column: str, strict: bool) -> 
     if len(caption_files) > 1:
         raise UserError(f"image folder {shown!r} has both captions.jsonl and captions.csv; keep one")
     entries = _read_caption_entries(caption_files[0], caption_column)
+    for row, (name, _) in enumerate(entries):
+        if name is not None:
+            _check_inside(root, name, row, shown, caption_files[0].name)
     w_files, l_files = _list_images(root / "w"), _list_images(root / "l")
     named = {name for name, _ in entries}
     unlisted = sorted((w_files | l_files) - named)

@@ -67,8 +67,13 @@ class TrainConfig:
         "drop", "Pairs labelled a tie (0.5/0.5, ~12% of Pick-a-Pic): drop them (the DPO paper's choice) or stop "
         "with an error. Never silently 'image 0 wins'.")
     strict_data: bool = _f(
-        False, "true: stop at the first invalid row (unreadable image, empty caption, bad labels); false: skip "
-        "such rows and report how many were skipped.")
+        False, "true: stop at the first invalid row (unreadable image, missing caption, labels outside "
+        "{0, 0.5, 1}, image below min_image_size), naming its row, column and reason; false: skip such rows, count "
+        "them per reason and report the counts (train_report.json). Empty captions are kept and counted.")
+    min_image_size: Optional[int] = _f(
+        None, "Refuse images whose shorter side is below this many pixels (strict_data: stop; otherwise: skip and "
+        "count as image_too_small); set it to resolution to never upsample. none: any size (upsampled, as the "
+        "Diffusion-DPO SDXL run did with the smaller Pick-a-Pic images).")
     max_train_samples: Optional[int] = _f(None, "Use only the first N rows (after dropping ties), for debugging.")
     resolution: Optional[int] = _f(
         None, "Training image size in pixels (multiple of 8). none: the model's native size (512 SD1.5, "
@@ -160,6 +165,9 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = _f(
         None, "Resume exactly: 'latest' (the newest checkpoint in output_dir; starts fresh if there is none), "
         "a checkpoint folder path, or a checkpoint name inside output_dir (checkpoint-500).")
+    max_consecutive_nonfinite: int = _f(
+        5, "A NaN/inf loss or gradient skips that optimizer update (a warning, counted in metrics.jsonl and "
+        "train_report.json); this many in a row stop the run, naming the step and the last good checkpoint.")
     seed: int = _f(0, "Random seed for noise, timesteps, data order and initialisation.")
     report_to: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "Tracker for metrics and images.")
     validation_prompts: tuple[str, ...] = _f(
@@ -250,6 +258,7 @@ class TrainConfig:
         ``resume_from_checkpoint`` path exists.
         """
         check_types(self)
+        self._validate_finite()
         for key, what in (
             ("method", "dpo|mapo|npo|sft"),
             ("pretrained_model_name_or_path", "HUB_ID_OR_FOLDER (or toy)"),
@@ -264,6 +273,14 @@ class TrainConfig:
         self._validate_model()
         self._validate_run()
         return self
+
+    def _validate_finite(self) -> None:
+        import math
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name} must be a finite number, got {value}")
 
     def _validate_objective(self) -> None:
         m = self.method
@@ -317,6 +334,15 @@ class TrainConfig:
             raise UserError("caption_column is empty")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UserError(f"max_train_samples must be >= 1 (or none), got {self.max_train_samples}")
+        if self.max_train_samples is not None and self.max_train_samples < self.train_batch_size:
+            raise UserError(f"max_train_samples={self.max_train_samples} is smaller than one batch "
+                            f"(train_batch_size={self.train_batch_size}): raise it or lower train_batch_size")
+        if self.dataset_name == "toy" and self.method != "selfnpo":
+            raise UserError(f"dataset_name=toy is the toy world's prompts (no images, no preference labels), which "
+                            f"only method=selfnpo can use; method={self.method} needs pairs: render some with "
+                            "`diffalign toy render-pairs --out pairs.parquet` and pass --dataset_name=pairs.parquet")
+        if self.min_image_size is not None and self.min_image_size < 1:
+            raise UserError(f"min_image_size must be >= 1 (or none: any size), got {self.min_image_size}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise UserError(f"resolution must be a positive multiple of 8 (or none for native), got {self.resolution}")
         if self.dataloader_num_workers < 0:
@@ -343,6 +369,10 @@ class TrainConfig:
                             "student (teacher_ema_decay) and the student is saved; set --use_ema=false")
         if self.ties != "drop":
             raise UserError(f"ties={self.ties} is about preference pairs; method=selfnpo reads no labels: remove it")
+        if tuple(self.label_columns) != ("label_0", "label_1"):
+            raise UserError(f"label_columns={list(self.label_columns)} names preference labels, and method=selfnpo "
+                            "learns from the model itself without labels: remove label_columns (or train a "
+                            "preference method: dpo, mapo, npo)")
         if self.use_cache:
             raise UserError("use_cache (the preference-pair latent cache) does not apply to method=selfnpo: "
                             "set --use_cache=false")
@@ -402,6 +432,9 @@ class TrainConfig:
     def _validate_run(self) -> None:
         if self.checkpointing_steps < 1:
             raise UserError(f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+        if self.max_consecutive_nonfinite < 1:
+            raise UserError(f"max_consecutive_nonfinite must be >= 1 (stop after that many skipped non-finite "
+                            f"steps in a row), got {self.max_consecutive_nonfinite}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise UserError("checkpoints_total_limit must be >= 1 (or none: keep all), "
                             f"got {self.checkpoints_total_limit}")

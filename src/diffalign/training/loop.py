@@ -7,7 +7,6 @@ process), which is what makes `resume_from_checkpoint: latest` continue exactly.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -16,12 +15,13 @@ from tqdm.auto import tqdm
 
 from ..config_loader import dump_config
 from ..models import lora_disabled
-from .batches import BatchStream, CachedItems, PixelPairs, to_pair_batch
+from .batches import CachedItems, PixelPairs, to_pair_batch
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
+from .guards import StepBoundary, check_disk_for_checkpoints
 from .model_card import write_model_card
-from .setup import start_run
-from .steps import backward_micro_batch, log_step, make_optimizer, optimizer_step
+from .setup import make_stream, start_run
+from .steps import backward_micro_batch, make_optimizer, optimizer_step, trim_metrics, write_train_report
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
@@ -33,9 +33,13 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
 def _load_data(cfg: TrainConfig, family, resolution: int, log):
     from ..data import PairTransform, load_pairs
 
+    if family.is_video:  # pairs of clips (CogVideoX, issue 10): see data/video_pairs.py
+        from ..data.video_pairs import load_video_pairs
+
+        return load_video_pairs(cfg, family)
     pairs = load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
                        image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
-                       strict=cfg.strict_data, max_samples=cfg.max_train_samples)
+                       strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0)
     if cfg.use_cache:
         from ..data import build_cache, fingerprint, open_cache
 
@@ -75,11 +79,13 @@ def train(cfg: TrainConfig) -> Path:
     family.unet.train()
     named = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}
 
-    pairs, items = _load_data(cfg, family, resolution, log)
-    stream = BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world)
+    with accelerator.main_process_first():  # one process builds the latent cache / dataset files, then the rest read them
+        pairs, items = _load_data(cfg, family, resolution, log)
+    stream = make_stream(items, cfg, rank, world, pairs.summary)
 
     optimizer, lr_scheduler = make_optimizer(cfg, list(named.values()), world)
     ema = {n: p.detach().clone().float() for n, p in named.items()} if cfg.use_ema else None
+    check_disk_for_checkpoints(out, list(named.values()), ema=ema is not None, cfg=cfg, log=log)
 
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
     family.unet = unet
@@ -88,12 +94,30 @@ def train(cfg: TrainConfig) -> Path:
                               npo_objective=cfg.npo_objective, ref_unet=ref_unet,
                               disable_adapters=lambda: lora_disabled(base_unet))
 
+    started, counts = time.time(), {"skipped_micro_batches": 0}
+
+    def report(status: str) -> dict:
+        return {"status": status, "steps": step, "seconds": round(time.time() - started, 1), **counts,
+                **boundary.nonfinite.state(), "data": pairs.report()}
+
+    def save(at: int) -> Path:
+        return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                               extra=boundary.checkpoint_extra(**counts), total_limit=cfg.checkpoints_total_limit)
+
+    boundary = StepBoundary(cfg, out=out, accelerator=accelerator, main=main, log=log, what=cfg.method,
+                            hint="lower learning_rate or beta", save=save, report=report)
     step = 0
     resume = resolve_resume(out, cfg.resume_from_checkpoint)
     if resume is not None:
-        step = load_checkpoint(resume, params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema)["global_step"]
+        state = load_checkpoint(resume, params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                                method=cfg.method)
+        step = state["global_step"]
+        boundary.nonfinite.restore(state)
+        counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
         log(f"resumed from {resume} at step {step}")
     if main:
+        trim_metrics(out, step)  # steps after the checkpoint (logged by a killed run) are redone
+        write_train_report(out, report("running"))  # "finished" only once every output is written
         dump_config(cfg, out / "config.yaml")
         accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
                                                       if isinstance(v, (int, float, str, bool))})
@@ -102,42 +126,41 @@ def train(cfg: TrainConfig) -> Path:
 
     ga = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
-    skipped_batches, started = 0, time.time()
-    while step < cfg.max_train_steps:
-        sums: dict[str, float] = {}
-        for micro in range(ga):
-            batch = to_pair_batch(stream.get(step * ga + micro), family, resolution, accelerator.device)
-            if batch is None:
-                skipped_batches += 1
-                continue
-            noise, t = sample_noise_and_t(batch.latents_w.shape, family.num_train_timesteps,
-                                          _step_generator(cfg.seed, step, micro, rank), accelerator.device)
-            backward_micro_batch(accelerator, unet, lambda: recipe(batch, noise, t), micro=micro, ga=ga, step=step,
-                                 sums=sums, what=cfg.method, hint="lower learning_rate or beta", out=out)
-        optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler, cfg.max_grad_norm, sums)
-        if ema is not None:
-            with torch.no_grad():
-                for n, p in named.items():
-                    ema[n].lerp_(p.detach().float(), 1 - cfg.ema_decay)
-        step += 1
-        log_step(accelerator, out, main, step, sums, bar)
-        if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
-            save_checkpoint(out, step, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-                            extra={"method": cfg.method}, total_limit=cfg.checkpoints_total_limit)
-        if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
-            _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
-        accelerator.wait_for_everyone()
+    with boundary.signals:
+        while step < cfg.max_train_steps:
+            sums: dict[str, float] = {}
+            for micro in range(ga):
+                batch = to_pair_batch(stream.get(step * ga + micro), family, resolution, accelerator.device)
+                if batch is None:
+                    counts["skipped_micro_batches"] += 1
+                    continue
+                # Drawn for the global batch with one generator, this process's rows kept: the same weights with
+                # 1 process x batch 2B as with 2 processes x batch B.
+                noise, t = sample_noise_and_t(batch.latents_w.shape, family.num_train_timesteps,
+                                              _step_generator(cfg.seed, step, micro, 0), accelerator.device,
+                                              shard=(rank, world))
+                backward_micro_batch(accelerator, unet, lambda: recipe(batch, noise, t), micro=micro, ga=ga, sums=sums)
+            skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
+                                           cfg.max_grad_norm, sums, stop_requested=boundary.signals.received is not None)
+            if ema is not None and skipped is None:
+                with torch.no_grad():
+                    for n, p in named.items():
+                        ema[n].lerp_(p.detach().float(), 1 - cfg.ema_decay)
+            step += 1
+            boundary.end_step(step, skipped, stop, sums, bar)
+            if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
+                _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
+            accelerator.wait_for_everyone()
     bar.close()
 
     if main:
         family.unet = base_unet
         _save_outputs(cfg, family, named, ema, out)
-        report = {"steps": step, "seconds": round(time.time() - started, 1), "skipped_micro_batches": skipped_batches,
-                  "data": pairs.report()}
-        (out / "train_report.json").write_text(json.dumps(report, indent=2))
         if cfg.validation_prompts:
             _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
         write_model_card(cfg, out, resolution=resolution, family=family.name, data_summary=pairs.summary())
+        write_train_report(out, report("finished"))
+        log(f"data: {pairs.summary()} (counts in train_report.json)")  # rows skipped while training are known now
         log(f"saved to {out}")
     accelerator.end_training()
     return out

@@ -21,7 +21,8 @@ from ..objectives.mapo import mapo_metrics
 
 @dataclass
 class StepResult:
-    """Per-sample losses (the loop reduces) and detached scalar metrics for logging."""
+    """Per-sample losses (the loop reduces) and detached scalar metrics for logging (0-d tensors or floats:
+    the loop keeps them on the device and reads them once per optimizer step, not per micro-batch)."""
 
     losses: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
@@ -99,30 +100,37 @@ class PreferenceRecipe:
         if self.method == "sft":
             x_t = self.family.add_noise(batch.latents_w, noise, t)
             err_w = per_sample_mse(self.family.predict(x_t, t, batch.cond_w), self.family.target(batch.latents_w, noise, t))
-            return StepResult(sft_loss(err_w), {"err_w": err_w.mean().item()})
+            return StepResult(sft_loss(err_w), {"err_w": err_w.detach().mean()})
 
         err_w, err_l = self._errors(batch, noise, t)
         swap = self.method == "npo"
         if self.objective == "dpo":
             ref_w, ref_l = self._reference_errors(batch, noise, t)
             losses = dpo_loss(err_w, err_l, ref_w, ref_l, beta=self.beta, loss_type=self.loss_type, swap=swap)
-            metrics = {k: float(v) for k, v in dpo_metrics(err_w, err_l, ref_w, ref_l, beta=self.beta, swap=swap).items()}
+            metrics = dict(dpo_metrics(err_w, err_l, ref_w, ref_l, beta=self.beta, swap=swap))
         elif self.objective == "mapo":
             w, l = (err_l, err_w) if swap else (err_w, err_l)
             kwargs = {"beta": self.beta} if self.mapo_preset == "paper" else {}
             losses = mapo_loss(w, l, preset=self.mapo_preset, **kwargs)
-            metrics = {k: float(v) for k, v in mapo_metrics(w, l, preset=self.mapo_preset, **kwargs).items()}
+            metrics = dict(mapo_metrics(w, l, preset=self.mapo_preset, **kwargs))
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
-        metrics.setdefault("err_w", err_w.mean().item())
-        metrics.setdefault("err_l", err_l.mean().item())
+        metrics.setdefault("err_w", err_w.detach().mean())
+        metrics.setdefault("err_l", err_l.detach().mean())
         return StepResult(losses, metrics)
 
 
-def sample_noise_and_t(shape, num_train_timesteps: int, generator: torch.Generator, device) -> tuple[Tensor, Tensor]:
-    """One noise and one timestep per pair, from a generator the loop seeds per step (exact resume)."""
-    noise = torch.randn(shape, generator=generator).to(device)
-    t = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator).to(device)
+def sample_noise_and_t(shape, num_train_timesteps: int, generator: torch.Generator, device,
+                       shard: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor]:
+    """One noise and one timestep per pair, from a generator the loop seeds per step (exact resume).
+
+    `shard = (rank, world)`: the draw covers the GLOBAL batch (world x shape[0] pairs, the same generator on
+    every process) and this process keeps rows rank::world, the rows `BatchStream` gives it; so a pair gets the
+    same noise and t whatever the number of processes.
+    """
+    rank, world = shard
+    noise = torch.randn((shape[0] * world, *shape[1:]), generator=generator)[rank::world].to(device)
+    t = torch.randint(0, num_train_timesteps, (shape[0] * world,), generator=generator)[rank::world].to(device)
     return noise, t
 
 

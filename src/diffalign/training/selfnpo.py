@@ -149,14 +149,17 @@ class TeacherResult:
 class SelfNPORecipe:
     """Turns a :class:`SelfNPOBatch` and a seeded generator into per-sample Self-NPO losses.
 
-    ``latent_shape`` is the per-sample latent shape (C, H, W) for ``start="noise"``. All randomness is drawn
+    ``latent_shape`` is the per-sample latent shape for ``start="noise"``: (C, H, W), or (F', C, H', W') for video
+    (``family.latent_shape()``; every tensor op here works on any ``[B, ...]``). All randomness is drawn
     from the generator, in a fixed order (start indices, start noise, s, re-noising noise), so the loop's
-    (seed, step) generator makes a resumed run identical.
+    (seed, step) generator makes a resumed run identical. ``shard = (rank, world)``: every draw covers the
+    global batch (world x B samples, the same generator on every process) and this process keeps rows
+    rank::world (the rows ``BatchStream`` gives it), so a sample's draws do not depend on the process count.
     """
 
     def __init__(self, family, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
                  grid_steps: int = 25, teacher_steps: int = 5, loss: str = "pseudo_huber", huber_c: float = 1e-3,
-                 latent_shape: Optional[tuple[int, ...]] = None):
+                 latent_shape: Optional[tuple[int, ...]] = None, shard: tuple[int, int] = (0, 1)):
         if start not in START_MODES:
             raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
         if loss not in SELFNPO_LOSSES:
@@ -165,11 +168,18 @@ class SelfNPORecipe:
             raise ValueError(f"need teacher_steps >= 1 and grid_steps >= teacher_steps + 1, got K={teacher_steps}, "
                              f"N={grid_steps}")
         if start == "noise" and latent_shape is None:
-            raise ValueError("start='noise' needs latent_shape (C, H, W)")
+            raise ValueError("start='noise' needs latent_shape (C, H, W), or (F', C, H', W') for video")
         self.family, self.teacher = family, teacher
         self.start, self.guidance, self.K = start, float(guidance), int(teacher_steps)
         self.loss, self.huber_c, self.latent_shape = loss, float(huber_c), latent_shape
         self.grid = ddim_grid(family.num_train_timesteps, grid_steps)
+        self.shard = shard
+
+    def _draw(self, fn, n: int, *args, generator: torch.Generator, **kwargs) -> Tensor:
+        """``fn(..., (n, ...))`` drawn for the global batch, this process's rows (see ``shard``)."""
+        rank, world = self.shard
+        *lead, shape = args
+        return fn(*lead, (n * world, *shape), generator=generator, **kwargs)[rank::world]
 
     # ------------------------------------------------------------------------------------------ teacher
     def _coeffs(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,18 +209,18 @@ class SelfNPORecipe:
         """Steps 1-3 of the module docstring: the teacher's state ``x_t``, its ``t`` and x0 target."""
         B, K, grid = batch.size, self.K, self.grid
         device = self.family.device
-        i = torch.randint(0, len(grid) - K, (B,), generator=generator)
+        i = self._draw(torch.randint, B, 0, len(grid) - K, (), generator=generator)
         end = i + K
         if self.start == "images":
             if batch.latents is None:
                 raise ValueError("start='images' needs batch.latents")
             x0 = batch.latents.float()
-            noise = torch.randn(x0.shape, generator=generator).to(device)
+            noise = self._draw(torch.randn, B, x0.shape[1:], generator=generator).to(device)
             a, s = self._coeffs(grid[i], x0)
             x = a * x0.to(device) + s * noise
             pos = i.clone()
         else:
-            x = torch.randn((B, *self.latent_shape), generator=generator).to(device)
+            x = self._draw(torch.randn, B, self.latent_shape, generator=generator).to(device)
             pos = torch.zeros(B, dtype=torch.long)
         x_t, target = torch.empty_like(x), torch.empty_like(x)
         calls = 0
@@ -243,9 +253,9 @@ class SelfNPORecipe:
         teacher = self.teacher_target(batch, generator)
         B, T = batch.size, family.num_train_timesteps
         t = teacher.t.cpu()
-        u = torch.rand(B, generator=generator, dtype=torch.float64)
+        u = self._draw(torch.rand, B, (), generator=generator, dtype=torch.float64)
         s = torch.minimum(t + 1 + (u * (T - 1 - t)).long(), torch.tensor(T - 1))  # U{t+1..T-1}
-        z = torch.randn(teacher.x_t.shape, generator=generator).to(teacher.x_t.device)
+        z = self._draw(torch.randn, B, teacher.x_t.shape[1:], generator=generator).to(teacher.x_t.device)
         s = s.to(teacher.x_t.device)
         x_s = renoise(teacher.x_t, teacher.t, s, family.alphas_cumprod, z)
         x_s = x_s.to(family.dtype)
@@ -255,12 +265,12 @@ class SelfNPORecipe:
             losses = pseudo_huber(x0_pred, teacher.target, c=self.huber_c)
         else:
             losses = per_sample_mse(x0_pred, teacher.target)
-        metrics = {
-            "t": teacher.t.float().mean().item(),
-            "s": s.float().mean().item(),
-            "t_start": teacher.t_start.float().mean().item(),
+        metrics = {  # on the device: the loop reads them once per optimizer step
+            "t": teacher.t.float().mean(),
+            "s": s.float().mean(),
+            "t_start": teacher.t_start.float().mean(),
             "teacher_calls": float(teacher.calls),
-            "x0_l2": per_sample_mse(x0_pred.detach(), teacher.target).mean().item(),
+            "x0_l2": per_sample_mse(x0_pred.detach(), teacher.target).mean(),
         }
         return StepResult(losses, metrics)
 

@@ -9,7 +9,6 @@ or its UNet (``unet/``), meant for the negative branch of classifier-free guidan
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from tqdm.auto import tqdm
 
 from ..config_loader import dump_config
 from ..errors import UserError
-from .setup import start_run
-from .steps import backward_micro_batch, log_step, make_optimizer, optimizer_step
-from .batches import BatchStream
+from .setup import make_stream, start_run
+from .steps import backward_micro_batch, make_optimizer, optimizer_step, trim_metrics, write_train_report
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .guards import StepBoundary, check_disk_for_checkpoints
 from .config import TrainConfig
 from .loop import _step_generator, _validate
 from .selfnpo import EmaTeacher, SelfNPOBatch, SelfNPORecipe
@@ -113,22 +112,37 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
     # Initialised at the base model: a zero-B LoRA, or a copy of the not-yet-trained UNet.
     teacher = EmaTeacher(family.unet, named, cfg.teacher_ema_decay, separate_copy=not lora)
 
-    items, data, data_summary = _load_data(cfg, resolution)
-    stream = BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world)
+    with accelerator.main_process_first():  # dataset files are prepared once, then read by the others
+        items, data, data_summary = _load_data(cfg, resolution)
+    stream = make_stream(items, cfg, rank, world, lambda: data_summary)
     with torch.no_grad():
         uncond1 = family.unconditional(1)
 
     optimizer, lr_scheduler = make_optimizer(cfg, list(named.values()), world)
+    check_disk_for_checkpoints(out, list(named.values()), ema=True, cfg=cfg, log=log)  # the teacher is saved too
 
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
     family.unet = unet
     base_unet = accelerator.unwrap_model(unet)
-    latent_side = resolution // family.vae_scale_factor
     recipe = SelfNPORecipe(family, teacher, start=cfg.selfnpo_start, guidance=cfg.teacher_guidance,
                            grid_steps=cfg.ddim_grid, teacher_steps=cfg.teacher_steps, loss=cfg.selfnpo_loss,
                            huber_c=cfg.huber_c,
-                           latent_shape=(base_unet.config.in_channels, latent_side, latent_side))
+                           latent_shape=family.latent_shape(cfg.resolution),  # video: (F', C, H', W')
+                           shard=(rank, world))  # draws cover the global batch: same weights on any process count
 
+    started, counts = time.time(), {"skipped_micro_batches": 0}
+
+    def report(status: str) -> dict:
+        return {"status": status, "steps": step, "seconds": round(time.time() - started, 1), **counts,
+                **boundary.nonfinite.state(), "data": data if isinstance(data, dict) else data.report()}
+
+    def save(at: int) -> Path:
+        return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                               ema=teacher.state_dict(), extra=boundary.checkpoint_extra(**counts),
+                               total_limit=cfg.checkpoints_total_limit)
+
+    boundary = StepBoundary(cfg, out=out, accelerator=accelerator, main=main, log=log, what="selfnpo",
+                            hint="lower learning_rate", save=save, report=report)
     step = 0
     resume = resolve_resume(out, cfg.resume_from_checkpoint)
     if resume is not None:
@@ -136,10 +150,14 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
             raise UserError(f"checkpoint '{resume}' has no teacher EMA (ema.safetensors): it was not written by a "
                             "selfnpo run")
         state = load_checkpoint(resume, params=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                ema=teacher.state_dict())
+                                ema=teacher.state_dict(), method="selfnpo")
         step = state["global_step"]
+        boundary.nonfinite.restore(state)
+        counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
         log(f"resumed from {resume} at step {step}")
     if main:
+        trim_metrics(out, step)  # steps after the checkpoint (logged by a killed run) are redone
+        write_train_report(out, report("running"))  # "finished" only once every output is written
         dump_config(cfg, out / "config.yaml")
         accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
                                                       if isinstance(v, (int, float, str, bool))})
@@ -149,30 +167,27 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
 
     ga = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train selfnpo", unit="step", disable=not main)
-    skipped_batches, started = 0, time.time()
-    while step < cfg.max_train_steps:
-        sums: dict[str, float] = {}
-        for micro in range(ga):
-            gen = _step_generator(cfg.seed, step, micro, rank)
-            with torch.no_grad():
-                batch = make_batch(stream.get(step * ga + micro), family, resolution, uncond1,
-                                   with_latents=cfg.selfnpo_start == "images")
-            if batch is None:
-                skipped_batches += 1
-                continue
-            backward_micro_batch(accelerator, unet, lambda: recipe(batch, gen), micro=micro, ga=ga, step=step,
-                                 sums=sums, what="selfnpo", hint="lower learning_rate", out=out)
-        optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler, cfg.max_grad_norm, sums)
-        teacher.update(named)
-        step += 1
-        log_step(accelerator, out, main, step, sums, bar)
-        if main and cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
-            save_checkpoint(out, step, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                            ema=teacher.state_dict(), extra={"method": "selfnpo"},
-                            total_limit=cfg.checkpoints_total_limit)
-        if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
-            _validate(cfg, family, base_unet, None, out, step, accelerator)
-        accelerator.wait_for_everyone()
+    with boundary.signals:
+        while step < cfg.max_train_steps:
+            sums: dict[str, float] = {}
+            for micro in range(ga):
+                gen = _step_generator(cfg.seed, step, micro, 0)  # one generator on every process (see shard)
+                with torch.no_grad():
+                    batch = make_batch(stream.get(step * ga + micro), family, resolution, uncond1,
+                                       with_latents=cfg.selfnpo_start == "images")
+                if batch is None:
+                    counts["skipped_micro_batches"] += 1
+                    continue
+                backward_micro_batch(accelerator, unet, lambda: recipe(batch, gen), micro=micro, ga=ga, sums=sums)
+            skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
+                                           cfg.max_grad_norm, sums, stop_requested=boundary.signals.received is not None)
+            if skipped is None:  # a skipped update leaves the teacher where it was too
+                teacher.update(named)
+            step += 1
+            boundary.end_step(step, skipped, stop, sums, bar)
+            if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
+                _validate(cfg, family, base_unet, None, out, step, accelerator)
+            accelerator.wait_for_everyone()
     bar.close()
 
     if main:
@@ -181,12 +196,10 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
             family.save_lora(out)
         else:
             base_unet.save_pretrained(out / "unet")
-        report = {"steps": step, "seconds": round(time.time() - started, 1), "skipped_micro_batches": skipped_batches,
-                  "data": data if isinstance(data, dict) else data.report()}
-        (out / "train_report.json").write_text(json.dumps(report, indent=2))
         if cfg.validation_prompts:
             _validate(cfg, family, base_unet, None, out, step, accelerator)
         write_selfnpo_model_card(cfg, out, resolution=resolution, family=family.name, data_summary=data_summary)
+        write_train_report(out, report("finished"))
         log(f"saved to {out}")
     accelerator.end_training()
     return out

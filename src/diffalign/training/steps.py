@@ -1,10 +1,12 @@
 """The parts of one optimizer step that every training loop shares: a micro-batch's forward and backward
-(DDP sync only on the last micro-batch, NaN stop), the optimizer update, and logging the step."""
+(DDP sync only on the last micro-batch), the optimizer update (skipped on a non-finite loss or gradient, see
+guards.py), and logging the step."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -34,33 +36,69 @@ def make_optimizer(cfg, params: list, num_processes: int):
     return optimizer, lr_scheduler
 
 
-def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga: int, step: int, sums: dict,
-                         what: str, hint: str, out: Path):
+def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga: int, sums: dict):
     """Run `forward()` (-> StepResult) for micro-batch `micro` of `ga`, backpropagate loss/ga, add to `sums`."""
     # DDP: gradients are all-reduced only on the last micro-batch of an optimizer step.
     with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
         with accelerator.autocast():
             result = forward()
             loss = result.losses.mean()
-        if not torch.isfinite(loss):
-            raise UserError(f"the {what} loss became {loss.item()} at step {step} (micro-batch {micro}); {hint}, "
-                            f"or train in full precision (mixed_precision=no); the last good checkpoint is in {out}")
         accelerator.backward(loss / ga)
-    sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga
+    # Summed on the device: a .item() per micro-batch would stall a GPU's queue every time (issue 8).
+    sums["loss"] = sums.get("loss", 0.0) + loss.detach() / ga
     for k, v in result.metrics.items():
-        sums[k] = sums.get(k, 0.0) + v / ga
+        sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / ga
+    if micro == ga - 1:
+        # A non-finite loss is not raised here: optimizer_step skips the update. It reads the loss averaged
+        # over processes, so every process decides the same (guards.py).
+        sums_to_host(accelerator, sums)
     return result
 
 
-def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict) -> None:
-    """Clip, step, schedule, zero; records lr and grad_norm in `sums`."""
+def sums_to_host(accelerator, sums: dict) -> None:
+    """Replace the step's sums (device tensors or floats) by floats averaged over all processes, in place:
+    one host sync and one all-reduce per optimizer step, so the logged loss is the global batch's."""
+    keys = sorted(sums)
+    if not keys:
+        return
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).to(accelerator.device).reshape(())
+                          for k in keys])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    sums.update(zip(keys, values.tolist()))
+
+
+def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict,
+                   stop_requested: bool = False) -> tuple[str | None, bool]:
+    """Clip, step, schedule, zero; records lr and grad_norm in `sums`.
+
+    Returns (skipped, stop): `skipped` is None, "loss" or "gradient" when a non-finite value made this update
+    be skipped (weights, optimizer state and LR schedule untouched), or "fp16_overflow" for GradScaler's own
+    skip; `stop` is `stop_requested` agreed over all processes (a signal reached any of them).
+    """
+    from .guards import agree, grads_finite
+
+    if any(torch.is_tensor(v) for v in sums.values()):  # the last micro-batch was skipped (no usable rows)
+        sums_to_host(accelerator, sums)
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
-    optimizer.step()
-    lr_scheduler.step()
+    grad_bad = not math.isfinite(float(grad_norm)) if grad_norm is not None else not grads_finite(params)
+    loss_bad = not math.isfinite(sums.get("loss", 0.0))  # already averaged over processes: the same everywhere
+    grad_bad, stop = agree(accelerator, grad_bad, stop_requested)
+    skipped = "loss" if loss_bad else "gradient" if grad_bad else None
+    if getattr(accelerator, "scaler", None) is not None and skipped:
+        # fp16: GradScaler must see every step (it skips inf/nan gradients itself and lowers its scale).
+        if not grad_bad:
+            optimizer.zero_grad(set_to_none=True)  # a bad loss with finite gradients: give AdamW nothing to apply
+        optimizer.step()
+        skipped = "loss" if loss_bad else "fp16_overflow"
+    elif skipped is None:
+        optimizer.step()
+        lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     sums["lr"] = lr_scheduler.get_last_lr()[0]
     if grad_norm is not None:
         sums["grad_norm"] = float(grad_norm)
+    return skipped, stop
 
 
 def log_step(accelerator, out: Path, main: bool, step: int, sums: dict, bar) -> None:
@@ -68,6 +106,32 @@ def log_step(accelerator, out: Path, main: bool, step: int, sums: dict, bar) -> 
     accelerator.log(sums, step=step)
     if main:
         with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in sums.items()}}) + "\n")
+            # NaN/inf are not JSON: a skipped step logs null for them.
+            values = {k: round(v, 6) if math.isfinite(v) else None for k, v in sums.items()}
+            f.write(json.dumps({"step": step, **values}) + "\n")
     bar.update(1)
     bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """Keep only whole metrics.jsonl lines of steps <= `step` (the step a run starts or resumes at): a killed run
+    may have logged steps after its last checkpoint, or half a line; those steps are about to be redone."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # the torn last line of a killed run
+    from ..fsutil import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def write_train_report(out: Path, report: dict) -> None:
+    from ..fsutil import atomic_write_text
+
+    atomic_write_text(Path(out) / "train_report.json", json.dumps(report, indent=2))
