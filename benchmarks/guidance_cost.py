@@ -9,7 +9,7 @@ Repetitions go round-robin with the order rotated each round, so machine-load dr
 to `cfg`, per round, then the median. LoRAs are random (rank `--rank`, B ~ 0.1 N(0,1)): cost does not depend
 on their values.
 
-Run: HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_cost.py [--batch 4 --steps 20 --reps 5]
+Run: HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_cost.py [--quick] [--batch 4 --steps 20 --reps 5]
 """
 
 from __future__ import annotations
@@ -69,43 +69,73 @@ def run(pipe, batch: int, steps: int) -> float:
     return (time.perf_counter() - start) / batch
 
 
-def main() -> int:
-    from diffalign.toy.paths import toy_model_path
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="SD pipeline folder (default: the toy model)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--rank", type=int, default=8)
-    args = ap.parse_args()
-    model = str(args.model or toy_model_path())
+def measure(model: str, batch: int, steps: int, reps: int, rank: int) -> dict:
+    """Per-image times of every configuration, round-robin; returns {"times", "calls"}."""
     names = ["cfg", "cfg+lora", "npo-fast", "npo-2call"]
     with tempfile.TemporaryDirectory() as tmp:
-        pos = make_lora(model, Path(tmp) / "pos", args.rank, 1)
-        neg = make_lora(model, Path(tmp) / "neg", args.rank, 2)
+        pos = make_lora(model, Path(tmp) / "pos", rank, 1)
+        neg = make_lora(model, Path(tmp) / "neg", rank, 2)
         pipes = {n: build(model, n, pos, neg) for n in names}
     calls = {}
     for n, pipe in pipes.items():
         count = [0]
         handles = [m.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in unet_modules(pipe)]
-        run(pipe, args.batch, 2)  # warm-up, and UNet calls per step
+        run(pipe, batch, 2)  # warm-up, and UNet calls per step
         for h in handles:
             h.remove()
         calls[n] = count[0] / 2
     times = {n: [] for n in names}
-    for r in range(args.reps):
+    for r in range(reps):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            times[n].append(run(pipes[n], args.batch, args.steps))
-        print(f"round {r + 1}/{args.reps} done", file=sys.stderr, flush=True)
+            times[n].append(run(pipes[n], batch, steps))
+        print(f"round {r + 1}/{reps} done", file=sys.stderr, flush=True)
+    return {"times": times, "calls": calls}
+
+
+def ratio(times: dict, a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def table(res: dict) -> str:
+    times = res["times"]
+    lines = ["| configuration | UNet calls / step | s / image (median) | ratio to plain CFG (median of rounds) |",
+             "|---|---|---|---|"]
+    for n in times:
+        lines.append(f"| {n} | {res['calls'][n]:g} | {statistics.median(times[n]):.4f} | {ratio(times, n, 'cfg'):.2f} |")
+    return "\n".join(lines)
+
+
+def target_rows(res: dict) -> list[tuple[str, float, float]]:
+    """(claim, measured, limit): NPO-guided sampling against plain CFG, per image."""
+    t = res["times"]
+    return [("NPO-guided sampling (fast path) / plain CFG of the base model, per image", ratio(t, "npo-fast", "cfg"), 1.15),
+            ("NPO-guided sampling (fast path) / plain CFG with the same positive LoRA, per image",
+             ratio(t, "npo-fast", "cfg+lora"), 1.15)]
+
+
+def add_args(ap: argparse.ArgumentParser, quick: bool = False) -> None:
+    ap.add_argument("--model", default=None, help="SD pipeline folder (default: the toy model)")
+    ap.add_argument("--batch", type=int, default=2 if quick else 4)
+    ap.add_argument("--steps", type=int, default=10 if quick else 20)
+    ap.add_argument("--reps", type=int, default=3 if quick else 5)
+    ap.add_argument("--rank", type=int, default=8)
+
+
+def main() -> int:
+    from diffalign.toy.paths import toy_model_path
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller batch, fewer steps and rounds (rough figures)")
+    add_args(ap, "--quick" in sys.argv)
+    args = ap.parse_args()
+    model = str(args.model or toy_model_path())
+    res = measure(model, args.batch, args.steps, args.reps, args.rank)
     print(f"model={model} batch={args.batch} steps={args.steps} reps={args.reps} rank={args.rank} "
           f"torch_threads={torch.get_num_threads()}")
-    print("| configuration | UNet calls / step | s / image (median) | ratio to plain CFG (median of rounds) |")
-    print("|---|---|---|---|")
-    for n in names:
-        ratio = statistics.median(t / c for t, c in zip(times[n], times["cfg"]))
-        print(f"| {n} | {calls[n]:g} | {statistics.median(times[n]):.4f} | {ratio:.2f} |")
+    print(table(res))
+    for claim, value, limit in target_rows(res):
+        print(f"{'PASS' if value <= limit else 'MISS'}  {claim}: {value:.2f}x (target <= {limit:.2f}x)")
     return 0
 
 

@@ -5,7 +5,7 @@ backward, AdamW; for Self-NPO the teacher's K DDIM steps plus its x0 estimate (n
 backward, AdamW, the EMA update. Steps alternate DPO / Self-NPO (images) / Self-NPO (noise) round by round so
 load drift hits all alike. UNet forward calls per step are counted too.
 
-Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/selfnpo_cost.py [--batch 8 --reps 10 --threads 1]
+Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/selfnpo_cost.py [--quick] [--batch 8 --reps 10 --threads 1]
 """
 
 from __future__ import annotations
@@ -61,35 +61,50 @@ def setup(kind: str, batch: int):
     return family, full_step
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(batch: int, reps: int, warmup: int) -> dict:
     kinds = ["dpo", "selfnpo-images", "selfnpo-noise"]
-    setups = {k: setup(k, args.batch) for k in kinds}
+    setups = {k: setup(k, batch) for k in kinds}
     calls, times = {}, {k: [] for k in kinds}
     for k, (family, fn) in setups.items():
-        for i in range(args.warmup):
+        for i in range(warmup):
             with count_unet_calls(family.unet) as c:
                 fn(torch.Generator().manual_seed(i))
             calls[k] = c["calls"]
-    for r in range(args.reps):
+    for r in range(reps):
         order = kinds[r % 3:] + kinds[: r % 3]
         for k in order:
             t0 = time.perf_counter()
             setups[k][1](torch.Generator().manual_seed(100 + r))
             times[k].append(time.perf_counter() - t0)
+    return {"times": times, "calls": calls}
+
+
+def table(res: dict) -> str:
+    times, calls = res["times"], res["calls"]
     base = statistics.mean(times["dpo"])
+    lines = ["| step | UNet calls/step | s/step mean (sd) | time vs DPO |", "|---|---|---|---|"]
+    for k in times:
+        m, sd = statistics.mean(times[k]), statistics.stdev(times[k]) if len(times[k]) > 1 else 0.0
+        lines.append(f"| {k} | {calls[k]} | {m:.3f} ({sd:.3f}) | {m / base:.2f}x |")
+    return "\n".join(lines)
+
+
+def add_args(ap: argparse.ArgumentParser, quick: bool = False) -> None:
+    ap.add_argument("--batch", type=int, default=4 if quick else 8)
+    ap.add_argument("--reps", type=int, default=3 if quick else 10)
+    ap.add_argument("--warmup", type=int, default=1 if quick else 2)
+    ap.add_argument("--threads", type=int, default=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller batch and fewer rounds (rough figures)")
+    add_args(ap, "--quick" in __import__("sys").argv)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    res = measure(args.batch, args.reps, args.warmup)
     print(f"batch {args.batch}, {args.reps} interleaved rounds, {args.threads} thread(s), toy model, LoRA rank 8\n")
-    print("| step | UNet calls/step | s/step mean (sd) | time vs DPO |")
-    print("|---|---|---|---|")
-    for k in kinds:
-        m, sd = statistics.mean(times[k]), statistics.stdev(times[k])
-        print(f"| {k} | {calls[k]} | {m:.3f} ({sd:.3f}) | {m / base:.2f}x |")
+    print(table(res))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ from .errors import UserError
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="sample a pipeline into a folder of PNGs and a manifest.jsonl")
+    p = sub.add_parser("generate", help="sample a pipeline into a folder of PNGs and a manifest.jsonl",
+                       description="Under `accelerate launch` / torchrun the prompts are shared out between the "
+                                   "processes and one manifest.jsonl is written. Re-running into the same --out "
+                                   "makes only the images still missing.")
     p.add_argument("--model", required=True, help="pipeline folder or hub id; 'toy' for the shipped toy model")
     p.add_argument("--vae", default=None, help="optional separate VAE folder or hub id")
     p.add_argument("--lora", default=None, help="a LoRA folder or .safetensors file for pipe.load_lora_weights")
@@ -36,11 +39,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--npo-alpha", type=float, default=1.0,
                    help="weight of the positive offset (--lora) in the negative model base + alpha*eta + beta*delta")
     p.add_argument("--npo-beta", type=float, default=1.0, help="weight of the negative offset delta (--negative-model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images of other settings already in --out (without it: an error; images of the "
+                        "same settings are always kept and only missing ones are made)")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
     from .generation import GenerationSettings, generate_to_folder, read_prompts
+    from .generation.sample import accelerate_processes
     from .fsutil import ensure_writable_dir
     from .models import load_lora_into_pipeline, load_pipeline
     from .toy.paths import resolve_model
@@ -52,7 +59,8 @@ def cmd_generate(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     ensure_writable_dir(args.out)
-    pipe = load_pipeline(resolve_model(args.model), vae_path=args.vae)
+    processes = accelerate_processes()  # one, or the processes of `accelerate launch` / torchrun
+    pipe = load_pipeline(resolve_model(args.model), vae_path=args.vae, device=processes.device)
     npo_record = {}
     if args.negative_model:
         from .guidance import attach_negative_guidance
@@ -75,8 +83,10 @@ def cmd_generate(args) -> int:
         negative_prompt=args.negative_prompt,
         extra={"model": args.model, "lora": args.lora, "vae": args.vae, **npo_record},
     )
-    rows = generate_to_folder(pipe, prompts, args.out, settings)
-    print(f"wrote {len(rows)} images and manifest.jsonl to {args.out}")
+    rows = generate_to_folder(pipe, prompts, args.out, settings, overwrite=args.overwrite, processes=processes)
+    if processes.is_main:
+        print(f"wrote {len(rows)} images and manifest.jsonl to {args.out}"
+              + (f" ({processes.count} processes)" if processes.count > 1 else ""))
     return 0
 
 
@@ -189,16 +199,15 @@ def cmd_toy_fidelity(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the toy world end to end on CPU (today: generation and judge fidelity)")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--repeats", type=int, default=4, help="samples of each of the 24 test prompts per guidance scale")
+    p = sub.add_parser("demo", help="the whole loop on the toy model: pairs, MaPO/DPO, Self-NPO, guidance, report")
+    p.add_argument("--out", default="demo_out", help="output folder; finished stages in it are reused")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, repeats=args.repeats)
+    run_demo(args.out)
     return 0
 
 
@@ -317,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_extract_lora(sub)
     _add_export_negative(sub)
+    import importlib
+
+    from .commands import COMMANDS
+
+    for name in COMMANDS:
+        importlib.import_module(f".commands.{name}", __package__).add_parser(sub)
     return parser
 
 
