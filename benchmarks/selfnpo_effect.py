@@ -30,12 +30,26 @@ def correct(judge, images, prompts) -> torch.Tensor:
     return (d["shape_correct"] * d["colour_correct"]).float()
 
 
+def clarity(judge, images) -> torch.Tensor:
+    """Secondary measure (added after the fidelity result): how clearly an image shows *some* valid scene,
+    whatever the prompt asked: the judge's top probability averaged over shape, colour, size and style (the
+    toy reward's score for the empty prompt). A stand-in for the papers' quality rewards."""
+    return judge.score(images, [""] * len(images))
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
+    diff = b - a
+    return {"plain": a.mean().item(), "selfnpo": b.mean().item(), "diff": diff.mean().item(),
+            "diff_se": (diff.std() / len(diff) ** 0.5).item()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--negative", required=True, help="the Self-NPO output (LoRA folder or UNet folder)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--guidance", default="3,7.5")
     ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="image i is seeded with seed + i (0 in the first runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     judge = get_reward("toy")
@@ -43,17 +57,24 @@ def main():
     rows = []
     for g in (float(x) for x in args.guidance.split(",")):
         base = load_pipeline(str(toy_model_path()))
-        plain = correct(judge, sample_images(base, prompts, g), prompts)
+        plain_images = sample_images(base, prompts, g, seed=args.seed)
         attach_negative_guidance(base, negative=args.negative, alpha=0.0, beta=args.beta)
-        guided = correct(judge, sample_images(base, prompts, g), prompts)
-        diff = guided - plain
-        rows.append({"guidance": g, "n": len(prompts), "plain": plain.mean().item(), "selfnpo": guided.mean().item(),
-                     "diff": diff.mean().item(), "diff_se": (diff.std() / len(diff) ** 0.5).item()})
+        guided_images = sample_images(base, prompts, g, seed=args.seed)
+        row = {"guidance": g, "n": len(prompts), **paired(correct(judge, plain_images, prompts),
+                                                          correct(judge, guided_images, prompts))}
+        row["clarity"] = paired(clarity(judge, plain_images), clarity(judge, guided_images))
+        rows.append(row)
     print("| guidance | n | plain CFG | + Self-NPO negative | difference (paired s.e.) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['guidance']:g} | {r['n']} | {100 * r['plain']:.1f}% | {100 * r['selfnpo']:.1f}% | "
               f"{100 * r['diff']:+.1f} ± {100 * r['diff_se']:.1f} |")
+    print("\nclarity (judge's top probability, mean over attributes; secondary):")
+    print("| guidance | plain CFG | + Self-NPO negative | difference (paired s.e.) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        c = r["clarity"]
+        print(f"| {r['guidance']:g} | {c['plain']:.3f} | {c['selfnpo']:.3f} | {c['diff']:+.3f} ± {c['diff_se']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -44,7 +44,7 @@ class Offset:
 
 
 def _unet_folder(path: Path) -> tuple[str, str | None] | None:
-    """(folder, subfolder) when `path` is a UNet folder or a pipeline folder with a `unet/`, else None."""
+    """(folder, subfolder) when `path` is a UNet folder or a folder with a `unet/` (pipeline or run), else None."""
     cfg = path / "config.json"
     if cfg.is_file():
         try:
@@ -53,7 +53,8 @@ def _unet_folder(path: Path) -> tuple[str, str | None] | None:
             name = ""
         if "UNet" in name or "Transformer" in name:
             return str(path), None
-    if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
+    # A pipeline folder, or the output folder of a full fine-tune by `diffalign train` (weights in unet/).
+    if (path / "unet" / "config.json").is_file():
         return str(path), "unet"
     return None
 
