@@ -222,6 +222,11 @@ def _cfg_probe(pipe):
     return active
 
 
+def _is_video_pipeline(pipe) -> bool:
+    """A pipeline whose denoiser is `transformer` (CogVideoX), not `unet`."""
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
 def _set_unet(pipe, unet) -> None:
     # Bypass DiffusionPipeline.__setattr__: the wrapper is not a diffusers component to record in the config.
     object.__setattr__(pipe, "unet", unet)
@@ -245,6 +250,10 @@ def attach_negative_guidance(
     """
     from ..models.lora import load_lora_into_pipeline
 
+    if _is_video_pipeline(pipe):  # CogVideoX: a transformer called with keywords, see guidance/video.py
+        from .video import attach_video_negative_guidance
+
+        return attach_video_negative_guidance(pipe, negative, positive, alpha, beta, force_two_calls)
     if isinstance(pipe.unet, NegativeGuidedUNet):
         raise UserError("negative guidance is already attached to this pipeline; detach it first")
     if getattr(pipe.unet, "peft_config", None):
@@ -303,6 +312,10 @@ def attach_negative_guidance(
 
 def detach_negative_guidance(pipe) -> None:
     """Restore the pipeline's own UNet; the adapters added for guidance are removed."""
+    if _is_video_pipeline(pipe):
+        from .video import detach_video_negative_guidance
+
+        return detach_video_negative_guidance(pipe)
     wrapper = pipe.unet
     if not isinstance(wrapper, NegativeGuidedUNet):
         return
