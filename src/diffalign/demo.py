@@ -206,13 +206,11 @@ def build_stages(out: Path) -> list[Stage]:
 
 
 def run_demo(out_dir: str | Path = "demo_out") -> dict:
-    import torch
     from transformers.utils import logging as hf_logging
 
     # The toy pipeline has no image processor worth a warning ("requires torchvision"): keep the output readable.
     hf_logging.set_verbosity_error()
     out = ensure_writable_dir(out_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     summaries = run_stages(build_stages(out), out)
     total = time.perf_counter() - start
