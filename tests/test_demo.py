@@ -61,4 +61,7 @@ def test_demo_plan_holds_out_its_evaluation_prompts(tmp_path):
     stages = build_stages(tmp_path)
     assert [s.name for s in stages] == ["pairs", "mapo", "dpo", "selfnpo", "samples", "report"]
     assert set(MODELS) == {"base", "base+selfnpo", "mapo", "mapo+selfnpo", "dpo"}
-    assert REWARDS[0] == "toy:term=shape_colour_correct"
+    from diffalign.evaluation import get_reward
+
+    assert [get_reward(spec).name for spec in REWARDS] == [  # every spec the report uses builds
+        "toy:shape_colour_correct", "toy", "toy:clarity", "toy:style_striped"]

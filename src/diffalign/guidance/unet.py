@@ -116,21 +116,17 @@ def _split(value, n: int, part: slice):
     return value
 
 
-class NegativeGuidedUNet(torch.nn.Module):
-    """Looks like the pipeline's UNet; predicts the first half of a CFG batch with the negative model.
+class GuidedDenoiser(torch.nn.Module):
+    """What every negative-guidance wrapper shares: a positive model (with adapters on the fast path), an
+    optional merged negative model (slow path), and attribute look-ups that fall through to the positive model
+    so the pipeline sees its own UNet / transformer (config, dtype, device, ...)."""
 
-    Fast path: `negative is None`, `positive` carries both adapters, one call with a mixed adapter batch.
-    Slow path: `negative` is a second UNet; the batch is split and each half goes to its own UNet (two calls).
-    Batches that are not CFG batches (guidance off, as `cfg_active()` reports) go to the positive model only.
-    """
-
-    def __init__(self, positive, negative=None, pos_adapter: str = BASE, neg_adapter: str = NEG_ADAPTER, cfg_active=None):
+    def __init__(self, positive, negative=None, pos_adapter: str = BASE, neg_adapter: str = NEG_ADAPTER):
         super().__init__()
         self.positive = positive
         self.negative = negative
         self.pos_adapter = pos_adapter
         self.neg_adapter = neg_adapter
-        self._cfg_active = cfg_active
 
     @property
     def fast(self) -> bool:
@@ -147,8 +143,21 @@ class NegativeGuidedUNet(torch.nn.Module):
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
-        except AttributeError:
+        except AttributeError:  # config, cache_context, ... of the real model
             return getattr(self._modules["positive"], name)
+
+
+class NegativeGuidedUNet(GuidedDenoiser):
+    """Looks like the pipeline's UNet; predicts the first half of a CFG batch with the negative model.
+
+    Fast path: `negative is None`, `positive` carries both adapters, one call with a mixed adapter batch.
+    Slow path: `negative` is a second UNet; the batch is split and each half goes to its own UNet (two calls).
+    Batches that are not CFG batches (guidance off, as `cfg_active()` reports) go to the positive model only.
+    """
+
+    def __init__(self, positive, negative=None, pos_adapter: str = BASE, neg_adapter: str = NEG_ADAPTER, cfg_active=None):
+        super().__init__(positive, negative, pos_adapter, neg_adapter)
+        self._cfg_active = cfg_active
 
     def _is_cfg_batch(self, n: int) -> bool:
         if n % 2:

@@ -32,14 +32,14 @@ import torch
 
 from ..errors import UserError
 from .offsets import add_factor_adapter, as_offset, compose_dense_unet, compose_lora_factors, lora_factors, read_lora
-from .unet import BASE, NEG_ADAPTER, POS_ADAPTER, GuidanceInfo, sliced_adapter_batch
+from .unet import BASE, NEG_ADAPTER, POS_ADAPTER, GuidanceInfo, GuidedDenoiser, sliced_adapter_batch
 
 logger = logging.getLogger(__name__)
 
 _BATCHED = ("hidden_states", "encoder_hidden_states", "timestep")
 
 
-class NegativeGuidedTransformer(torch.nn.Module):
+class NegativeGuidedTransformer(GuidedDenoiser):
     """Looks like `pipe.transformer`; predicts the first half of a CFG batch with the negative weights.
 
     `negative is None`: fast path, `positive` holds both adapters and runs once. Otherwise `negative` is a merged
@@ -47,31 +47,9 @@ class NegativeGuidedTransformer(torch.nn.Module):
     """
 
     def __init__(self, positive, negative=None, pos_adapter: str = BASE, neg_adapter: str = NEG_ADAPTER):
-        super().__init__()
-        self.positive = positive
-        self.negative = negative
-        self.pos_adapter = pos_adapter
-        self.neg_adapter = neg_adapter
+        super().__init__(positive, negative, pos_adapter, neg_adapter)
         #: Set by the pipeline's encode_prompt at the start of each call; None outside a pipeline call.
         self.cfg_active: bool | None = None
-
-    @property
-    def fast(self) -> bool:
-        return self.negative is None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.positive.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.positive.device
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # config, cache_context, ... of the real transformer
-            return getattr(self._modules["positive"], name)
 
     def forward(self, *args, **kwargs):
         # Positional arguments follow CogVideoXTransformer3DModel.forward; name them so halves can be cut.

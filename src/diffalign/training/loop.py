@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config_loader import dump_config
 from ..models import lora_disabled
 from .batches import CachedItems, PixelPairs, to_pair_batch
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -21,7 +20,7 @@ from .config import TrainConfig
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .model_card import write_model_card
 from .setup import make_stream, start_run
-from .steps import backward_micro_batch, make_optimizer, optimizer_step, trim_metrics, write_train_report
+from .steps import backward_micro_batch, make_optimizer, open_run_log, optimizer_step, write_train_report
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
@@ -116,11 +115,7 @@ def train(cfg: TrainConfig) -> Path:
         counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
         log(f"resumed from {resume} at step {step}")
     if main:
-        trim_metrics(out, step)  # steps after the checkpoint (logged by a killed run) are redone
-        write_train_report(out, report("running"))  # "finished" only once every output is written
-        dump_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
-                                                      if isinstance(v, (int, float, str, bool))})
+        open_run_log(cfg, out, accelerator, step, report("running"))
         log(f"{cfg.method} on {len(pairs)} pairs; {world} process(es) x batch {cfg.train_batch_size} x accumulation "
             f"{cfg.gradient_accumulation_steps} = global batch {world * cfg.train_batch_size * cfg.gradient_accumulation_steps}")
 

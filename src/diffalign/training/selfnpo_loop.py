@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config_loader import dump_config
 from ..errors import UserError
 from .setup import make_stream, start_run
-from .steps import backward_micro_batch, make_optimizer, optimizer_step, trim_metrics, write_train_report
+from .steps import backward_micro_batch, make_optimizer, open_run_log, optimizer_step, write_train_report
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .config import TrainConfig
@@ -156,11 +155,7 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
         counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
         log(f"resumed from {resume} at step {step}")
     if main:
-        trim_metrics(out, step)  # steps after the checkpoint (logged by a killed run) are redone
-        write_train_report(out, report("running"))  # "finished" only once every output is written
-        dump_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
-                                                      if isinstance(v, (int, float, str, bool))})
+        open_run_log(cfg, out, accelerator, step, report("running"))
         log(f"selfnpo ({cfg.selfnpo_start} start, K={cfg.teacher_steps} on a {cfg.ddim_grid}-step grid, "
             f"w={cfg.teacher_guidance:g}) on {data_summary}; {world} process(es) x batch {cfg.train_batch_size} x "
             f"accumulation {cfg.gradient_accumulation_steps}")

@@ -135,3 +135,17 @@ def write_train_report(out: Path, report: dict) -> None:
     from ..fsutil import atomic_write_text
 
     atomic_write_text(Path(out) / "train_report.json", json.dumps(report, indent=2))
+
+
+def open_run_log(cfg, out: Path, accelerator, step: int, running_report: dict) -> None:
+    """Main process, once a run has started or resumed at `step`: drop metrics a killed run logged after its last
+    checkpoint (those steps are redone), mark the report running ("finished" only once every output is
+    written), write the resolved config and start the trackers."""
+    from ..config_loader import dump_config
+
+    trim_metrics(out, step)
+    write_train_report(out, running_report)
+    dump_config(cfg, out / "config.yaml")
+    accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
+                                                  if isinstance(v, (int, float, str, bool))})
+
