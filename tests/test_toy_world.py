@@ -107,3 +107,20 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     assert (out / "README.md").read_text().startswith("---")
     log = (out / "pretrain_log.jsonl").read_text().splitlines()
     assert any('"phase": "unet"' in line for line in log) and any('"phase": "vae"' in line for line in log)
+
+
+def test_render_captions_excludes_heldout_and_loads_as_image_captions(tmp_path):
+    from diffalign.data.prompts import ImageCaptions, _toy_heldout_rule
+    from diffalign.toy.render_captions import render_captions, scenes_for_captions, write_captions_parquet
+
+    combo = lambda s: _toy_heldout_rule(world.COLOUR_NAMES.index(s.colour), world.SHAPES.index(s.shape))
+    kept = scenes_for_captions(300, np.random.default_rng(0))
+    assert len(kept) == 300 and not any(combo(s) for s in kept)
+    assert any(combo(s) for s in scenes_for_captions(300, np.random.default_rng(0), exclude_heldout=False))
+    rows = render_captions(40, seed=5)
+    assert rows == render_captions(40, seed=5)  # deterministic, images included
+    assert {r["caption"] for r in rows} != {""} and any(r["caption"] == "" for r in render_captions(200, seed=5))
+    path = write_captions_parquet(tmp_path / "c.parquet", 12, seed=1)
+    data = ImageCaptions(str(path), image_column="image")
+    assert len(data) == 12 and data.caption(3) == render_captions(12, seed=1)[3]["caption"]
+    assert data.image(0).size == (RESOLUTION, RESOLUTION)

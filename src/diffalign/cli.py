@@ -123,6 +123,16 @@ def _add_toy(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_toy_render_pairs)
 
+    p = tsub.add_parser("render-captions", help="write image-caption rows rendered from ground truth (parquet; "
+                        "columns caption, image), e.g. for Self-NPO's image start")
+    p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("-n", "--num-rows", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include-heldout", action="store_true",
+                   help="also show the held-out (colour, shape) combinations (default: excluded, so the held-out "
+                        "evaluation prompts stay unseen)")
+    p.set_defaults(func=cmd_toy_render_captions)
+
     p = tsub.add_parser("fidelity", help="judge fidelity of a toy pipeline's samples at several guidance scales")
     p.add_argument("--model", default="toy")
     p.add_argument("--lora", default=None)
@@ -175,6 +185,16 @@ def cmd_toy_render_pairs(args) -> int:
     ensure_writable_dir(Path(args.out).parent)
     path = write_pairs_parquet(args.out, args.num_pairs, kind=args.kind, style=args.style, seed=args.seed)
     print(f"wrote {args.num_pairs} {args.kind} pairs to {path}")
+    return 0
+
+
+def cmd_toy_render_captions(args) -> int:
+    from .fsutil import ensure_writable_dir
+    from .toy.render_captions import write_captions_parquet
+
+    ensure_writable_dir(Path(args.out).parent)
+    path = write_captions_parquet(args.out, args.num_rows, seed=args.seed, exclude_heldout=not args.include_heldout)
+    print(f"wrote {args.num_rows} image-caption rows to {path}")
     return 0
 
 
