@@ -124,3 +124,12 @@ def test_render_captions_excludes_heldout_and_loads_as_image_captions(tmp_path):
     data = ImageCaptions(str(path), image_column="image")
     assert len(data) == 12 and data.caption(3) == render_captions(12, seed=1)[3]["caption"]
     assert data.image(0).size == (RESOLUTION, RESOLUTION)
+
+
+def test_render_pairs_can_exclude_heldout_combinations():
+    from diffalign.data.prompts import toy_prompts
+    from diffalign.toy.render_pairs import render_pairs
+
+    heldout = set(toy_prompts("heldout"))
+    assert heldout & {r["caption"] for r in render_pairs(300, kind="fidelity", seed=2)}
+    assert not heldout & {r["caption"] for r in render_pairs(300, kind="fidelity", seed=2, exclude_heldout=True)}

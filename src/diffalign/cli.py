@@ -121,6 +121,8 @@ def _add_toy(sub) -> None:
     p.add_argument("--style", default="striped", choices=["outlined", "striped"])
     p.add_argument("-n", "--num-pairs", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-heldout", action="store_true",
+                   help="no pair shows a held-out (colour, shape) combination, so the held-out prompts stay unseen")
     p.set_defaults(func=cmd_toy_render_pairs)
 
     p = tsub.add_parser("render-captions", help="write image-caption rows rendered from ground truth (parquet; "
@@ -183,7 +185,8 @@ def cmd_toy_render_pairs(args) -> int:
     from .toy.render_pairs import write_pairs_parquet
 
     ensure_writable_dir(Path(args.out).parent)
-    path = write_pairs_parquet(args.out, args.num_pairs, kind=args.kind, style=args.style, seed=args.seed)
+    path = write_pairs_parquet(args.out, args.num_pairs, kind=args.kind, style=args.style, seed=args.seed,
+                               exclude_heldout=args.exclude_heldout)
     print(f"wrote {args.num_pairs} {args.kind} pairs to {path}")
     return 0
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .render import render
 from .render_pairs import _png
-from .world import COLOUR_NAMES, SHAPES, random_caption, sample_scenes
+from .world import COLOUR_NAMES, SHAPES, STYLE_PRIOR, random_caption, sample_scenes
 
 
 def _is_heldout(scene) -> bool:
@@ -23,13 +23,14 @@ def _is_heldout(scene) -> bool:
     return _toy_heldout_rule(COLOUR_NAMES.index(scene.colour), SHAPES.index(scene.shape))
 
 
-def scenes_for_captions(n: int, rng: np.random.Generator, exclude_heldout: bool = True) -> list:
+def scenes_for_captions(n: int, rng: np.random.Generator, exclude_heldout: bool = True,
+                        style_prior=STYLE_PRIOR) -> list:
     """``n`` scenes from the world's prior, held-out (colour, shape) combinations redrawn when excluded."""
     if n < 1:
         raise ValueError(f"need at least one row, got n={n}")
     scenes = []
     while len(scenes) < n:
-        batch = sample_scenes(2 * (n - len(scenes)), rng)
+        batch = sample_scenes(2 * (n - len(scenes)), rng, style_prior=style_prior)
         scenes += [s for s in batch if not (exclude_heldout and _is_heldout(s))]
     return scenes[:n]
 

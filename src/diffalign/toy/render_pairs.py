@@ -26,9 +26,16 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def render_pairs(n: int, kind: str = "style", style: str = "striped", seed: int = 0) -> list[dict]:
+def render_pairs(n: int, kind: str = "style", style: str = "striped", seed: int = 0,
+                 exclude_heldout: bool = False) -> list[dict]:
+    """``exclude_heldout``: no pair shows a held-out (colour, shape) combination (``toy_prompts("heldout")``)."""
+    from .render_captions import scenes_for_captions
+
     rng = np.random.default_rng(seed)
-    scenes = sample_scenes(n, rng, style_prior=(1.0, 0.0, 0.0))
+    if exclude_heldout:
+        scenes = scenes_for_captions(n, rng, style_prior=(1.0, 0.0, 0.0))
+    else:
+        scenes = sample_scenes(n, rng, style_prior=(1.0, 0.0, 0.0))
     rows = []
     for scene in scenes:
         if kind == "style":
@@ -48,11 +55,12 @@ def render_pairs(n: int, kind: str = "style", style: str = "striped", seed: int 
     return rows
 
 
-def write_pairs_parquet(path: str | Path, n: int, kind: str = "style", style: str = "striped", seed: int = 0) -> Path:
+def write_pairs_parquet(path: str | Path, n: int, kind: str = "style", style: str = "striped", seed: int = 0,
+                        exclude_heldout: bool = False) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(render_pairs(n, kind, style, seed)), path)
+    pq.write_table(pa.Table.from_pylist(render_pairs(n, kind, style, seed, exclude_heldout)), path)
     return path
