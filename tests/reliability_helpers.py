@@ -28,8 +28,11 @@ def env(**extra) -> dict:
 
 def start(args: list[str], log: Path, **env_extra) -> subprocess.Popen:
     fh = open(log, "w")
+    # The run gets SIGINT as a terminal's foreground job has it, even when pytest itself was started as a
+    # background job (which inherits SIGINT ignored, and diffalign leaves an ignored signal ignored).
     return subprocess.Popen([sys.executable, "-m", "diffalign", "train", *args], cwd=REPO, env=env(**env_extra),
-                            stdout=fh, stderr=subprocess.STDOUT)
+                            stdout=fh, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def metric_steps(out: Path) -> list[int]:

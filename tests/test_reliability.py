@@ -169,10 +169,20 @@ def test_fp16_overflow_is_left_to_the_grad_scaler():
 
 
 # -------------------------------------------------------------------------------------------------- signals
+@pytest.fixture
+def python_sigint():
+    """SIGINT as a foreground Python process has it, whatever the shell that started pytest left (a background
+    job of a non-interactive shell starts with SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("method,sig", [("mapo", signal.SIGINT), ("selfnpo", signal.SIGTERM)],
                          ids=["mapo-SIGINT", "selfnpo-SIGTERM"])
 def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resume_is_exact(tiny_pipelines, pairs, tmp_path,
-                                                                            monkeypatch, method, sig):
+                                                                            monkeypatch, method, sig,
+                                                                            python_sigint):
     from diffalign.training import recipes, selfnpo
     from diffalign.training.loop import train
 
@@ -193,7 +203,7 @@ def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resume_is_exact(tiny
     _assert_same(_lora(resumed), straight)
 
 
-def test_a_second_signal_stops_at_once():
+def test_a_second_signal_stops_at_once(python_sigint):
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == signal.SIGINT  # the first one only sets the flag
@@ -202,6 +212,19 @@ def test_a_second_signal_stops_at_once():
             for _ in range(1000):  # the handler runs between bytecodes
                 pass
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_signal_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the other one is still handled
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.received is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # -------------------------------------------------------------------------------------------- untrusted files

@@ -45,9 +45,12 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         # Python only lets the main thread install handlers; elsewhere (a notebook worker thread) keep the defaults.
+        # A signal the caller ignores (a `cmd &` job of a non-interactive shell ignores SIGINT) stays ignored: the
+        # user asked for that, and taking it over would make a second signal do nothing instead of stopping.
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
