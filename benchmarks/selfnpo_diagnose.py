@@ -9,7 +9,11 @@
    ``d = eps_neg(x, t, "") - eps_base(x, t, "")`` against the guidance direction
    ``gdir = eps_base(x, t, c) - eps_base(x, t, "")``. Negative-branch guidance gives
    ``eps_u + g*gdir - (g-1)*d``; writing ``d = k*gdir + d_perp``, the parallel part changes the effective scale
-   to ``g - (g-1)*k`` (k < 0: stronger guidance) and ``d_perp`` moves samples off the prompt axis.
+   to ``g - (g-1)*k`` (k < 0: stronger guidance) and ``d_perp`` moves samples off the prompt axis. The same
+   offset at the prompt itself, ``d_c = eps_neg(x, t, c) - eps_base(x, t, c)``, with
+   ``k_c = <d_c, -gdir>/|gdir|^2``: teacher guidance w = -1 makes the prompted student follow the unconditional
+   teacher, so k_c -> 1 means the negative learned to ignore the prompt (where its training signal went), while
+   at the empty prompt the teacher's target is the model's own prediction (a fixed point).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/selfnpo_diagnose.py --negative runs/toy_selfnpo_600 --curve
 """
@@ -52,13 +56,14 @@ def offset_along_trajectories(pipe, neg_unet, prompts, guidance: float, steps: i
             eps = out[0] if isinstance(out, tuple) else out.sample
             n = sample.shape[0] // 2
             eu, ec = eps[:n].float(), eps[n:].float()
-            en = neg_unet(sample[:n], timestep, encoder_hidden_states[:n], **kw)
+            en = neg_unet(sample, timestep, encoder_hidden_states, **kw)  # both prompts, one call
             en = (en[0] if isinstance(en, tuple) else en.sample).float()
-            d, gdir = (en - eu).flatten(1), (ec - eu).flatten(1)
+            d, gdir = (en[:n] - eu).flatten(1), (ec - eu).flatten(1)
+            d_c = (en[n:] - ec).flatten(1)  # the offset at the prompt itself
             gn = gdir.norm(dim=1)
             rows.setdefault(int(timestep), []).append(torch.stack([
                 d.norm(dim=1) / gn, torch.nn.functional.cosine_similarity(d, gdir, dim=1),
-                (d * gdir).sum(1) / gn**2], 1))
+                (d * gdir).sum(1) / gn**2, d_c.norm(dim=1) / gn, -(d_c * gdir).sum(1) / gn**2], 1))
             return out
 
     pipe.unet = Probe()
@@ -69,7 +74,8 @@ def offset_along_trajectories(pipe, neg_unet, prompts, guidance: float, steps: i
     out = []
     for t in sorted(rows, reverse=True):
         v = torch.cat(rows[t])
-        out.append({"t": t, "ratio": v[:, 0].mean().item(), "cos": v[:, 1].mean().item(), "k": v[:, 2].mean().item()})
+        out.append({"t": t, "ratio": v[:, 0].mean().item(), "cos": v[:, 1].mean().item(), "k": v[:, 2].mean().item(),
+                    "ratio_c": v[:, 3].mean().item(), "k_c": v[:, 4].mean().item()})
     return out
 
 
@@ -115,9 +121,12 @@ def main():
         traj = offset_along_trajectories(pipe, neg_unet, prompts, 7.5, args.steps, args.seed)
         report["offset"] = traj
         print("\noffset in the unconditional branch along base trajectories (g = 7.5): mean over samples")
-        print("| t | abs(d) / abs(gdir) | cos(d, gdir) | k (g_eff = g - (g-1)k) |\n|---|---|---|---|")
+        print("d: offset at the empty prompt (what negative-branch guidance uses); d_c: offset at the prompt;")
+        print("k_c: how far the negative moved its prompted prediction towards the base's unconditional one (1 = all the way)")
+        print("| t | abs(d) / abs(gdir) | cos(d, gdir) | k (g_eff = g - (g-1)k) | abs(d_c) / abs(gdir) | k_c |")
+        print("|---|---|---|---|---|---|")
         for r in traj[:: max(1, len(traj) // 10)]:
-            print(f"| {r['t']} | {r['ratio']:.2f} | {r['cos']:+.2f} | {r['k']:+.2f} |")
+            print(f"| {r['t']} | {r['ratio']:.2f} | {r['cos']:+.2f} | {r['k']:+.2f} | {r['ratio_c']:.2f} | {r['k_c']:+.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
