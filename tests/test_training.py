@@ -176,6 +176,25 @@ def test_training_uses_a_matching_cache_and_says_so(tiny_pipelines, style_pairs,
     assert (cache / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
 
 
+def test_the_cache_command_builds_the_cache_the_run_uses(tiny_pipelines, style_pairs, tmp_path, capsys):
+    """Every data key reaches `diffalign cache` as it reaches `diffalign train` (min_image_size did not, so a
+    prebuilt cache never matched and the run built its own)."""
+    from diffalign.cli import main
+
+    cache = tmp_path / "cache"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"method: mapo\npretrained_model_name_or_path: {tiny_pipelines['sd']}\nresolution: 32\n"
+                      f"dataset_name: {style_pairs}\ntrain_batch_size: 2\nmax_train_steps: 1\nreport_to: none\n"
+                      f"use_cache: true\ncache_dir: {cache}\nrandom_flip: false\nmin_image_size: 16\n")
+    assert main(["cache", str(config), f"--output_dir={tmp_path / 'o'}"]) == 0
+    built = (cache / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["train", str(config), f"--output_dir={tmp_path / 'o'}"]) == 0
+    out = capsys.readouterr().out
+    assert "using the latent cache" in out and "building it" not in out
+    assert (cache / "manifest.json").stat().st_mtime_ns == built
+
+
 def test_resume_latest_and_checkpoint_limit(tiny_pipelines, style_pairs, tmp_path, capsys):
     from diffalign.training.checkpoint import list_checkpoints
     from diffalign.training.loop import train

@@ -275,17 +275,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .data import build_cache, fingerprint, load_pairs
+    from .data import build_cache, fingerprint
     from .models import load_family
     from .toy.paths import resolve_model
+    from .training.loop import load_config_pairs
 
     cfg = _train_config(args)
     cfg.validate()
     family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
                          pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path)
-    pairs = load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
-                       image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
-                       strict=cfg.strict_data, max_samples=cfg.max_train_samples)
+    pairs = load_config_pairs(cfg)
     resolution = cfg.resolution or family.default_resolution
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir)

@@ -29,16 +29,24 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
 
 
+def load_config_pairs(cfg: TrainConfig):
+    """The preference pairs a config trains on: one call for `diffalign train` and `diffalign cache`, so a cache
+    built ahead of time has the fingerprint the run looks for (every data key is part of it)."""
+    from ..data import load_pairs
+
+    return load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
+                      image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
+                      strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0)
+
+
 def _load_data(cfg: TrainConfig, family, resolution: int, log):
-    from ..data import PairTransform, load_pairs
+    from ..data import PairTransform
 
     if family.is_video:  # pairs of clips (CogVideoX, issue 10): see data/video_pairs.py
         from ..data.video_pairs import load_video_pairs
 
         return load_video_pairs(cfg, family)
-    pairs = load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
-                       image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
-                       strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0)
+    pairs = load_config_pairs(cfg)
     if cfg.use_cache:
         from ..data import build_cache, fingerprint, open_cache
 
