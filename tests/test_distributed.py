@@ -160,6 +160,36 @@ def test_two_processes_train_like_one_process_at_the_same_global_batch(tiny_pipe
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["mapo", "selfnpo-images"])
+def test_a_process_without_usable_rows_in_a_micro_batch_does_not_hang_the_others(tiny_pipelines, tmp_path, method):
+    """An undecodable image that leaves one process's micro-batch empty: every process skips that micro-batch
+    (a process that skipped alone would leave the other in the gradient all-reduce for ever), the image is
+    counted in the report although another process than the main one met it, and the run finishes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from diffalign.toy.render_captions import render_captions
+    from diffalign.toy.render_pairs import render_pairs
+
+    if method == "mapo":
+        rows, column = render_pairs(8, kind="style", seed=5), "jpg_0"
+        kw = _train_kw("mapo", tiny_pipelines["sd"], {"pairs": tmp_path / "data.parquet"})
+    else:
+        rows, column = render_captions(8, seed=5), "image"
+        kw = {**_train_kw("selfnpo", tiny_pipelines["sd"], {"prompts": None}), "selfnpo_start": "images",
+              "dataset_name": str(tmp_path / "data.parquet"), "image_columns": ["image"]}
+    # Step 1's global batch is rows order[0:2] of epoch 0's permutation (seed 0); process 1 gets order[1] alone.
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    rows[order[1]][column] = b"these bytes are not an image"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data.parquet")
+    out = tmp_path / "two"
+    stdout = _finish(_accelerate_launch(_as_args({**kw, "train_batch_size": 1, "output_dir": out,
+                                                  "validation_prompts": []})))
+    assert "step 1, micro-batch 0: a process has no usable row" in stdout
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["status"] == "finished" and report["steps"] == STEPS
+    assert report["skipped_micro_batches"] == 1 and report["data"]["undecodable_image"] == 1
+
+
 # ------------------------------------------------------------------------------------------- generation
 def _generate_args(model, prompts: Path, out: Path, *extra) -> list[str]:
     return ["generate", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--steps", "2",

@@ -20,7 +20,8 @@ from .config import TrainConfig
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .model_card import write_model_card
 from .setup import make_stream, start_run
-from .steps import backward_micro_batch, make_optimizer, open_run_log, optimizer_step, write_train_report
+from .steps import (backward_micro_batch, gather_fetch_failures, make_optimizer, open_run_log, optimizer_step,
+                    skip_micro_batch, write_train_report)
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
@@ -134,7 +135,7 @@ def train(cfg: TrainConfig) -> Path:
             sums: dict[str, float] = {}
             for micro in range(ga):
                 batch = to_pair_batch(stream.get(step * ga + micro), family, resolution, accelerator.device)
-                if batch is None:
+                if skip_micro_batch(accelerator, batch is None, step, micro, log):
                     counts["skipped_micro_batches"] += 1
                     continue
                 # Drawn for the global batch with one generator, this process's rows kept: the same weights with
@@ -155,6 +156,7 @@ def train(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
+    gather_fetch_failures(accelerator, pairs)
 
     if main:
         family.unet = base_unet

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .setup import make_stream, start_run
-from .steps import backward_micro_batch, make_optimizer, open_run_log, optimizer_step, write_train_report
+from .steps import (backward_micro_batch, gather_fetch_failures, make_optimizer, open_run_log, optimizer_step,
+                    skip_micro_batch, write_train_report)
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .config import TrainConfig
@@ -170,7 +171,7 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
                 with torch.no_grad():
                     batch = make_batch(stream.get(step * ga + micro), family, resolution, uncond1,
                                        with_latents=cfg.selfnpo_start == "images")
-                if batch is None:
+                if skip_micro_batch(accelerator, batch is None, step, micro, log):
                     counts["skipped_micro_batches"] += 1
                     continue
                 backward_micro_batch(accelerator, unet, lambda: recipe(batch, gen), micro=micro, ga=ga, sums=sums)
@@ -184,6 +185,7 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, None, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
+    gather_fetch_failures(accelerator, data)
 
     if main:
         family.unet = base_unet

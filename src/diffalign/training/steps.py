@@ -55,6 +55,32 @@ def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga
     return result
 
 
+def skip_micro_batch(accelerator, empty: bool, step: int, micro: int, log) -> bool:
+    """True when this micro-batch is to be skipped on every process: some process has no usable row in it (all
+    its images failed to decode). The processes must agree: one that skipped alone would leave the others
+    waiting in the gradient all-reduce for ever. The other processes' rows of that micro-batch are dropped
+    with it (counted in `skipped_micro_batches`). One tiny collective per micro-batch, with several processes only.
+    """
+    from .guards import agree
+
+    skip = agree(accelerator, empty)[0]
+    if skip and accelerator.num_processes > 1 and accelerator.is_main_process:
+        log(f"warning: step {step + 1}, micro-batch {micro}: a process has no usable row (images that failed to "
+            "decode); every process skips this micro-batch")
+    return skip
+
+
+def gather_fetch_failures(accelerator, data) -> None:
+    """Merge the images that failed to decode on every process into `data`'s counts (each process decodes only
+    its own rows, and the main process writes the report): a collective, so every process calls it."""
+    if accelerator.num_processes == 1 or not hasattr(data, "fetch_failures"):
+        return
+    from accelerate.utils import gather_object
+
+    for failures in gather_object([data.fetch_failures()]):
+        data.record_fetch_failures(failures)
+
+
 def sums_to_host(accelerator, sums: dict) -> None:
     """Replace the step's sums (device tensors or floats) by floats averaged over all processes, in place:
     one host sync and one all-reduce per optimizer step, so the logged loss is the global batch's."""
