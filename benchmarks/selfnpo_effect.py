@@ -50,6 +50,10 @@ def main():
     ap.add_argument("--guidance", default="3,7.5")
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="image i is seeded with seed + i (0 in the first runs)")
+    ap.add_argument("--negative-prompt", choices=["empty", "prompt"], default="empty",
+                    help="what the negative model is given in the guided run: the empty prompt (the papers' use, the "
+                         "default) or the prompt itself (exploratory: a bad version of the model guiding the good one). "
+                         "Plain CFG always uses the empty prompt")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     judge = get_reward("toy")
@@ -59,7 +63,8 @@ def main():
         base = load_pipeline(str(toy_model_path()))
         plain_images = sample_images(base, prompts, g, seed=args.seed)
         attach_negative_guidance(base, negative=args.negative, alpha=0.0, beta=args.beta)
-        guided_images = sample_images(base, prompts, g, seed=args.seed)
+        guided_images = sample_images(base, prompts, g, seed=args.seed,
+                                      negative_prompts=prompts if args.negative_prompt == "prompt" else None)
         row = {"guidance": g, "n": len(prompts), **paired(correct(judge, plain_images, prompts),
                                                           correct(judge, guided_images, prompts))}
         row["clarity"] = paired(clarity(judge, plain_images), clarity(judge, guided_images))

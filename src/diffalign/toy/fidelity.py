@@ -35,16 +35,22 @@ class FidelityResult:
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], guidance_scale: float, steps: int = 20, seed: int = 0, batch_size: int = 120):
+def sample_images(pipe, prompts: list[str], guidance_scale: float, steps: int = 20, seed: int = 0, batch_size: int = 120,
+                  negative_prompts: list[str] | None = None):
+    """Image i (seed + i) for prompts[i], uint8 [N, H, W, 3]; ``negative_prompts`` (one per prompt) go to the
+    unconditional branch (default: the empty prompt)."""
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+        raise ValueError(f"need one negative prompt per prompt, got {len(negative_prompts)} for {len(prompts)}")
     pipe.set_progress_bar_config(disable=True)
     size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"sample g={guidance_scale}", unit="batch", leave=False):
         batch = prompts[start : start + batch_size]
+        negative = None if negative_prompts is None else negative_prompts[start : start + batch_size]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
         out.append(
             pipe(batch, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-                 generator=gens, output_type="np").images
+                 generator=gens, output_type="np", negative_prompt=negative).images
         )
     return (np.concatenate(out) * 255).round().astype(np.uint8)
 
