@@ -195,6 +195,16 @@ def test_the_cache_command_builds_the_cache_the_run_uses(tiny_pipelines, style_p
     assert (cache / "manifest.json").stat().st_mtime_ns == built
 
 
+def test_training_with_loading_threads_gives_the_same_weights(tiny_pipelines, style_pairs, tmp_path):
+    from diffalign.training.loop import train
+
+    kw = dict(method="mapo", max_train_steps=3, train_batch_size=2)
+    a = load_file(train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "a", **kw)) / "pytorch_lora_weights.safetensors")
+    b = load_file(train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "b", dataloader_num_workers=2, **kw))
+                  / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_latest_and_checkpoint_limit(tiny_pipelines, style_pairs, tmp_path, capsys):
     from diffalign.training.checkpoint import list_checkpoints
     from diffalign.training.loop import train

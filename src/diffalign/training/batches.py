@@ -7,6 +7,8 @@ position without loading the skipped data.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 from ..data import deterministic_rng
@@ -16,15 +18,25 @@ from .recipes import PairBatch
 
 
 class BatchStream:
-    """Yields lists of dataset items for micro-batch number m = 0, 1, 2, ... of this process."""
+    """Yields lists of dataset items for micro-batch number m = 0, 1, 2, ... of this process.
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    ``workers > 0`` (``dataloader_num_workers``): that many threads decode and augment the next micro-batches
+    while the current one trains (image decoding and resizing release the GIL). An item is a pure function of
+    (seed, epoch, row), so the batches, and the weights, are the same with any number of workers.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1, workers: int = 0):
         if len(dataset) < batch_size * world:
             raise ValueError(f"the dataset has {len(dataset)} usable rows, fewer than one global batch "
                              f"({batch_size} x {world} processes)")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.per_epoch = len(dataset) // (batch_size * world)  # incomplete last batches are dropped
         self._order: tuple[int, list[int]] | None = None  # (epoch, permutation): drawn once per epoch
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="diffalign-data") if workers else None
+        self._ahead: dict[int, Future] = {}  # micro-batch -> its items being loaded
 
     def indices(self, micro: int) -> tuple[list[int], int]:
         """This process's dataset rows for micro-batch `micro`, and the epoch they belong to."""
@@ -36,9 +48,27 @@ class BatchStream:
         global_batch = order[pos * self.batch_size * self.world : (pos + 1) * self.batch_size * self.world]
         return global_batch[self.rank :: self.world], epoch
 
-    def get(self, micro: int):
-        idx, epoch = self.indices(micro)
+    def _load(self, idx: list[int], epoch: int) -> list:
         return [self.dataset.item(i, epoch) for i in idx]
+
+    def get(self, micro: int):
+        if self._pool is None:
+            return self._load(*self.indices(micro))
+        for m in [m for m in self._ahead if m < micro]:  # a jump backwards or forwards (resume): not needed any more
+            self._ahead.pop(m).cancel()
+        for m in range(micro, micro + self.workers + 1):
+            if m not in self._ahead:
+                self._ahead[m] = self._pool.submit(self._load, *self.indices(m))  # indices in this thread
+        return self._ahead.pop(micro).result()  # a worker's exception (strict data) is raised here
+
+    def close(self) -> None:
+        """Stop the loading threads (micro-batches loaded ahead are dropped)."""
+        if self._pool is not None:
+            for future in self._ahead.values():
+                future.cancel()
+            self._ahead.clear()
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class PixelPairs:

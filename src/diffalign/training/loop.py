@@ -156,6 +156,7 @@ def train(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
+    stream.close()
     gather_fetch_failures(accelerator, pairs)
 
     if main:

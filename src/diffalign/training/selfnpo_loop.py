@@ -185,6 +185,7 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, None, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
+    stream.close()
     gather_fetch_failures(accelerator, data)
 
     if main:

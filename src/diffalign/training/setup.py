@@ -67,7 +67,7 @@ def make_stream(items, cfg, rank: int, world: int, describe: Callable[[], str]):
     from .batches import BatchStream
 
     try:
-        return BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world)
+        return BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world, workers=cfg.dataloader_num_workers)
     except ValueError as exc:
         raise UserError(f"{exc}: nothing to train on ({describe()}); fix the data (the counts say what was skipped "
                         "and why) or lower train_batch_size") from None
