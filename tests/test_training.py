@@ -236,3 +236,59 @@ def test_nan_loss_stops_with_a_clear_error(tiny_pipelines, style_pairs, tmp_path
     # Issue 9: a non-finite step is skipped; max_consecutive_nonfinite of them in a row stop the run.
     with pytest.raises(UserError, match=r"loss or its gradients were not finite .* stopped at step 1"):
         train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "nan", max_train_steps=2, max_consecutive_nonfinite=1))
+
+
+@pytest.mark.parametrize("method,mode", [("mapo", "lora"), ("dpo", "full"), ("selfnpo", "lora"), ("selfnpo", "full")])
+def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny_pipelines, style_pairs, tmp_path,
+                                                                            monkeypatch, method, mode):
+    """bf16 (CPU autocast here; fp16 on GPUs works the same way): the frozen weights are stored in bf16 - half
+    the bytes - while every trained weight, the DPO reference aside, stays float32, and the run still trains."""
+    from diffalign.training import setup
+    from diffalign.training.loop import train
+
+    seen = {}
+    real_start = setup.start_run
+
+    def spy(cfg):
+        run = real_start(cfg)
+        seen["family"] = run.family
+        return run
+
+    monkeypatch.setattr("diffalign.training.loop.start_run", spy)
+    monkeypatch.setattr("diffalign.training.selfnpo_loop.start_run", spy)
+    kw = dict(method=method, train_mode=mode, max_train_steps=2, train_batch_size=2, mixed_precision="bf16")
+    if method == "selfnpo":
+        kw.update(dataset_name="toy", ddim_grid=5, teacher_steps=2, teacher_ema_decay=0.5)
+    if mode == "full" and method == "dpo":
+        kw.update(learning_rate=1e-4)
+    out = train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "run", **kw))
+
+    family = seen["family"]
+    for module in family.text_encoders:
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    vae_dtype = torch.float32 if family.vae.config.force_upcast else torch.bfloat16  # SDXL's asks for float32
+    assert {p.dtype for p in family.vae.parameters()} == {vae_dtype}
+    unet = family.bare_unet
+    trained = {p.dtype for p in unet.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in unet.parameters() if not p.requires_grad}
+    assert trained == {torch.float32}
+    assert frozen == ({torch.bfloat16} if mode == "lora" else set())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    if mode == "lora":
+        assert_every_lora_weight_changed(out, tiny_pipelines["sd"])
+    else:
+        from diffusers import UNet2DConditionModel
+
+        tuned = UNet2DConditionModel.from_pretrained(out / "unet")
+        base = UNet2DConditionModel.from_pretrained(tiny_pipelines["sd"], subfolder="unet")
+        assert {p.dtype for p in tuned.parameters()} == {torch.float32}
+        changed = [not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters())]
+        assert sum(changed) > 0.9 * len(changed)
+
+
+def test_frozen_weight_dtype_follows_mixed_precision():
+    from diffalign.training.setup import frozen_weight_dtype
+
+    assert frozen_weight_dtype("fp16") == torch.float16 and frozen_weight_dtype("bf16") == torch.bfloat16
+    assert frozen_weight_dtype("no") == frozen_weight_dtype(None) == torch.float32

@@ -109,7 +109,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the UNet.")
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _f(
         None, "no, fp16 or bf16; none: whatever `accelerate config` / accelerate launch set. Trained weights "
-        "stay float32.")
+        "stay float32; frozen ones (text encoders, VAE unless it asks for force_upcast, the UNet under a LoRA, "
+        "the DPO reference) are stored in fp16/bf16.")
 
     # --- what is trained --------------------------------------------------------------------------------
     train_mode: Literal["lora", "full"] = _f(

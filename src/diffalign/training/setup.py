@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..fsutil import ensure_writable_dir
 from ..models import load_family
 
@@ -21,6 +23,15 @@ class Run:
     world: int
     main: bool
     log: Callable[[str], None]
+
+
+def frozen_weight_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The dtype weights that are never trained are stored in, as the diffusers training scripts do: the text
+    encoders, the VAE (kept float32 when its config asks for `force_upcast`, as SDXL's does), the UNet under
+    a LoRA and the DPO reference copy of a full fine-tune. Trained weights (LoRA, a fully fine-tuned UNet, the
+    EMA and the Self-NPO teacher) stay float32. Halves the frozen weights' memory under fp16/bf16
+    (CogVideoX-5b's T5-XXL: 19 GB -> 9.5 GB)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(mixed_precision), torch.float32)
 
 
 def start_run(cfg) -> Run:
@@ -52,7 +63,8 @@ def start_run(cfg) -> Run:
             print(f"warning: {p} is not a complete checkpoint (a file is missing or truncated): it is ignored; "
                   "delete it or copy it again", flush=True)
     family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
-                         pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path)
+                         pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path,
+                         dtype=frozen_weight_dtype(accelerator.mixed_precision))
     family.to(accelerator.device)
     for module in (family.vae, *family.text_encoders):
         module.requires_grad_(False).eval()
