@@ -98,7 +98,7 @@ def _add_toy(sub) -> None:
     p.add_argument("--judge", action="store_true", help="print the judge's folder instead")
     p.set_defaults(func=cmd_toy_path)
 
-    from .toy.pretrain import PretrainConfig
+    from .toy.pretrain_config import PretrainConfig
 
     p = tsub.add_parser("pretrain", help="train the toy StableDiffusionPipeline on CPU (~15 minutes)")
     defaults = PretrainConfig()

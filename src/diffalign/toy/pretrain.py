@@ -12,7 +12,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +21,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .builders import TOY, build_sd_pipeline
+from .pretrain_config import PretrainConfig
 from .render import render, to_tensor
 from .world import random_caption, sample_scenes
-
-
-@dataclass
-class PretrainConfig:
-    out: str = "toy-sd"
-    seed: int = 0
-    vae_steps: int = 500
-    vae_batch_size: int = 64
-    vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    pool_size: int = 20_000
-    unet_steps: int = 1100
-    unet_batch_size: int = 48
-    unet_lr: float = 5e-4
-    unet_weight_decay: float = 1e-2
-    unet_warmup_steps: int = 100
-    ema_decay: float = 0.995
-    threads: int = 0  # 0: torch's default
 
 
 def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
