@@ -6,6 +6,7 @@ process), which is what makes `resume_from_checkpoint: latest` continue exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from pathlib import Path
@@ -130,7 +131,7 @@ def train(cfg: TrainConfig) -> Path:
 
     ga = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
-    with boundary.signals:
+    with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
         while step < cfg.max_train_steps:
             sums: dict[str, float] = {}
             for micro in range(ga):
@@ -156,7 +157,6 @@ def train(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
-    stream.close()
     gather_fetch_failures(accelerator, pairs)
 
     if main:

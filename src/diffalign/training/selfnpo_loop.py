@@ -9,6 +9,7 @@ or its UNet (``unet/``), meant for the negative branch of classifier-free guidan
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
 
     ga = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train selfnpo", unit="step", disable=not main)
-    with boundary.signals:
+    with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
         while step < cfg.max_train_steps:
             sums: dict[str, float] = {}
             for micro in range(ga):
@@ -185,7 +186,6 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, None, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
-    stream.close()
     gather_fetch_failures(accelerator, data)
 
     if main:
