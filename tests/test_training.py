@@ -238,9 +238,21 @@ def test_nan_loss_stops_with_a_clear_error(tiny_pipelines, style_pairs, tmp_path
         train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "nan", max_train_steps=2, max_consecutive_nonfinite=1))
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed_precision in it; a test that
+    changes it starts and ends with a fresh one (accelerate's own tests do the same)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.parametrize("method,mode", [("mapo", "lora"), ("dpo", "full"), ("selfnpo", "lora"), ("selfnpo", "full")])
 def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny_pipelines, style_pairs, tmp_path,
-                                                                            monkeypatch, method, mode):
+                                                                            monkeypatch, fresh_accelerator_state,
+                                                                            method, mode):
     """bf16 (CPU autocast here; fp16 on GPUs works the same way): the frozen weights are stored in bf16 - half
     the bytes - while every trained weight, the DPO reference aside, stays float32, and the run still trains."""
     from diffalign.training import setup
