@@ -1,5 +1,7 @@
 """Why does (or doesn't) a Self-NPO negative change prompt fidelity on the toy world? Three diagnostics.
 
+0. ``--failures``: are the base model's wrong images unclear (a generic defect a negative could push away from)
+   or clear images of the wrong shape or colour (a prompt-specific one)?
 1. ``--curve``: the base model's fidelity against the guidance scale (held-out prompts, paired seeds). A
    negative model that acts like stronger guidance can only lift fidelity where this curve still rises.
 2. The negative model used *as a model* (its own CFG, both branches = base + beta*delta): did training do what
@@ -15,7 +17,7 @@
    teacher, so k_c -> 1 means the negative learned to ignore the prompt (where its training signal went), while
    at the empty prompt the teacher's target is the model's own prediction (a fixed point).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/selfnpo_diagnose.py --negative runs/toy_selfnpo_600 --curve
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/selfnpo_diagnose.py --negative runs/toy_selfnpo_600 --curve --failures
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def main():
     ap.add_argument("--negative", default=None, help="a Self-NPO output (LoRA folder or UNet folder)")
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--curve", action="store_true", help="also the base model's fidelity against guidance")
+    ap.add_argument("--failures", action="store_true",
+                    help="also: are the base's wrong images unclear, or clear images of the wrong thing?")
     ap.add_argument("--skip-as-model", action="store_true", help="only the offset along trajectories")
     ap.add_argument("--scales", default="1,3,5,7.5,10,15")
     ap.add_argument("--repeats", type=int, default=20)
@@ -104,6 +108,21 @@ def main():
         print("| guidance | fidelity |\n|---|---|")
         for r in report["curve"]:
             print(f"| {r['guidance']:g} | {100 * r['fidelity']:.1f}% ± {100 * r['se']:.1f} |")
+    if args.failures:
+        report["failures"] = []
+        print("\nbase model, held-out prompts: clarity of the right and the wrong images")
+        print("| guidance | right: n, clarity | wrong: n, clarity | wrong with clarity > 0.9 |\n|---|---|---|---|")
+        for g in (3.0, 7.5):
+            images = sample_images(pipe, prompts, g, steps=args.steps, seed=args.seed)
+            d = judge.details(images, prompts)
+            ok = (d["shape_correct"] * d["colour_correct"]).bool()
+            clear = judge.score(images, [""] * len(images))
+            row = {"guidance": g, "right": int(ok.sum()), "right_clarity": clear[ok].mean().item(),
+                   "wrong": int((~ok).sum()), "wrong_clarity": clear[~ok].mean().item(),
+                   "wrong_clear": int(((~ok) & (clear > 0.9)).sum())}
+            report["failures"].append(row)
+            print(f"| {g:g} | {row['right']}, {row['right_clarity']:.3f} | {row['wrong']}, {row['wrong_clarity']:.3f} | "
+                  f"{row['wrong_clear']} |")
     if args.negative:
         neg_unet = compose_dense_unet(pipe.unet, type(pipe), negative=args.negative, beta=args.beta).eval()
         base_unet = pipe.unet

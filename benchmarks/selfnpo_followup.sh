@@ -30,5 +30,5 @@ for n in sn_img sn_img_w5 sn_full npo_fid sft_wrong; do
   $bin/python benchmarks/selfnpo_effect.py --negative "$R/$n" --negative-prompt prompt --json "$R/effect_prompt_$n.json"
   $bin/python benchmarks/selfnpo_diagnose.py --negative "$R/$n" --json "$R/diagnose_$n.json"
 done
-$bin/python benchmarks/selfnpo_diagnose.py --curve --json "$R/curve.json"
+$bin/python benchmarks/selfnpo_diagnose.py --curve --failures --json "$R/curve.json"
 $bin/python benchmarks/plot_selfnpo_followup.py "$R" --out benchmarks/selfnpo_followup.png
