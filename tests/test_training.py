@@ -249,10 +249,11 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state()
 
 
-@pytest.mark.parametrize("method,mode", [("mapo", "lora"), ("dpo", "full"), ("selfnpo", "lora"), ("selfnpo", "full")])
+@pytest.mark.parametrize("method,mode,model", [("mapo", "lora", "sd"), ("dpo", "full", "sd"), ("selfnpo", "lora", "sd"),
+                                              ("selfnpo", "full", "sd"), ("dpo", "lora", "sdxl")])
 def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny_pipelines, style_pairs, tmp_path,
                                                                             monkeypatch, fresh_accelerator_state,
-                                                                            method, mode):
+                                                                            method, mode, model):
     """bf16 (CPU autocast here; fp16 on GPUs works the same way): the frozen weights are stored in bf16 - half
     the bytes - while every trained weight, the DPO reference aside, stays float32, and the run still trains."""
     from diffalign.training import setup
@@ -273,7 +274,7 @@ def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny
         kw.update(dataset_name="toy", ddim_grid=5, teacher_steps=2, teacher_ema_decay=0.5)
     if mode == "full" and method == "dpo":
         kw.update(learning_rate=1e-4)
-    out = train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "run", **kw))
+    out = train(_cfg(tiny_pipelines[model], style_pairs, tmp_path / "run", **kw))
 
     family = seen["family"]
     for module in family.text_encoders:
@@ -288,7 +289,7 @@ def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     if mode == "lora":
-        assert_every_lora_weight_changed(out, tiny_pipelines["sd"])
+        assert_every_lora_weight_changed(out, tiny_pipelines[model])
     else:
         from diffusers import UNet2DConditionModel
 
