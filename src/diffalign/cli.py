@@ -23,7 +23,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--lora", default=None, help="a LoRA folder or .safetensors file for pipe.load_lora_weights")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
-    group.add_argument("--prompts", help="file: one prompt a line, or JSONL with a 'prompt' field")
+    group.add_argument("--prompts", help="file: one prompt a line, or JSONL with a 'prompt' field; or a dataset "
+                       "column, hf:SOURCE:SPLIT:COLUMN (e.g. hf:yuvalkirstain/pickapic_v2:test_unique:caption)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--steps", type=int, default=20, help="number of inference steps")
