@@ -34,6 +34,7 @@ def test_workers_load_ahead_and_give_the_same_batches(rank, world):
     order = [0, 1, 2, 3, 4, 9, 10, 2, 3]  # crosses epochs, then jumps back as a resume would
     try:
         assert [ahead.get(m) for m in order] == [plain.get(m) for m in order]
+        assert sorted(ahead._ahead) == [4, 5]  # after the jump back to 3: only what is ahead of it is kept
         ahead.get(11)
         for future in list(ahead._ahead.values()):
             future.result()

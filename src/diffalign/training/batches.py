@@ -54,9 +54,10 @@ class BatchStream:
     def get(self, micro: int):
         if self._pool is None:
             return self._load(*self.indices(micro))
-        for m in [m for m in self._ahead if m < micro]:  # a jump backwards or forwards (resume): not needed any more
+        wanted = range(micro, micro + self.workers + 1)
+        for m in [m for m in self._ahead if m not in wanted]:  # after a jump (resume): not needed any more
             self._ahead.pop(m).cancel()
-        for m in range(micro, micro + self.workers + 1):
+        for m in wanted:
             if m not in self._ahead:
                 self._ahead[m] = self._pool.submit(self._load, *self.indices(m))  # indices in this thread
         return self._ahead.pop(micro).result()  # a worker's exception (strict data) is raised here
