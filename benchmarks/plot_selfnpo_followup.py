@@ -42,7 +42,7 @@ def main():
             path = args.folder / f"{prefix}_{name}.json"
             if not path.is_file():
                 continue
-            for row, colour, dy in ((r, c, d) for r, c, d in zip(json.loads(path.read_text()), ("C0", "C1"), (-0.15, 0.15))):
+            for row, colour, dy in zip(json.loads(path.read_text()), ("C0", "C1"), (-0.15, 0.15)):
                 m, se = value(row)
                 ax.errorbar(m, j + dy, xerr=2 * se, fmt="o", color=colour, capsize=3,
                             label=f"g = {row['guidance']:g}" if j == 0 else None)

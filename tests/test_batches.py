@@ -50,9 +50,7 @@ def test_workers_load_ahead_and_give_the_same_batches(rank, world):
 
 
 def test_a_workers_error_reaches_the_caller():
-    stream = BatchStream(_Items(6, bad=None), 2, seed=0, workers=1)
-    bad_row = stream.indices(1)[0][0]
-    stream.close()
+    bad_row = BatchStream(_Items(6), 2, seed=0).indices(1)[0][0]
     stream = BatchStream(_Items(6, bad=bad_row), 2, seed=0, workers=1)
     try:
         stream.get(0)  # loads micro-batch 1 ahead, in a worker, where the row fails

@@ -272,8 +272,6 @@ def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny
     kw = dict(method=method, train_mode=mode, max_train_steps=2, train_batch_size=2, mixed_precision="bf16")
     if method == "selfnpo":
         kw.update(dataset_name="toy", ddim_grid=5, teacher_steps=2, teacher_ema_decay=0.5)
-    if mode == "full" and method == "dpo":
-        kw.update(learning_rate=1e-4)
     out = train(_cfg(tiny_pipelines[model], style_pairs, tmp_path / "run", **kw))
 
     family = seen["family"]

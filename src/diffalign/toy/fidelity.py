@@ -35,8 +35,8 @@ class FidelityResult:
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], guidance_scale: float, steps: int = 20, seed: int = 0, batch_size: int = 120,
-                  negative_prompts: list[str] | None = None):
+def sample_images(pipe, prompts: list[str], guidance_scale: float, steps: int = 20, seed: int = 0,
+                  batch_size: int = 120, negative_prompts: list[str] | None = None):
     """Image i (seed + i) for prompts[i], uint8 [N, H, W, 3]; ``negative_prompts`` (one per prompt) go to the
     unconditional branch (default: the empty prompt)."""
     if negative_prompts is not None and len(negative_prompts) != len(prompts):

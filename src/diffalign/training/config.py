@@ -84,8 +84,9 @@ class TrainConfig:
     cache_dir: Optional[str] = _f(
         None, "Folder of the latent/embedding cache (use_cache). none: a 'cache' folder inside output_dir. "
         "Not the hub download cache (set HF_HOME for that).")
-    dataloader_num_workers: int = _f(0, "Threads that decode and augment the next micro-batches while one trains (images only; a "
-                                     "latent cache needs none); 0 loads in the main thread. The batches are the same for any value.")
+    dataloader_num_workers: int = _f(
+        0, "Threads that decode and augment the next micro-batches while one trains (images only; a latent cache "
+        "needs none); 0 loads in the main thread. The batches are the same for any value.")
 
     # --- optimisation -----------------------------------------------------------------------------------
     train_batch_size: int = _f(4, "Pairs (or images for sft) per device per step.")

@@ -57,8 +57,8 @@ def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga
 
 def skip_micro_batch(accelerator, empty: bool, step: int, micro: int, log) -> bool:
     """True when this micro-batch is to be skipped on every process: some process has no usable row in it (all
-    its images failed to decode). The processes must agree: one that skipped alone would leave the others
-    waiting in the gradient all-reduce (a hang; gloo aborts the job). The other processes' rows of that micro-batch are dropped
+    its images failed to decode). The processes must agree: one that skipped alone would leave the others in the
+    gradient all-reduce (a hang; gloo aborts the job). The other processes' rows of that micro-batch are dropped
     with it (counted in `skipped_micro_batches`). One tiny collective per micro-batch, with several processes only.
     """
     from .guards import agree
