@@ -204,10 +204,6 @@ class PreferencePairs(Dataset):
         """Fetch-time failures known so far, by row."""
         return [self._skipped[r] for r in sorted(self._skipped)]
 
-    # The names the training loops use to merge every process's fetch-time failures into one report.
-    fetch_failures = skipped_pairs
-    record_fetch_failures = record_skipped
-
     def validate_images(self, progress: bool = True) -> dict[str, int]:
         """Decode every pair once (a full pass) so `report()` counts every bad image before training."""
         from tqdm.auto import tqdm

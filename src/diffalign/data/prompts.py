@@ -142,7 +142,7 @@ class ImageCaptions:
             raise UserError(f"{src.description} has no row with a caption in column {caption_column!r}")
         table.prepare_images([image_column])
         self._table, self._captions, self._rows, self._strict = table, captions, rows, strict
-        self._failed: dict[int, str] = {}  # row -> reason, for images that failed to decode (in this process)
+        self._failed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -160,18 +160,10 @@ class ImageCaptions:
         except _BadImage as exc:
             if self._strict:
                 raise UserError(f"{self.description}: row {row}, column {self.image_column!r}: {exc.detail}") from None
-            self.record_fetch_failures({row: exc.reason})
-            return None
-
-    def fetch_failures(self) -> dict[int, str]:
-        """Rows whose image failed to decode so far, with the reason (to merge another process's into this one)."""
-        return dict(self._failed)
-
-    def record_fetch_failures(self, failures: dict[int, str]) -> None:
-        for row, reason in failures.items():
             if row not in self._failed:
-                self._failed[row] = reason
-                self.counts[reason] += 1
+                self._failed.add(row)
+                self.counts[exc.reason] += 1
+            return None
 
     def report(self) -> dict[str, int]:
         return {"rows": len(self), **{k: int(v) for k, v in sorted(self.counts.items())}}

@@ -21,8 +21,8 @@ from .config import TrainConfig
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .model_card import write_model_card
 from .setup import make_stream, start_run
-from .steps import (backward_micro_batch, gather_fetch_failures, make_optimizer, open_run_log, optimizer_step,
-                    skip_micro_batch, write_train_report)
+from .steps import (backward_micro_batch, make_optimizer, open_run_log, optimizer_step, skip_micro_batch,
+                    write_train_report)
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
@@ -157,7 +157,6 @@ def train(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, ref_unet, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
-    gather_fetch_failures(accelerator, pairs)
 
     if main:
         family.unet = base_unet

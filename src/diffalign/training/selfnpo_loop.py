@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .setup import make_stream, start_run
-from .steps import (backward_micro_batch, gather_fetch_failures, make_optimizer, open_run_log, optimizer_step,
-                    skip_micro_batch, write_train_report)
+from .steps import (backward_micro_batch, make_optimizer, open_run_log, optimizer_step, skip_micro_batch,
+                    write_train_report)
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .config import TrainConfig
@@ -186,7 +186,6 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
                 _validate(cfg, family, base_unet, None, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
-    gather_fetch_failures(accelerator, data)
 
     if main:
         family.unet = base_unet

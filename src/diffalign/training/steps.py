@@ -70,21 +70,6 @@ def skip_micro_batch(accelerator, empty: bool, step: int, micro: int, log) -> bo
     return skip
 
 
-def gather_fetch_failures(accelerator, data) -> None:
-    """Merge the images that failed to decode on every process into `data`'s counts (each process decodes only
-    its own rows, and the main process writes the report): a collective, so every process calls it."""
-    if accelerator.num_processes == 1 or not hasattr(data, "fetch_failures"):
-        return
-    from accelerate.utils import gather_object
-
-    for failures in gather_object([data.fetch_failures()]):
-        data.record_fetch_failures(failures)
-    # A process that leaves right after all_gather_object, while another is still in it, can abort the job under
-    # gloo ("terminate called without an active exception", ~1 run in 6 of the 2-process tests): end on a barrier,
-    # as every step does.
-    accelerator.wait_for_everyone()
-
-
 def sums_to_host(accelerator, sums: dict) -> None:
     """Replace the step's sums (device tensors or floats) by floats averaged over all processes, in place:
     one host sync and one all-reduce per optimizer step, so the logged loss is the global batch's."""
