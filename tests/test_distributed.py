@@ -163,8 +163,8 @@ def test_two_processes_train_like_one_process_at_the_same_global_batch(tiny_pipe
 @pytest.mark.parametrize("method", ["mapo", "selfnpo-images"])
 def test_a_process_without_usable_rows_in_a_micro_batch_does_not_hang_the_others(tiny_pipelines, tmp_path, method):
     """An undecodable image that leaves one process's micro-batch empty: every process skips that micro-batch
-    (a process that skipped alone would leave the other in the gradient all-reduce: a crash or a hang), and
-    the micro-batch is counted (`skipped_micro_batches`), and the run finishes."""
+    (a process that skipped alone would leave the other in the gradient all-reduce: a crash or a hang), it is
+    counted (`skipped_micro_batches`), and the run finishes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from diffalign.toy.render_captions import render_captions
