@@ -5,7 +5,7 @@ on its own - shorter side to `resolution`, aspect ratio kept - and then cropped 
 stretched to the other's size. A pair shares ONE flip decision and ONE crop position, the position being
 relative (the same fraction of each image's free margin), so winner and loser show the same part of the scene
 whatever their sizes. Flipping winner and loser independently, or stretching one to the other, are known
-defects of older scripts (METHODS.md).
+defects of older scripts (docs/methods.md#conventions-shared-by-every-method).
 
 SDXL micro-conditioning needs, per image, the size before resizing (`original_size_*`, (h, w)) and where the
 crop starts in the resized image (`crop_top_left_*`, (top, left)). After a horizontal flip the crop's left edge

@@ -1,4 +1,6 @@
-"""Weight offsets of the negative model, `theta_neg = theta_base + alpha*eta + beta*delta` (DESIGN.md section 1).
+"""Weight offsets of the negative model, `theta_neg = theta_base + alpha*eta + beta*delta`.
+
+The maths: docs/methods.md#negative-branch-guidance-at-inference.
 
 An offset is either a LoRA file (low rank, `B @ A * scaling` per module) or a full UNet folder taken as its
 difference to the base UNet. Two ways to turn offsets into a negative model:

@@ -5,8 +5,9 @@ latent, ask for the regression target, predict, and turn a prediction back into 
 differs between SD1.x/2.x, SDXL and (later) CogVideoX - text encoders, pooled embeddings, micro-conditioning,
 the pipeline class used to save LoRAs - lives in the subclass, so a recipe never branches on the family.
 
-Noise maths follows DESIGN.md 1: `x_t = a_t x0 + s_t eps` with `a_t = sqrt(abar_t)`, `s_t = sqrt(1 - abar_t)`,
-target `eps` (epsilon) or `v = a_t eps - s_t x0` (v-prediction), read from the scheduler config.
+Noise maths (docs/methods.md#conventions-shared-by-every-method): `x_t = a_t x0 + s_t eps` with
+`a_t = sqrt(abar_t)`, `s_t = sqrt(1 - abar_t)`, target `eps` (epsilon) or `v = a_t eps - s_t x0` (v-prediction),
+read from the scheduler config.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ class ModelFamily(abc.ABC):
         return abar.sqrt().view(shape), (1.0 - abar).sqrt().view(shape)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
-        """x_t = a_t x0 + s_t eps (forward process, DESIGN 1)."""
+        """x_t = a_t x0 + s_t eps (forward process, docs/methods.md#conventions-shared-by-every-method)."""
         a, s = self._coeffs(t, x0)
         return (a * x0.float() + s * noise.float()).to(x0.dtype)
 

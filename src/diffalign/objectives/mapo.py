@@ -9,7 +9,7 @@ with the bounded, decreasing link ``g(u) = u / (exp(u) - 1)`` (``g(0) = 1``, ``g
 The first term is plain fine-tuning on the winner; the second widens the margin ``g_w - g_l`` (a lower
 winner error than loser error gives a positive margin). ``softplus(-x) == -logsigmoid(x)``.
 
-Presets (DESIGN.md section 1, METHODS.md):
+Presets (docs/methods.md#mapo, where the papers' values are listed):
 
 - ``"official"`` (default; the released code): ``scale = 0.5, k = 1000 (= T), weight = 0.1``.
 - ``"paper"`` (paper v2): ``scale = 1, k = beta, weight = 1/beta``; beta 8 for general preference,

@@ -44,7 +44,8 @@ TINY = Arch(
     sample_size=32,
 )
 
-# The shipped toy model (TOY_NOTES: 4.1 M-parameter UNet, 0.16 M VAE, latent 4x16x16).
+# The shipped toy model: 4.1 M-parameter UNet, 0.16 M VAE, latent 4x16x16
+# (docs/toy_world.md#the-shipped-model-diffalign-toy-path).
 TOY = Arch(
     unet_channels=(32, 64, 128),
     unet_down=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -29,7 +29,8 @@ STYLE_PRIOR = (0.7, 0.15, 0.15)
 # Every word a caption can contain; the offline tokenizer makes each one a single token.
 WORDS = ("a", ",", "shape", *SIZES, *COLOUR_NAMES, *SHAPES, *STYLES[1:])
 
-# Probabilities with which a caption keeps each attribute (DESIGN section 3 / TOY_NOTES).
+# Probabilities with which a caption keeps each attribute (docs/toy_world.md#the-shipped-model-diffalign-toy-path,
+# "Pretraining data").
 P_EMPTY, P_SIZE, P_COLOUR, P_SHAPE, P_STYLE = 0.10, 0.5, 0.85, 0.85, 0.7
 
 
