@@ -2,7 +2,7 @@
 
 A recipe knows the method's data flow (which passes run, what is swapped, what is the reference), never
 the loss maths (that is `objectives/`). Winner and loser go through the network as ONE batch of 2B with
-one timestep and one noise per pair (DESIGN section 1).
+one timestep and one noise per pair (docs/methods.md#conventions-shared-by-every-method).
 """
 
 from __future__ import annotations
