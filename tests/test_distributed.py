@@ -75,13 +75,15 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 def _train_kw(method: str, model: Path, data: dict) -> dict:
+    if method == "npo-dropout":  # caption dropout: 2 processes must drop the same global samples as 1
+        return {**_train_kw("npo", model, data), "proportion_empty_prompts": 0.5}
     kw = dict(method=method, pretrained_model_name_or_path=str(model), resolution=32, max_train_steps=STEPS,
               learning_rate=1e-3, adam_epsilon=1e-3, rank=4, seed=0, report_to="none", checkpointing_steps=2,
               validation_prompts=["a red circle"], validation_steps=2, validation_num_inference_steps=2)
     if method == "selfnpo":
         kw.update(dataset_name=str(data["prompts"]), ddim_grid=5, teacher_steps=2, teacher_ema_decay=0.5)
     else:
-        kw.update(dataset_name=str(data["pairs"]), **({"beta": 100.0} if method == "dpo" else {}))
+        kw.update(dataset_name=str(data["pairs"]), **({"beta": 100.0} if method in ("dpo", "npo") else {}))
     return kw
 
 
@@ -127,7 +129,7 @@ def _assert_logged_once(out: Path, stdout: str) -> None:
     assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-000002.png", "step-000003.png"]
 
 
-@pytest.mark.parametrize("method", ["dpo", "mapo", "selfnpo"])
+@pytest.mark.parametrize("method", ["dpo", "mapo", "selfnpo", "npo-dropout"])
 def test_two_processes_train_like_one_process_at_the_same_global_batch(tiny_pipelines, data, tmp_path, method):
     """Weights and logged losses of 2 processes x batch 2 equal 1 process x batch 4; logs are written once;
     validation on the main process (every 2 steps and at the end) does not hang the other process."""
@@ -144,6 +146,9 @@ def test_two_processes_train_like_one_process_at_the_same_global_batch(tiny_pipe
     _assert_same_weights(one, two)
     # The logged loss is the global batch's (averaged over processes), so it matches the 1-process log.
     np.testing.assert_allclose([m["loss"] for m in _metrics(two)], [m["loss"] for m in _metrics(one)], rtol=1e-4)
+    if kw.get("proportion_empty_prompts"):  # the logged count is the global batch's, the same samples dropped
+        dropped = [m["empty_prompts"] for m in _metrics(one)]
+        assert [m["empty_prompts"] for m in _metrics(two)] == dropped and 0 < sum(dropped) < STEPS * 4
 
     if method != "dpo":  # resume runs the same code for every method; one 2-process resume keeps the file short
         return

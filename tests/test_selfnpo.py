@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.errors import UserError
-from diffalign.models import load_family
+from diffalign.models import Conditioning, load_family
 from diffalign.training.selfnpo import EmaTeacher, SelfNPOBatch, SelfNPORecipe, ddim_grid
 
 LATENT = (4, 16, 16)
@@ -88,34 +88,120 @@ def test_ddim_grid_trailing():
 
 @pytest.mark.parametrize("kind,w", [("sd", -1.0), ("sd-v", -5.0)])
 def test_teacher_walk_equals_diffusers_ddim(tiny_pipelines, kind, w):
-    """From pure noise with K = N-1 the teacher's walk is a whole trailing-DDIM sampling run (eta 0)."""
+    """From pure noise with K = N-1 the teacher's walk is a whole trailing-DDIM sampling run (eta 0): with the
+    interior range it ends at the lowest grid point; with the official range a sample starting below the top
+    takes one more step, into t = 0 with alphas_cumprod[0] (diffusers' set_alpha_to_one=False), and its target
+    is the teacher's x0 estimate there."""
     from diffusers import DDIMScheduler
 
     family = load_family(tiny_pipelines[kind])
     named = {n: p for n, p in family.unet.named_parameters()}
     teacher = EmaTeacher(family.unet, named, 0.999, separate_copy=True)
-    recipe = SelfNPORecipe(family, teacher, start="noise", guidance=w, grid_steps=4, teacher_steps=3,
-                           latent_shape=LATENT)
-    batch = _batch(family, n=2, latents=False)
-    result = recipe.teacher_target(batch, torch.Generator().manual_seed(3))
+    B = 4
+    batch = _batch(family, n=B, latents=False, prompts=("a red circle", "a blue square", "", "a green triangle"))
+    pair = type(batch.cond).cat([batch.cond, batch.uncond])
 
-    gen = torch.Generator().manual_seed(3)
-    torch.randint(0, 1, (2,), generator=gen)  # the start indices (all 0: only the top is possible)
-    x = torch.randn(2, *LATENT, generator=gen)
-    sched = DDIMScheduler.from_config(family.noise_scheduler.config, timestep_spacing="trailing")
+    def guided(x, t):
+        c, u = family.predict(torch.cat([x, x]), t, pair).chunk(2)
+        return c + w * (c - u)
+
+    sched = DDIMScheduler.from_config(family.noise_scheduler.config, timestep_spacing="trailing",
+                                      set_alpha_to_one=False)
     sched.set_timesteps(4)
     assert sched.timesteps.tolist() == [999, 749, 499, 249]
-    with torch.no_grad():
-        for k, t in enumerate(sched.timesteps):
-            both = family.predict(torch.cat([x, x]), t, type(batch.cond).cat([batch.cond, batch.uncond]))
-            c, u = both.chunk(2)
-            out = c + w * (c - u)
-            step = sched.step(out, t, x, eta=0.0)
-            if k == 3:
-                torch.testing.assert_close(result.x_t, x, rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(result.target, step.pred_original_sample, rtol=1e-4, atol=1e-4)
-            x = step.prev_sample
-    assert result.t.tolist() == [249, 249] and result.t_start.tolist() == [999, 999] and result.calls == 4
+    for start_range, seed in (("interior", 3), ("official", 1)):
+        recipe = SelfNPORecipe(family, teacher, start="noise", guidance=w, grid_steps=4, teacher_steps=3,
+                               latent_shape=LATENT, start_range=start_range)
+        result = recipe.teacher_target(batch, torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        i = torch.randint(0, 1 if start_range == "interior" else 4, (B,), generator=gen)  # the start indices
+        x = torch.randn(B, *LATENT, generator=gen)
+        states, targets = [], []
+        with torch.no_grad():
+            for t in sched.timesteps:
+                step = sched.step(guided(x, t), t, x, eta=0.0)
+                states.append(x)
+                targets.append(step.pred_original_sample)
+                x = step.prev_sample
+            states.append(x)  # at t = 0: the final sample with alphas_cumprod[0]
+            targets.append(family.pred_x0(x, 0, guided(x, torch.tensor(0))))
+        end = torch.clamp(i + 3, max=4)
+        for b in range(B):
+            torch.testing.assert_close(result.x_t[b], states[end[b]][b], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(result.target[b], targets[end[b]][b], rtol=1e-4, atol=1e-4)
+        path = [999, 749, 499, 249, 0]
+        assert result.t.tolist() == [path[e] for e in end] and result.t_start.tolist() == [path[j] for j in i]
+        assert result.calls == int(end.max()) + 1
+        if start_range == "interior":
+            assert result.t.tolist() == [249] * B and result.calls == 4
+        else:  # the seed gives both kinds of sample: one ends at 249 after 3 steps, the others at 0
+            assert set(result.t.tolist()) == {249, 0} and result.calls == 5
+
+
+def _cheap_family(path):
+    """A real family's noise maths with a network that predicts 0 and records each call's timesteps: many
+    teacher walks at no cost."""
+    family = load_family(path)
+    family.calls = []
+
+    def predict(x, t, cond, **kw):
+        family.calls.append(torch.as_tensor(t).expand(x.shape[0]).clone())
+        return torch.zeros_like(x)
+
+    family.predict = predict
+    return family
+
+
+@pytest.mark.parametrize("start", ["images", "noise"])
+def test_start_range_distribution(tiny_pipelines, start):
+    """(t_start, t_end) over many draws: official = start index uniform over all N grid points, end clipped at
+    t = 0 (exactly when i >= N-K, a share K/N); interior = the old rule, i uniform over 0..N-1-K, never t = 0.
+    With t_end = 0 the student's s is uniform on 1..T-1."""
+    family = _cheap_family(tiny_pipelines["sd"])
+    teacher = EmaTeacher(family.unet, {}, 0.9, separate_copy=False)
+    N, K, B, T = 25, 5, 20000, 1000
+    grid = ddim_grid(T, N).tolist()
+    shape = (1, 2, 2)
+    cond = Conditioning(torch.zeros(B, 1, 1))
+    batch = SelfNPOBatch(cond, cond, torch.zeros(B, *shape) if start == "images" else None)
+    results = {}
+    for start_range in ("official", "interior"):
+        recipe = SelfNPORecipe(family, teacher, start=start, grid_steps=N, teacher_steps=K, latent_shape=shape,
+                               start_range=start_range)
+        family.calls.clear()
+        results[start_range] = recipe(batch, torch.Generator().manual_seed(7))
+        s = family.calls[-1]  # the student's call comes last
+        teacher_result = recipe.teacher_target(batch, torch.Generator().manual_seed(7))  # the same draws again
+        t_start, t_end = teacher_result.t_start, teacher_result.t
+        i = torch.tensor([grid.index(v) for v in t_start.tolist()])
+        counts = torch.bincount(i, minlength=N).double()
+        if start_range == "official":
+            # Support: every start index 0..N-1; the end is the grid point K further, or t = 0 past the bottom.
+            assert counts.gt(0).all()
+            expected_end = torch.tensor([grid[j + K] if j + K < N else 0 for j in i.tolist()])
+            assert torch.equal(t_end, expected_end)
+            assert torch.equal(t_end == 0, i >= N - K)
+            share = (t_end == 0).double().mean().item()
+            assert abs(share - K / N) < 4.5 * (K / N * (1 - K / N) / B) ** 0.5
+            zero = t_end == 0
+            assert (s[zero] >= 1).all() and (s[zero] <= T - 1).all()
+            assert s[zero].min() < grid[-1]  # below the lowest grid point: impossible with the interior range
+            assert abs(s[zero].double().mean().item() - T / 2) < 4.5 * (T / 12 ** 0.5) / zero.sum().item() ** 0.5
+        else:
+            # The old rule, draw for draw: the same generator gives the same start indices as before.
+            old_i = torch.randint(0, N - K, (B,), generator=torch.Generator().manual_seed(7))
+            assert torch.equal(i, old_i)
+            assert counts[: N - K].gt(0).all() and counts[N - K :].eq(0).all()
+            assert torch.equal(t_end, torch.tensor([grid[j + K] for j in i.tolist()]))
+            assert t_end.min().item() == grid[-1] and t_start.min().item() == grid[N - 1 - K]  # 39 and 239
+        assert (s > t_end).all() and (s <= T - 1).all()
+        # Each start index equally likely: every count within 4.5 sigma of its binomial expectation.
+        support = N if start_range == "official" else N - K
+        p = 1 / support
+        sigma = (B * p * (1 - p)) ** 0.5
+        assert (counts[:support] - B * p).abs().max().item() < 4.5 * sigma
+    assert results["official"].metrics["teacher_calls"] == (K + 1 if start == "images" else N + 1)
+    assert results["interior"].metrics["teacher_calls"] == (K + 1 if start == "images" else N)  # max i = N-1-K
 
 
 def test_teacher_calls_per_step_and_batching(tiny_pipelines):
@@ -124,23 +210,32 @@ def test_teacher_calls_per_step_and_batching(tiny_pipelines):
     B, K, N = 3, 2, 6
     seen = []
     hook = family.unet.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    path = ddim_grid(1000, N).tolist() + [0]
     try:
-        for w, per_call in ((-5.0, 2 * B), (-1.0, B)):
-            for start in ("images", "noise"):
-                seen.clear()
-                recipe = SelfNPORecipe(family, teacher, start=start, guidance=w, grid_steps=N, teacher_steps=K,
-                                       latent_shape=LATENT)
-                result = recipe(_batch(family), torch.Generator().manual_seed(11))
-                calls, rows = int(result.metrics["teacher_calls"]), list(seen)
-                grid = ddim_grid(1000, N).tolist()
-                if start == "images":
-                    assert calls == K + 1
-                    assert rows == [per_call] * (K + 1) + [B]  # K+1 teacher calls (cond|uncond batched), 1 student
-                else:
-                    i = recipe.teacher_target(_batch(family), torch.Generator().manual_seed(11)).t_start
-                    i_max = max(grid.index(v) for v in i.tolist())
-                    assert calls == i_max + K + 1 and len(rows) == calls + 1
-                    assert rows[0] == per_call and rows[-1] == B  # samples leave the batch as they finish
+        for start_range in ("interior", "official"):
+            for w, per_call in ((-5.0, 2 * B), (-1.0, B)):
+                for start in ("images", "noise"):
+                    for seed in (11, 12):
+                        seen.clear()
+                        recipe = SelfNPORecipe(family, teacher, start=start, guidance=w, grid_steps=N,
+                                               teacher_steps=K, latent_shape=LATENT, start_range=start_range)
+                        result = recipe(_batch(family), torch.Generator().manual_seed(seed))
+                        calls, rows = int(result.metrics["teacher_calls"]), list(seen)
+                        r = recipe.teacher_target(_batch(family), torch.Generator().manual_seed(seed))
+                        i = [path.index(v) for v in r.t_start.tolist()]
+                        end = [path.index(v) for v in r.t.tolist()]
+                        # A sample makes (end - i) + 1 calls; the batch walks in lock-step.
+                        assert end == [min(j + K, N) if start_range == "official" else j + K for j in i]
+                        if start == "images":
+                            assert calls == max(e - j for e, j in zip(end, i)) + 1
+                            if start_range == "interior":
+                                assert calls == K + 1
+                                # K+1 teacher calls (cond|uncond batched), then 1 student call
+                                assert rows == [per_call] * (K + 1) + [B]
+                        else:
+                            assert calls == max(end) + 1
+                        assert len(rows) == calls + 1
+                        assert rows[0] == per_call and rows[-1] == B  # samples leave the batch as they finish
     finally:
         hook.remove()
 
@@ -196,6 +291,7 @@ def test_lora_noise_start_trains_every_parameter_and_loads(tiny_pipelines, promp
     assert pipe.get_list_adapters()["unet"]
     card = (out / "README.md").read_text()
     assert "NEGATIVE model" in card and "negative branch" in card and "load_lora_weights" in card
+    assert "| start range | official: any grid point, the teacher's steps clipped at t = 0 |" in card
     assert (out / "config.yaml").is_file() and (out / "validation" / "step-000003.png").is_file()
     report = json.loads((out / "train_report.json").read_text())
     assert report["steps"] == 3 and report["data"]["prompts"] == 4
@@ -286,6 +382,7 @@ def test_prompt_sources(tmp_path, image_captions):
     (dict(selfnpo_start="images", image_columns=("image",), dataset_name="toy"), "dataset_name=toy"),
     (dict(method="mapo", teacher_steps=3), "teacher_steps"),
     (dict(method="mapo", selfnpo_start="images"), "selfnpo_start"),
+    (dict(method="mapo", selfnpo_start_range="interior"), "selfnpo_start_range=interior only applies"),
 ])
 def test_config_rules(kw, key):
     from diffalign.training.config import TrainConfig
@@ -293,6 +390,8 @@ def test_config_rules(kw, key):
     base = dict(method="selfnpo", pretrained_model_name_or_path="toy", dataset_name="d.parquet", output_dir="out")
     TrainConfig(**base).validate()
     TrainConfig(**{**base, "selfnpo_start": "images", "image_columns": ("image",)}).validate()
+    assert TrainConfig(**base).selfnpo_start_range == "official"
+    TrainConfig(**{**base, "selfnpo_start_range": "interior"}).validate()
     with pytest.raises(UserError, match=key):
         TrainConfig(**{**base, **kw}).validate()
 
@@ -313,3 +412,4 @@ def test_shipped_selfnpo_recipes():
         1e-7, -5.0, 10, 0.0)
     toy = load_config(TrainConfig, configs / "toy_selfnpo.yaml", []).validate()
     assert toy.method == "selfnpo" and toy.dataset_name == "toy" and toy.selfnpo_start == "noise"
+    assert sd15.selfnpo_start_range == sdxl.selfnpo_start_range == toy.selfnpo_start_range == "official"

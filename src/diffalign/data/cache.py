@@ -139,6 +139,17 @@ def _read_json(file: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def cached_text(family, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The text part of cached pairs, as a shard stores it: `prompt_embeds` (and SDXL's pooled `text_embeds`) of
+    `captions`, on the CPU. `cached_text(family, [""])` is the empty caption in that form, which caption dropout
+    (`proportion_empty_prompts`) puts in place of a cached pair's own embeddings."""
+    cond = family.encode_prompts(list(captions))
+    out = {"prompt_embeds": cond.prompt_embeds.cpu()}
+    if cond.text_embeds is not None:
+        out["text_embeds"] = cond.text_embeds.cpu()
+    return out
+
+
 def _encode_batch(items: list[dict], family, resolution: int) -> dict[str, torch.Tensor]:
     transform = PairTransform(resolution, random_flip=False, center_crop=True)
     rng = random.Random(0)  # unused: no flip, centre crop
@@ -146,16 +157,13 @@ def _encode_batch(items: list[dict], family, resolution: int) -> dict[str, torch
     pixels = torch.stack([v["pixel_w"] for v in views] + [v["pixel_l"] for v in views])
     latents = family.encode_images(pixels, chunk_size=len(views)).cpu()
     n = len(views)
-    cond = family.encode_prompts([v["caption"] for v in views])
     out = {
         "index": torch.tensor([v["index"] for v in views], dtype=torch.long),
         "row": torch.tensor([v["row"] for v in views], dtype=torch.long),
         "latents_w": latents[:n],
         "latents_l": latents[n:],
-        "prompt_embeds": cond.prompt_embeds.cpu(),
+        **cached_text(family, [v["caption"] for v in views]),
     }
-    if cond.text_embeds is not None:
-        out["text_embeds"] = cond.text_embeds.cpu()
     target = (resolution, resolution)
     for side in ("w", "l"):
         ids = family.time_ids([v[f"original_size_{side}"] for v in views], [v[f"crop_top_left_{side}"] for v in views], target)

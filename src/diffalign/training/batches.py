@@ -106,6 +106,47 @@ class CachedItems:
         return self.cached[i]
 
 
+def empty_prompt_mask(p: float, n: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> list[bool]:
+    """Caption dropout (``proportion_empty_prompts``): which of this process's ``n`` rows of a micro-batch train on
+    the empty prompt "".
+
+    Row k of the GLOBAL micro-batch (``world x n`` rows) is dropped when its draw ``u_k ~ U[0, 1)`` (float64) is
+    below ``p``; the draw comes from the loop's per-step generator, the same on every process, and this process
+    keeps rows ``rank::world``, the rows ``BatchStream`` gives it. So the dropped samples are a function of
+    (seed, step, micro-batch, position) only: a resumed run and any number of processes drop the same ones.
+    ``p == 0`` draws nothing and leaves the generator as it was, so such a run is unchanged.
+    """
+    if p <= 0:
+        return [False] * n
+    rank, world = shard
+    u = torch.rand(n * world, generator=generator, dtype=torch.float64)[rank::world]
+    return (u < p).tolist()
+
+
+def drop_captions(items: list, mask: list[bool], empty: dict | None = None) -> tuple[list, int]:
+    """``items`` with the rows ``mask`` marks given the empty prompt, and how many usable rows that changed.
+
+    A pair has one caption, so winner and loser both get "". A pixel item's caption becomes "" (encoded with the
+    rest of the batch); a cached item has no text to encode and takes ``empty``, the cached form of the encoded ""
+    (``diffalign.data.cache.cached_text(family, [""])`` without its batch dimension), in place of its own
+    ``prompt_embeds`` (and SDXL ``text_embeds``). Items are copied, never changed in place; ``None`` rows (images
+    that failed to decode) stay ``None`` and are not counted.
+    """
+    if len(mask) != len(items):
+        raise ValueError(f"the caption-dropout mask has {len(mask)} rows for {len(items)} items")
+    out, dropped = [], 0
+    for item, drop in zip(items, mask):
+        if drop and item is not None:
+            item = {**item, "caption": ""}
+            if "prompt_embeds" in item:
+                if empty is None:
+                    raise ValueError("cached items need the empty prompt's cached embeddings to drop a caption")
+                item.update(empty)
+            dropped += 1
+        out.append(item)
+    return out, dropped
+
+
 def to_pair_batch(items: list, family, resolution: int, device) -> PairBatch | None:
     """Encode a list of items (pixels or cached latents) into a PairBatch; None if every item was bad."""
     items = [it for it in items if it is not None]

@@ -4,7 +4,7 @@ Flag names follow the diffusers training scripts wherever one exists (``--pretra
 ``--gradient_accumulation_steps``, ``--resume_from_checkpoint latest``, ...). Load with
 :func:`diffalign.config_loader.load_config`, then call :meth:`TrainConfig.validate` before any model loads.
 
-beta convention (DESIGN.md section 1): the original Diffusion-DPO code, with the 0.5 inside the logit,
+beta convention (docs/methods.md#diffusion-dpo): the original Diffusion-DPO code, with the 0.5 inside the logit,
 ``L = -log sigmoid(-0.5 * beta * ((err_w - err_l) - (ref_w - ref_l)))``. The diffusers SD1.5 DPO script
 drops the 0.5, so its ``--beta_dpo 2500`` is ``beta: 5000`` here.
 """
@@ -57,6 +57,12 @@ class TrainConfig:
     dataset_split_name: str = _f("train", "Split to train on (the diffusers DPO script's default 'validation' "
                                  "is a known trap; Pick-a-Pic v2 has train/validation/test/test_unique).")
     caption_column: str = _f("caption", "Column holding the prompt.")
+    proportion_empty_prompts: float = _f(
+        0.0, "Caption dropout for the pair methods (dpo, mapo, npo, sft): the share of training samples, in [0, 1], "
+        "whose caption is replaced by the empty prompt \"\" (both images of a pair), so the model also learns the "
+        "preference in the unconditional branch. 0.0 as in the diffusers scripts; the original Diffusion-DPO code "
+        "uses 0.2. Which samples are dropped depends only on (seed, step, sample), so a resumed or multi-process "
+        "run drops the same ones; the count is logged per step as empty_prompts.")
     image_columns: tuple[str, ...] = _f(
         ("jpg_0", "jpg_1"), "Image columns (encoded image bytes or paths): two for a pair; sft also takes one; "
         "selfnpo_start=images takes exactly one (e.g. image, or jpg_0 of Pick-a-Pic); selfnpo_start=noise "
@@ -140,11 +146,18 @@ class TrainConfig:
     use_ema: bool = _f(False, "Keep an EMA copy of the trained UNet and save it (train_mode=full only).")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer update.")
 
-    # --- Self-NPO (method=selfnpo; DESIGN.md section 1) --------------------------------------------------
+    # --- Self-NPO (method=selfnpo; docs/methods.md#self-npo) ---------------------------------------------
     selfnpo_start: Literal["noise", "images"] = _f(
         "noise", "Where the teacher's trajectories start. noise: data-free, prompts only (the paper's claim): "
         "pure noise at the top of the DDIM grid, lower starts reached by the teacher's own denoising from "
         "noise; images: noised latents of real image-caption data at t_start (what the official code does).")
+    selfnpo_start_range: Literal["official", "interior"] = _f(
+        "official", "Which start points t_start = g[i] the teacher's K steps may start from, on the ddim_grid g "
+        "(N points; T-1 at the top). official (the official training code): i uniform over all N points, the K "
+        "steps clipped at t = 0 (the grid extended by t = 0, the end at min(i+K, N)), so about K/N of the samples "
+        "end at t = 0 and the student's s is then uniform on 1..T-1; interior: i uniform over 0..N-1-K, always K "
+        "full steps, no trajectory starts below g[N-1-K] nor ends below the lowest grid point (239 and 39 for "
+        "N = 25, K = 5).")
     teacher_ema_decay: float = _f(
         0.999, "Decay of the teacher, an EMA of the student initialised at the base model, updated after every "
         "optimizer step (LoRA: an EMA of the adapter weights on the shared base UNet).")
@@ -153,8 +166,9 @@ class TrainConfig:
         "-5 (official SDXL); 0 = conditional.")
     ddim_grid: int = _f(25, "Steps of the DDIM grid the teacher walks on (trailing spacing: T-1 is the top).")
     teacher_steps: int = _f(
-        5, "K: DDIM steps the teacher takes from x_{t_start} to x_t per training step (K+1 teacher network "
-        "calls with selfnpo_start=images; see diffalign.training.selfnpo for the count with noise).")
+        5, "K: DDIM steps the teacher takes from x_{t_start} to x_t per training step (fewer near t = 0 with "
+        "selfnpo_start_range=official). A sample costs its steps + 1 teacher network calls; the batch steps "
+        "together (see diffalign.training.selfnpo for the count, also with selfnpo_start=noise).")
     selfnpo_loss: Literal["pseudo_huber", "l2"] = _f(
         "pseudo_huber", "Distance between the student's x0 prediction at (x_s, s, caption) and the teacher's "
         "x0 estimate at (x_t, t): pseudo_huber (official, see huber_c) or l2 (per-element mean squared error).")
@@ -350,9 +364,17 @@ class TrainConfig:
             raise UserError(f"resolution must be a positive multiple of 8 (or none for native), got {self.resolution}")
         if self.dataloader_num_workers < 0:
             raise UserError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        p = self.proportion_empty_prompts
+        if not 0 <= p <= 1:
+            raise UserError(f"proportion_empty_prompts must be in [0, 1] (the share of captions replaced by the empty "
+                            f"prompt; 0 = none, 0.2 = the original Diffusion-DPO code), got {p}")
+        if p and self.method == "selfnpo":
+            raise UserError(f"proportion_empty_prompts={p} applies to the pair methods (dpo, mapo, npo, sft); "
+                            "method=selfnpo trains on its prompts as given (add empty lines to the prompts to "
+                            "train on the empty prompt): remove it")
 
-    _SELFNPO_KEYS = ("selfnpo_start", "teacher_ema_decay", "teacher_guidance", "ddim_grid", "teacher_steps",
-                     "selfnpo_loss", "huber_c")
+    _SELFNPO_KEYS = ("selfnpo_start", "selfnpo_start_range", "teacher_ema_decay", "teacher_guidance", "ddim_grid",
+                     "teacher_steps", "selfnpo_loss", "huber_c")
 
     def _validate_selfnpo(self) -> None:
         m = self.method

@@ -15,14 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import lora_disabled
-from .batches import CachedItems, PixelPairs, to_pair_batch
+from .batches import CachedItems, PixelPairs, drop_captions, empty_prompt_mask, to_pair_batch
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .model_card import write_model_card
 from .setup import make_stream, start_run
-from .steps import (backward_micro_batch, make_optimizer, open_run_log, optimizer_step, skip_micro_batch,
-                    write_train_report)
+from .steps import (add_count, backward_micro_batch, make_optimizer, open_run_log, optimizer_step,
+                    skip_micro_batch, write_train_report)
 from .recipes import PreferenceRecipe, sample_noise_and_t
 from .validation import validation_grid
 
@@ -65,6 +65,17 @@ def _load_data(cfg: TrainConfig, family, resolution: int, log):
     return pairs, PixelPairs(pairs, transform, cfg.seed)
 
 
+def _empty_prompt(cfg: TrainConfig, family, items) -> dict | None:
+    """What caption dropout puts in place of a cached pair's embeddings: the encoded "" as the cache stores text
+    (None when nothing is dropped, or when items carry captions that are encoded with their batch)."""
+    if not cfg.proportion_empty_prompts or not isinstance(items, CachedItems):
+        return None
+    from ..data.cache import cached_text
+
+    with torch.no_grad():
+        return {k: v[0] for k, v in cached_text(family, [""]).items()}
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one training job described by `cfg`; returns the output folder."""
     if cfg.method == "selfnpo":
@@ -91,6 +102,7 @@ def train(cfg: TrainConfig) -> Path:
     with accelerator.main_process_first():  # one process builds the latent cache / dataset files, then the rest read them
         pairs, items = _load_data(cfg, family, resolution, log)
     stream = make_stream(items, cfg, rank, world, pairs.summary)
+    empty = _empty_prompt(cfg, family, items)
 
     optimizer, lr_scheduler = make_optimizer(cfg, list(named.values()), world)
     ema = {n: p.detach().clone().float() for n, p in named.items()} if cfg.use_ema else None
@@ -126,8 +138,11 @@ def train(cfg: TrainConfig) -> Path:
         log(f"resumed from {resume} at step {step}")
     if main:
         open_run_log(cfg, out, accelerator, step, report("running"))
+        dropout = (f"; a share {cfg.proportion_empty_prompts:g} of the captions dropped to the empty prompt"
+                   if cfg.proportion_empty_prompts else "")
         log(f"{cfg.method} on {len(pairs)} pairs; {world} process(es) x batch {cfg.train_batch_size} x accumulation "
-            f"{cfg.gradient_accumulation_steps} = global batch {world * cfg.train_batch_size * cfg.gradient_accumulation_steps}")
+            f"{cfg.gradient_accumulation_steps} = global batch {world * cfg.train_batch_size * cfg.gradient_accumulation_steps}"
+            f"{dropout}")
 
     ga = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
@@ -135,15 +150,21 @@ def train(cfg: TrainConfig) -> Path:
         while step < cfg.max_train_steps:
             sums: dict[str, float] = {}
             for micro in range(ga):
-                batch = to_pair_batch(stream.get(step * ga + micro), family, resolution, accelerator.device)
+                # Every draw of a micro-batch (caption dropout, then noise and t) comes from one generator, drawn for
+                # the global batch, this process's rows kept: the same weights with 1 process x batch 2B as with 2
+                # processes x batch B, and after a resume.
+                gen = _step_generator(cfg.seed, step, micro, 0)
+                rows = stream.get(step * ga + micro)
+                drop = empty_prompt_mask(cfg.proportion_empty_prompts, len(rows), gen, shard=(rank, world))
+                rows, dropped = drop_captions(rows, drop, empty)
+                batch = to_pair_batch(rows, family, resolution, accelerator.device)
                 if skip_micro_batch(accelerator, batch is None, step, micro, log):
                     counts["skipped_micro_batches"] += 1
                     continue
-                # Drawn for the global batch with one generator, this process's rows kept: the same weights with
-                # 1 process x batch 2B as with 2 processes x batch B.
-                noise, t = sample_noise_and_t(batch.latents_w.shape, family.num_train_timesteps,
-                                              _step_generator(cfg.seed, step, micro, 0), accelerator.device,
-                                              shard=(rank, world))
+                if cfg.proportion_empty_prompts:
+                    add_count(sums, "empty_prompts", dropped, world)
+                noise, t = sample_noise_and_t(batch.latents_w.shape, family.num_train_timesteps, gen,
+                                              accelerator.device, shard=(rank, world))
                 backward_micro_batch(accelerator, unet, lambda: recipe(batch, noise, t), micro=micro, ga=ga, sums=sums)
             skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
                                            cfg.max_grad_norm, sums, stop_requested=boundary.signals.received is not None)

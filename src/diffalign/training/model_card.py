@@ -48,6 +48,8 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
         f"| steps | {cfg.max_train_steps} x batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} |",
         f"| learning rate | {cfg.learning_rate:g} ({cfg.lr_scheduler}, warm-up {cfg.lr_warmup_steps}) |",
         f"| resolution | {resolution} |",
+        *([f"| caption dropout | a share {cfg.proportion_empty_prompts:g} of the captions replaced by the empty "
+           "prompt (proportion_empty_prompts) |"] if cfg.proportion_empty_prompts else []),
         "",
         "## Use",
         "",

@@ -1,27 +1,39 @@
-"""Self-NPO: truncated diffusion fine-tuning of a negative model against an EMA teacher (DESIGN.md section 1).
+"""Self-NPO: truncated diffusion fine-tuning of a negative model against an EMA teacher
+(docs/methods.md#self-npo).
 
 Wang et al. 2025, "Self-NPO: Negative Preference Optimization of Diffusion Models by Simply Learning from
 Itself without Explicit Preference Annotation". One training step, per sample:
 
 1. a start point ``x_{t_start}`` with ``t_start = g[i]`` on a DDIM grid ``g`` (:func:`ddim_grid`, trailing
-   spacing, ``g[0] = T-1``), ``i ~ U{0..N-1-K}``:
+   spacing, ``g[0] = T-1``, N points), and an end position ``e``, by the rule ``start_range``:
+   - ``"official"`` (default, the official training code): ``i ~ U{0..N-1}`` and the teacher's K steps are
+     clipped at ``t = 0``. The grid is extended by the point ``g[N] = 0`` (the DDIM previous timestep of the
+     lowest grid point) and ``e = min(i+K, N)``, so the samples with ``i >= N-K`` (a share K/N: 20% for N = 25,
+     K = 5) end at ``t = 0`` after fewer than K steps;
+   - ``"interior"``: ``i ~ U{0..N-1-K}`` and ``e = i+K``: every sample takes K full steps, none starts below
+     ``g[N-1-K]`` nor ends below ``g[N-1]`` (239 and 39 for T = 1000, N = 25, K = 5).
+   Where the trajectory starts:
    - ``start="images"``: ``x_{t_start} = a x0 + s eps`` from the latent ``x0`` of a real image;
    - ``start="noise"``: data-free. ``x_{g[0]}`` is pure noise; a lower ``t_start`` is reached by the teacher's
      own denoising from that noise (the same guided DDIM steps), so no image is ever read;
-2. the teacher (an EMA of the student, :class:`EmaTeacher`) takes ``K`` deterministic DDIM steps (eta = 0) from
-   ``t_start`` to ``t = g[i+K]`` with the guided prediction ``pred = cond + w*(cond - uncond)``;
-3. the target is the teacher's (guided) x0 estimate ``x0_hat(x_t, t)``; the student sees
-   ``x_s = renoise(x_t, t, s, ...)`` with ``s ~ U{t+1..T-1}`` and its caption, and is trained on the
-   pseudo-Huber (or L2) distance between its own x0 prediction at ``(x_s, s, c)`` and the target;
+2. the teacher (an EMA of the student, :class:`EmaTeacher`) takes ``e - i`` deterministic DDIM steps (eta = 0)
+   from ``t_start`` to ``t = g[e]`` with the guided prediction ``pred = cond + w*(cond - uncond)``; the step
+   into ``t = 0`` uses ``alphas_cumprod[0]``;
+3. the target is the teacher's (guided) x0 estimate ``x0_hat(x_t, t)`` (at ``t = 0``: close to ``x_t`` itself);
+   the student sees ``x_s = renoise(x_t, t, s, ...)`` with ``s ~ U{t+1..T-1}`` (``U{1..T-1}`` when ``t = 0``)
+   and its caption, and is trained on the pseudo-Huber (or L2) distance between its own x0 prediction at
+   ``(x_s, s, c)`` and the target;
 4. after the optimizer step the loop calls :meth:`EmaTeacher.update`.
 
 Teacher network calls per training step (the convention the tests check). A *call* is one forward of the
 UNet on one batch; conditional and unconditional inputs of all samples travel in that one batch (2B rows). The
-teacher's x0 estimate at each state serves both the DDIM step and, at the last state, the target, so:
+teacher's x0 estimate at each state serves both the DDIM step and, at the last state, the target, so a sample
+needs ``(e - i) + 1`` calls. Samples run in lock-step and leave the batch once they reach their ``t``, so:
 
-- ``start="images"``: exactly ``K + 1`` calls (K DDIM steps, then the x0 estimate at ``x_t``);
-- ``start="noise"``: ``max_b(i_b) + K + 1`` calls: every sample walks from the top of the grid, in lock-step,
-  and leaves the batch once it reaches its ``t``; ``K + 1`` when every sample starts at the top.
+- ``start="images"``: ``max_b(e_b - i_b) + 1`` calls: exactly ``K + 1`` with ``start_range="interior"``; with
+  ``"official"`` also ``K + 1`` unless every sample of the batch has ``i_b > N-K`` (then fewer);
+- ``start="noise"``: ``max_b(e_b) + 1`` calls: every sample walks from the top of the grid (``max_b(i_b) + K + 1``
+  with ``"interior"``; ``N + 1`` as soon as one sample ends at ``t = 0``).
 
 When ``w == -1`` the guided prediction is exactly the unconditional one (and when ``w == 0`` the conditional
 one), so the call carries only that half (B rows): the same number of calls at half the cost, which is the
@@ -43,6 +55,7 @@ from ..objectives import pseudo_huber, renoise
 from .recipes import StepResult, per_sample_mse
 
 START_MODES = ("noise", "images")
+START_RANGES = ("official", "interior")
 SELFNPO_LOSSES = ("pseudo_huber", "l2")
 
 
@@ -56,6 +69,11 @@ def ddim_grid(num_train_timesteps: int, steps: int) -> Tensor:
         raise ValueError(f"the DDIM grid needs 1..{num_train_timesteps} steps, got {steps}")
     grid = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)) - 1
     return grid.long()[:steps]
+
+
+def extended_grid(grid: Tensor) -> Tensor:
+    """``grid`` followed by ``t = 0``, the DDIM previous timestep of its lowest point (unless that is 0 already)."""
+    return grid if int(grid[-1]) == 0 else torch.cat([grid, grid.new_zeros(1)])
 
 
 class EmaTeacher:
@@ -151,7 +169,8 @@ class SelfNPORecipe:
 
     ``latent_shape`` is the per-sample latent shape for ``start="noise"``: (C, H, W), or (F', C, H', W') for video
     (``family.latent_shape()``; every tensor op here works on any ``[B, ...]``). All randomness is drawn
-    from the generator, in a fixed order (start indices, start noise, s, re-noising noise), so the loop's
+    from the generator, in a fixed order (start indices, start noise, s, re-noising noise; ``start_range`` changes
+    only the range of the start indices' one draw), so the loop's
     (seed, step) generator makes a resumed run identical. ``shard = (rank, world)``: every draw covers the
     global batch (world x B samples, the same generator on every process) and this process keeps rows
     rank::world (the rows ``BatchStream`` gives it), so a sample's draws do not depend on the process count.
@@ -159,9 +178,12 @@ class SelfNPORecipe:
 
     def __init__(self, family, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
                  grid_steps: int = 25, teacher_steps: int = 5, loss: str = "pseudo_huber", huber_c: float = 1e-3,
-                 latent_shape: Optional[tuple[int, ...]] = None, shard: tuple[int, int] = (0, 1)):
+                 latent_shape: Optional[tuple[int, ...]] = None, shard: tuple[int, int] = (0, 1),
+                 start_range: str = "official"):
         if start not in START_MODES:
             raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+        if start_range not in START_RANGES:
+            raise ValueError(f"start_range must be one of {START_RANGES}, got {start_range!r}")
         if loss not in SELFNPO_LOSSES:
             raise ValueError(f"loss must be one of {SELFNPO_LOSSES}, got {loss!r}")
         if teacher_steps < 1 or grid_steps < teacher_steps + 1:
@@ -173,6 +195,8 @@ class SelfNPORecipe:
         self.start, self.guidance, self.K = start, float(guidance), int(teacher_steps)
         self.loss, self.huber_c, self.latent_shape = loss, float(huber_c), latent_shape
         self.grid = ddim_grid(family.num_train_timesteps, grid_steps)
+        self.path = extended_grid(self.grid)  # the points a trajectory can reach: the grid, then t = 0
+        self.start_range = start_range
         self.shard = shard
 
     def _draw(self, fn, n: int, *args, generator: torch.Generator, **kwargs) -> Tensor:
@@ -180,6 +204,17 @@ class SelfNPORecipe:
         rank, world = self.shard
         *lead, shape = args
         return fn(*lead, (n * world, *shape), generator=generator, **kwargs)[rank::world]
+
+    def _positions(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Start and end positions ``(i, e)`` on :attr:`path` of this process's ``n`` samples (``start_range``):
+        official ``i ~ U{0..N-1}``, ``e = min(i+K, N)`` (position N is t = 0); interior ``i ~ U{0..N-1-K}``,
+        ``e = i+K``. One draw either way."""
+        N, K = len(self.grid), self.K
+        if self.start_range == "interior":
+            i = self._draw(torch.randint, n, 0, N - K, (), generator=generator)
+            return i, i + K
+        i = self._draw(torch.randint, n, 0, N, (), generator=generator)
+        return i, torch.clamp(i + K, max=len(self.path) - 1)
 
     # ------------------------------------------------------------------------------------------ teacher
     def _coeffs(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,16 +242,15 @@ class SelfNPORecipe:
     @torch.no_grad()
     def teacher_target(self, batch: SelfNPOBatch, generator: torch.Generator) -> TeacherResult:
         """Steps 1-3 of the module docstring: the teacher's state ``x_t``, its ``t`` and x0 target."""
-        B, K, grid = batch.size, self.K, self.grid
+        B, path = batch.size, self.path
         device = self.family.device
-        i = self._draw(torch.randint, B, 0, len(grid) - K, (), generator=generator)
-        end = i + K
+        i, end = self._positions(B, generator)
         if self.start == "images":
             if batch.latents is None:
                 raise ValueError("start='images' needs batch.latents")
             x0 = batch.latents.float()
             noise = self._draw(torch.randn, B, x0.shape[1:], generator=generator).to(device)
-            a, s = self._coeffs(grid[i], x0)
+            a, s = self._coeffs(path[i], x0)
             x = a * x0.to(device) + s * noise
             pos = i.clone()
         else:
@@ -227,7 +261,7 @@ class SelfNPORecipe:
         with self.teacher.active() as unet:
             todo = torch.arange(B)
             while len(todo):
-                t_cur = grid[pos[todo]]
+                t_cur = path[pos[todo]]
                 xs = x[todo.to(device)]
                 x0_hat = self._guided_x0(unet, xs, t_cur.to(device), batch.cond[todo], batch.uncond[todo])
                 calls += 1
@@ -236,16 +270,16 @@ class SelfNPORecipe:
                     idx = todo[done].to(device)
                     x_t[idx], target[idx] = xs[done.to(device)], x0_hat[done.to(device)]
                 go = ~done
-                if go.any():  # deterministic DDIM (eta = 0) from t_cur to the next grid point
+                if go.any():  # deterministic DDIM (eta = 0) from t_cur to the next point (t = 0: alphas_cumprod[0])
                     moving = todo[go]
                     a, s = self._coeffs(t_cur[go], xs)
-                    a_next, s_next = self._coeffs(grid[pos[moving] + 1], xs)
+                    a_next, s_next = self._coeffs(path[pos[moving] + 1], xs)
                     xg, x0g = xs[go.to(device)], x0_hat[go.to(device)]
                     eps_hat = (xg - a * x0g) / s
                     x[moving.to(device)] = a_next * x0g + s_next * eps_hat
                     pos[moving] += 1
                 todo = todo[go]
-        return TeacherResult(x_t, grid[end].to(device), target, grid[i].to(device), calls)
+        return TeacherResult(x_t, path[end].to(device), target, path[i].to(device), calls)
 
     # ------------------------------------------------------------------------------------------ student
     def __call__(self, batch: SelfNPOBatch, generator: torch.Generator) -> StepResult:
@@ -275,4 +309,5 @@ class SelfNPORecipe:
         return StepResult(losses, metrics)
 
 
-__all__ = ["EmaTeacher", "SELFNPO_LOSSES", "START_MODES", "SelfNPOBatch", "SelfNPORecipe", "TeacherResult", "ddim_grid"]
+__all__ = ["EmaTeacher", "SELFNPO_LOSSES", "START_MODES", "START_RANGES", "SelfNPOBatch", "SelfNPORecipe",
+           "TeacherResult", "ddim_grid", "extended_grid"]

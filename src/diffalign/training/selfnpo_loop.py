@@ -129,7 +129,8 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
                            grid_steps=cfg.ddim_grid, teacher_steps=cfg.teacher_steps, loss=cfg.selfnpo_loss,
                            huber_c=cfg.huber_c,
                            latent_shape=family.latent_shape(cfg.resolution),  # video: (F', C, H', W')
-                           shard=(rank, world))  # draws cover the global batch: same weights on any process count
+                           shard=(rank, world),  # draws cover the global batch: same weights on any process count
+                           start_range=cfg.selfnpo_start_range)
 
     started, counts = time.time(), {"skipped_micro_batches": 0}
 
@@ -158,7 +159,8 @@ def train_selfnpo(cfg: TrainConfig) -> Path:
         log(f"resumed from {resume} at step {step}")
     if main:
         open_run_log(cfg, out, accelerator, step, report("running"))
-        log(f"selfnpo ({cfg.selfnpo_start} start, K={cfg.teacher_steps} on a {cfg.ddim_grid}-step grid, "
+        log(f"selfnpo ({cfg.selfnpo_start} start, {cfg.selfnpo_start_range} start range, K={cfg.teacher_steps} on "
+            f"a {cfg.ddim_grid}-step grid, "
             f"w={cfg.teacher_guidance:g}) on {data_summary}; {world} process(es) x batch {cfg.train_batch_size} x "
             f"accumulation {cfg.gradient_accumulation_steps}")
 
@@ -215,6 +217,10 @@ def write_selfnpo_model_card(cfg: TrainConfig, out: Path, *, resolution: int, fa
     huber = f" (c = {cfg.huber_c:g})" if cfg.selfnpo_loss == "pseudo_huber" else ""
     start = ("pure noise and prompts only (data-free)" if cfg.selfnpo_start == "noise"
              else "noised latents of real images")
+    start_range = ("official: any grid point, the teacher's steps clipped at t = 0"
+                   if cfg.selfnpo_start_range == "official"
+                   else f"interior: the top {cfg.ddim_grid - cfg.teacher_steps} grid points, always "
+                        f"{cfg.teacher_steps} full steps")
     lines = [
         "---",
         "library_name: diffusers",
@@ -238,6 +244,7 @@ def write_selfnpo_model_card(cfg: TrainConfig, out: Path, *, resolution: int, fa
         f"| method | selfnpo: student regressed onto an EMA teacher's {cfg.teacher_steps}-step DDIM x0 estimate "
         f"({cfg.ddim_grid}-step grid, guidance w = {cfg.teacher_guidance:g}) |",
         f"| trajectories start from | {start} |",
+        f"| start range | {start_range} |",
         f"| teacher EMA decay | {cfg.teacher_ema_decay:g} |",
         f"| loss | {cfg.selfnpo_loss}{huber} |",
         f"| {'LoRA rank' if lora else 'trained'} | {cfg.rank if lora else 'full UNet'} |",

@@ -83,6 +83,13 @@ def sums_to_host(accelerator, sums: dict) -> None:
     sums.update(zip(keys, values.tolist()))
 
 
+def add_count(sums: dict, key: str, count: int, world: int) -> None:
+    """Add this process's ``count`` to the step's ``sums[key]`` so that the logged value is the GLOBAL batch's
+    total: :func:`sums_to_host` averages every key over the ``world`` processes, hence ``world x count``. Call it
+    before the micro-batch's :func:`backward_micro_batch` (the last one reduces the sums)."""
+    sums[key] = sums.get(key, 0.0) + float(count * world)
+
+
 def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict,
                    stop_requested: bool = False) -> tuple[str | None, bool]:
     """Clip, step, schedule, zero; records lr and grad_norm in `sums`.
