@@ -16,6 +16,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rewards", action="append", required=True, metavar="SPEC[,SPEC...]",
                    help="comma-separated reward specs NAME[=PATH][:KEY=VALUE], e.g. toy,pickscore=FOLDER,"
                         "aesthetic=CLIP:head=FILE (see docs/evaluation.md); may be repeated")
+    p.add_argument("--distribution", default=None, metavar="SPEC",
+                   help="also measure each folder as a set against ground-truth renders of its prompts: FD, precision "
+                        "and recall with CIs, and paired differences against each baseline. SPEC: toy[=JUDGE_DIR]"
+                        "[:k=3][:refs=1][:ref_seed=0][:vae=toy|none|PATH][:bootstrap=1000] (see docs/evaluation.md)")
     p.add_argument("--out", required=True, help="output folder: metrics.json, scores.csv, plots, report.html")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -37,7 +41,7 @@ def cmd(args) -> int:
     specs = [s.strip() for group in args.rewards for s in group.split(",") if s.strip()]
     result = evaluate_folders(folders, specs, args.out, baselines, bootstrap=args.bootstrap, seed=args.seed,
                               level=args.level, batch_size=args.batch_size, device=args.device,
-                              lenient=args.lenient, grid_rows=args.grid_rows)
+                              lenient=args.lenient, grid_rows=args.grid_rows, distribution=args.distribution)
     if result.report_path is not None:  # only the main process writes and prints
         print(format_table(result))
         print(f"\nreport: {result.report_path}")

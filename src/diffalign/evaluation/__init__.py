@@ -1,7 +1,17 @@
 """Evaluation: reward models behind one interface (`Reward.score(images, prompts) -> Tensor[N]`),
-benchmark statistics, and `evaluate_folders` / `write_report` behind `diffalign evaluate`."""
+benchmark statistics, set-level measures (FD, precision, recall; `distribution`, `toy_distribution`), and
+`evaluate_folders` / `write_report` behind `diffalign evaluate`."""
 
 from . import clip_rewards, optional_rewards  # noqa: F401  (importing registers their rewards)
+from .distribution import (
+    DistributionDifference,
+    DistributionMetrics,
+    distribution_metrics,
+    feature_frechet_distance,
+    frechet_distance,
+    paired_distribution_difference,
+    precision_recall,
+)
 from .evaluate import EvaluationResult, ImageRecord, evaluate_folders
 from .report import format_table, write_report
 from .rewards import (
@@ -16,9 +26,13 @@ from .rewards import (
     register_reward,
 )
 from .stats import Interval, WinRate, bootstrap_ci, paired_win_rate, win_rate
+from .toy_distribution import ToyDistribution, compare_toy_distributions, toy_distribution_metrics
 
 __all__ = [
-    "EvaluationResult", "ImageRecord", "Interval", "Reward", "RewardSpec", "ToyReward", "WinRate",
-    "available_rewards", "bootstrap_ci", "evaluate_folders", "format_table", "get_reward", "images_to_pil",
-    "images_to_tensor", "paired_win_rate", "parse_reward_spec", "register_reward", "win_rate", "write_report",
+    "DistributionDifference", "DistributionMetrics", "EvaluationResult", "ImageRecord", "Interval", "Reward",
+    "RewardSpec", "ToyDistribution", "ToyReward", "WinRate", "available_rewards", "bootstrap_ci",
+    "compare_toy_distributions", "distribution_metrics", "evaluate_folders", "feature_frechet_distance",
+    "format_table", "frechet_distance", "get_reward", "images_to_pil", "images_to_tensor",
+    "paired_distribution_difference", "paired_win_rate", "parse_reward_spec", "precision_recall",
+    "register_reward", "toy_distribution_metrics", "win_rate", "write_report",
 ]

@@ -3,8 +3,10 @@
 `evaluate_folders` reads each folder's manifest.jsonl, scores every image with every reward (in batches,
 sharded over processes under `accelerate launch`, gathered on every process), and computes per reward and
 folder the mean with a bootstrap CI, plus each folder's win rate against each baseline on images matched by
-(prompt, seed). With `out_dir`, the main process alone writes metrics.json, scores.csv, plots and report.html
-(`report.write_report`).
+(prompt, seed). With `distribution` (e.g. "toy"), each folder also gets set-level measures against ground-truth
+references of its prompts (FD, precision, recall; `toy_distribution`), and each folder against each baseline
+their paired differences. With `out_dir`, the main process alone writes metrics.json, scores.csv, plots and
+report.html (`report.write_report`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import UserError
+from .distribution import DistributionDifference, DistributionMetrics
 from .rewards import Reward, get_reward
-from .stats import Interval, WinRate, bootstrap_ci, check_bootstrap_options, paired_win_rate
+from .stats import Interval, WinRate, bootstrap_ci, check_bootstrap_options, match_pairs, paired_win_rate
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class EvaluationResult:
     seed: int = 0
     level: float = 0.95
     report_path: Path | None = None
+    # Set-level measures (only with `distribution`): the measure's settings, per label, per (label, baseline).
+    distribution_settings: dict | None = None
+    distribution: dict[str, DistributionMetrics] = field(default_factory=dict)
+    distribution_differences: dict[tuple[str, str], DistributionDifference] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -70,7 +77,7 @@ class EvaluationResult:
         return self.scores[self.rows_of(label), self.rewards.index(reward)]
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "folders": {label: {"path": path, "images": len(self.rows_of(label)),
                                 "skipped": sum(s["label"] == label for s in self.skipped)}
                         for label, path in self.folders.items()},
@@ -82,6 +89,14 @@ class EvaluationResult:
                           for reward, per in self.win_rates.items()},
             "skipped": list(self.skipped),
         }
+        if self.distribution_settings is not None:
+            out["distribution"] = {
+                **self.distribution_settings,
+                "sets": {label: m.as_dict() for label, m in self.distribution.items()},
+                "differences": [{"label": a, "baseline": b, **d.as_dict()}
+                                for (a, b), d in self.distribution_differences.items()],
+            }
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -252,6 +267,51 @@ def compute_metrics(result: EvaluationResult) -> EvaluationResult:
     return result
 
 
+def _label_features(result: EvaluationResult, measure) -> dict[str, np.ndarray]:
+    """The measure's features of every scored image, per label (the images are read again)."""
+    features = {}
+    for label in result.labels:
+        rows = result.rows_of(label)
+        if len(rows) <= measure.k:
+            raise UserError(f"folder '{label}' has {len(rows)} scored image(s); the distribution measures need more "
+                            f"than k={measure.k}: add images or lower k (e.g. --distribution toy:k=1)")
+        features[label] = measure.features([load_image(result.records[i].path)[0] for i in rows])
+    return features
+
+
+def compute_distribution_metrics(result: EvaluationResult, measure, show_progress: bool = False) -> EvaluationResult:
+    """Fill `result.distribution` (each folder against the reference of its prompts) and
+    `result.distribution_differences` (each folder minus each baseline on images matched by (prompt, seed),
+    against the reference of the matched prompts). `measure` is a `toy_distribution.ToyDistribution`."""
+    from tqdm.auto import tqdm
+
+    comparisons = [(label, baseline) for baseline in result.baselines for label in result.labels
+                   if label not in result.baselines]
+    features = _label_features(result, measure)
+    result.distribution_settings = measure.describe()
+    result.distribution, result.distribution_differences = {}, {}
+    bar = tqdm(total=len(result.labels) + len(comparisons), desc="distribution", unit="set", disable=not show_progress)
+    for label in result.labels:
+        prompts = [result.records[i].prompt for i in result.rows_of(label)]
+        result.distribution[label] = measure.metrics_of_features(features[label], prompts, seed=result.seed,
+                                                                 level=result.level)
+        bar.update()
+    for label, baseline in comparisons:
+        rows, base_rows = result.rows_of(label), result.rows_of(baseline)
+        pairs, unmatched_a, unmatched_b = match_pairs([result.records[i].key for i in rows],
+                                                      [result.records[j].key for j in base_rows])
+        if len(pairs) <= measure.k:
+            raise UserError(f"'{label}' and baseline '{baseline}' share {len(pairs)} (prompt, seed) pair(s); the "
+                            f"paired distribution difference needs more than k={measure.k}")
+        ia, ib = [i for i, _ in pairs], [j for _, j in pairs]
+        result.distribution_differences[(label, baseline)] = measure.compare_features(
+            features[label][ia], features[baseline][ib], [result.records[rows[i]].prompt for i in ia],
+            seed=result.seed, level=result.level, unmatched_a=unmatched_a, unmatched_b=unmatched_b)
+        bar.update()
+    bar.close()
+    return result
+
+
 def _problems_message(problems: list[dict]) -> str:
     shown = "; ".join(f"{p['path']}: {p['reason']}" for p in problems[:5])
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -272,12 +332,16 @@ def evaluate_folders(
     device=None,
     lenient: bool = False,
     grid_rows: int = 12,
+    distribution=None,
 ) -> EvaluationResult:
     """Score every image of `folders` ({label: folder}) with every reward and compare against `baseline`.
 
     `rewards` are specs for `get_reward` (or built `Reward`s). `baseline` is a label of `folders` (or several);
-    every other folder is compared with each. With `out_dir`, the main process writes the report files and
-    `result.report_path` is report.html. Works unchanged under `accelerate launch` (images sharded by process).
+    every other folder is compared with each. `distribution`: a spec for `toy_distribution.build_distribution`
+    (e.g. "toy", "toy:k=5") or a built `ToyDistribution`, for set-level measures (None: none). With `out_dir`,
+    the main process writes the report files and `result.report_path` is report.html. Works unchanged under
+    `accelerate launch` (images sharded by process; the set-level measures, on the gathered images, are
+    computed by every process alike).
     """
     if not folders:
         raise UserError("no image folders given: pass --images DIR (or LABEL=DIR)")
@@ -289,6 +353,12 @@ def evaluate_folders(
         if b not in folders:
             raise UserError(f"baseline '{b}' is not one of the folders' labels ({', '.join(folders)})")
     state = _processes()
+    measure = None
+    if distribution is not None:  # built (and its spec checked) before the scoring, not after it
+        from .toy_distribution import build_distribution
+
+        measure = (build_distribution(distribution, device=device if device is not None else state.device)
+                   if isinstance(distribution, str) else distribution)
     if out_dir is not None:  # checked on every process, so that all stop together instead of waiting on a gather
         from ..fsutil import ensure_writable_dir
 
@@ -309,6 +379,8 @@ def evaluate_folders(
         baselines=baselines, skipped=problems, bootstrap=bootstrap, seed=seed, level=level,
     )
     compute_metrics(result)
+    if measure is not None:
+        compute_distribution_metrics(result, measure, show_progress=state.is_local_main_process)
     if out_dir is not None and state.is_main_process:
         from .report import write_report
 

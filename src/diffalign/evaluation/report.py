@@ -45,9 +45,35 @@ def format_table(result: EvaluationResult) -> str:
                              str(wr.wins), str(wr.ties), str(wr.losses), str(wr.pairs),
                              f"{wr.unmatched_a}+{wr.unmatched_b}"])
         lines += [""] + _align(rows)
+    lines += _distribution_lines(result, ci)
     if result.skipped:
         lines += ["", f"skipped {len(result.skipped)} unreadable image(s) (--lenient): listed in metrics.json"]
     return "\n".join(lines)
+
+
+def _distribution_lines(result: EvaluationResult, ci: str) -> list[str]:
+    """The set-level measures (FD, precision, recall) and their paired differences; nothing without them."""
+    if result.distribution_settings is None:
+        return []
+    settings = result.distribution_settings
+    title = f"distribution {settings['spec']} (k={settings['k']}) / folder"
+    rows = [[title, "n", "refs", "FD", ci, "precision", ci, "recall", ci]]
+    for label, m in result.distribution.items():
+        rows.append([label, str(m.fd.n), str(m.n_reference), *_interval_cells(m.fd, 2),
+                     *_interval_cells(m.precision, 3), *_interval_cells(m.recall, 3)])
+    lines = [""] + _align(rows)
+    if result.distribution_differences:
+        rows = [["distribution / folder - baseline", "pairs", "FD diff", ci, "precision diff", ci, "recall diff", ci]]
+        for (label, base), d in result.distribution_differences.items():
+            rows.append([f"{label} - {base}", str(d.fd.n), *_interval_cells(d.fd, 2, "+"),
+                         *_interval_cells(d.precision, 3, "+"), *_interval_cells(d.recall, 3, "+")])
+        lines += [""] + _align(rows)
+    return lines
+
+
+def _interval_cells(iv, digits: int, sign: str = "") -> list[str]:
+    """[estimate, "[low, high]"], `sign` "+" to print the sign of differences."""
+    return [f"{iv.estimate:{sign}.{digits}f}", f"[{iv.low:{sign}.{digits}f}, {iv.high:{sign}.{digits}f}]"]
 
 
 def write_scores_csv(result: EvaluationResult, path: Path) -> None:
@@ -207,6 +233,44 @@ def _win_table(result: EvaluationResult) -> str:
             f"<th>unmatched (folder / baseline)</th></tr>{''.join(rows)}</table>")
 
 
+def _interval_cell(iv, digits: int, sign: str = "") -> str:
+    estimate, interval = _interval_cells(iv, digits, sign)
+    return f"<td class='num'>{estimate} <span class='note'>{interval}</span></td>"
+
+
+def _distribution_html(result: EvaluationResult) -> str:
+    """The set-level measures' tables and what they mean; empty without them."""
+    if result.distribution_settings is None:
+        return ""
+    settings, pct = result.distribution_settings, round(result.level * 100)
+    rows = "".join(
+        f"<tr><th>{_e(label)}{' (baseline)' if label in result.baselines else ''}</th><td class='num'>{m.fd.n}</td>"
+        f"<td class='num'>{m.n_reference}</td>{_interval_cell(m.fd, 2)}{_interval_cell(m.precision, 3)}"
+        f"{_interval_cell(m.recall, 3)}</tr>" for label, m in result.distribution.items())
+    out = (f"<h2>Distribution against ground truth ({pct}% bootstrap CI)</h2><p class='note'>{_e(settings['spec'])}: "
+           f"k={settings['k']}, {settings['references_per_image']} reference render(s) per image, reference VAE "
+           f"{_e(settings['reference_vae'])}, {settings['bootstrap']} resamples</p>"
+           "<table><tr><th>folder</th><th>images</th><th>references</th><th>FD (lower is better)</th>"
+           f"<th>precision</th><th>recall</th></tr>{rows}</table>")
+    if result.distribution_differences:
+        rows = "".join(
+            f"<tr><td>{_e(label)} &minus; {_e(base)}</td><td class='num'>{d.fd.n}</td>{_interval_cell(d.fd, 2, '+')}"
+            f"{_interval_cell(d.precision, 3, '+')}{_interval_cell(d.recall, 3, '+')}"
+            f"<td class='num'>{d.unmatched_a} / {d.unmatched_b}</td></tr>"
+            for (label, base), d in result.distribution_differences.items())
+        out += ("<table><tr><th>folder &minus; baseline</th><th>pairs</th><th>FD difference</th>"
+                "<th>precision difference</th><th>recall difference</th><th>unmatched (folder / baseline)</th></tr>"
+                f"{rows}</table>")
+    return out + (
+        "<p class='note'>Features: the toy judge's pooled penultimate layer. Reference: ground-truth renders of the "
+        "same prompts (unnamed attributes as the training data has them given the caption), through the VAE "
+        "round trip unless stated otherwise. FD: Fréchet distance between Gaussian fits of the two feature sets, "
+        "biased upwards at small n (compare sets of equal size). Precision: share of the folder's images inside "
+        "the reference's k-NN manifold; recall: share of the references inside the folder's. Differences are "
+        "folder minus baseline on images matched by (prompt, seed), resampled in pairs. Intervals: bootstrap "
+        "resamples within each prompt, percentile interval re-centred on the estimate.</p>")
+
+
 def _grid_html(result: EvaluationResult, keys: list[tuple], cells: dict) -> str:
     head = "".join(f"<th>{_e(label)}</th>" for label in result.labels)
     rows = []
@@ -238,7 +302,7 @@ def render_html(result: EvaluationResult, keys: list[tuple], cells: dict, plots:
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>diffalign evaluation</title>"
             f"<style>{_STYLE}</style></head><body><h1>diffalign evaluation</h1>"
             f"<p id='image-check' class='note'>images not checked yet</p>{skipped}"
-            f"{_means_table(result)}{_win_table(result)}{definitions}"
+            f"{_means_table(result)}{_win_table(result)}{definitions}{_distribution_html(result)}"
             f"<h2>Plots</h2><div class='plots'>{plot_tags}</div>{_grid_html(result, keys, cells)}"
             f"{_IMAGE_CHECK}</body></html>")
 

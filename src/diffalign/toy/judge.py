@@ -65,10 +65,27 @@ class ToyJudge(nn.Module):
         # Average pooling sees colour and area; max pooling sees the strongest local cue (a corner, a stripe).
         self.heads = nn.ModuleDict({k: nn.Linear(2 * c_in, len(v)) for k, v in self.vocabs.items()})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate representation every head reads: (N, 2 * channels[-1]), the conv features'
+        spatial mean followed by their spatial max."""
         h = self.features(x)
-        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.pool(x)
         return {k: head(h) for k, head in self.heads.items()}
+
+    @torch.no_grad()
+    def pooled_features(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """`pool` of each image as float CPU rows (N, 2 * channels[-1]), in eval mode and in batches: the
+        feature space of the toy's distribution measures (`diffalign.evaluation.toy_distribution`)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        parts = [self.pool(x[i : i + batch_size].to(device).float()).float().cpu()
+                 for i in range(0, len(x), batch_size)]
+        self.train(was_training)
+        return torch.cat(parts) if parts else torch.zeros(0, 2 * self.arch.channels[-1])
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, batch_size: int = 512) -> dict[str, torch.Tensor]:
