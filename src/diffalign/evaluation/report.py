@@ -173,6 +173,8 @@ def write_thumbnails(result: EvaluationResult, keys: list[tuple], out: Path) -> 
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+figure.lead { margin: 8px 0 24px; } figure.lead img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ccc; }
+figure.lead figcaption { color: #555; font-size: 90%; margin-top: 4px; }
 table { border-collapse: collapse; margin: 12px 0 24px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; }
@@ -290,7 +292,17 @@ def _grid_html(result: EvaluationResult, keys: list[tuple], cells: dict) -> str:
             f"{''.join(rows)}</table>")
 
 
-def render_html(result: EvaluationResult, keys: list[tuple], cells: dict, plots: list[str]) -> str:
+def _lead_html(lead: tuple[str, str] | None) -> str:
+    """The picture a report opens with (an image file beside report.html, and its caption), if any."""
+    if lead is None:
+        return ""
+    src, caption = lead
+    return (f"<figure class='lead'><img src='{_e(src)}' alt='{_e(caption)}'>"
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def render_html(result: EvaluationResult, keys: list[tuple], cells: dict, plots: list[str],
+                lead: tuple[str, str] | None = None) -> str:
     skipped = (f"<p><b>Skipped {len(result.skipped)} unreadable image(s)</b> (--lenient); listed in metrics.json.</p>"
                if result.skipped else "")
     plot_tags = "".join(f"<img src='{_e(p)}' alt='{_e(p)}'>" for p in plots)
@@ -301,14 +313,17 @@ def render_html(result: EvaluationResult, keys: list[tuple], cells: dict, plots:
         "images without a partner are unmatched and not used; CI: percentile bootstrap over pairs.</p>")
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>diffalign evaluation</title>"
             f"<style>{_STYLE}</style></head><body><h1>diffalign evaluation</h1>"
-            f"<p id='image-check' class='note'>images not checked yet</p>{skipped}"
+            f"{_lead_html(lead)}<p id='image-check' class='note'>images not checked yet</p>{skipped}"
             f"{_means_table(result)}{_win_table(result)}{definitions}{_distribution_html(result)}"
             f"<h2>Plots</h2><div class='plots'>{plot_tags}</div>{_grid_html(result, keys, cells)}"
             f"{_IMAGE_CHECK}</body></html>")
 
 
-def write_report(result: EvaluationResult, out_dir: str | Path, grid_rows: int = 12) -> Path:
-    """Write metrics.json, scores.csv, means.png (+ win_rates.png), images/ and report.html; returns report.html."""
+def write_report(result: EvaluationResult, out_dir: str | Path, grid_rows: int = 12,
+                 lead: tuple[str, str] | None = None) -> Path:
+    """Write metrics.json, scores.csv, means.png (+ win_rates.png), images/ and report.html; returns report.html.
+
+    `lead`: (file name of an image in `out_dir`, caption), the picture the report opens with."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result.to_json(), indent=2, allow_nan=True) + "\n")
@@ -323,5 +338,5 @@ def write_report(result: EvaluationResult, out_dir: str | Path, grid_rows: int =
     keys = grid_keys(result, grid_rows)
     cells = write_thumbnails(result, keys, out)
     path = out / "report.html"
-    atomic_write_text(path, render_html(result, keys, cells, plots))
+    atomic_write_text(path, render_html(result, keys, cells, plots, lead))
     return path
