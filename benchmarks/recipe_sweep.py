@@ -33,7 +33,11 @@ from diffalign.toy.paths import toy_model_path
 
 
 def parse_value(text: str):
-    return yaml.safe_load(text)
+    """A command-line value as YAML would read it, except that "1e-4" is a float (YAML 1.1 reads a string)."""
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 def measure(judge, images, prompts) -> dict[str, np.ndarray]:
