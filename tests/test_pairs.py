@@ -124,7 +124,8 @@ def test_shipped_configs_load_and_describe_the_toy_scenarios():
     from diffalign.toy.world import COLOUR_NAMES, SHAPES, caption
 
     configs = {p.stem: load_config(PairsConfig, p).validate() for p in sorted((REPO / "configs/pairs").glob("*.yaml"))}
-    assert set(configs) == {"toy_pick_style", "toy_pick_safety", "toy_ranked", "toy_target", "sdxl_pick_style"}
+    assert set(configs) == {"toy_pick_style", "toy_pick_safety", "toy_ranked", "toy_target", "sdxl_pick_style",
+                            "toy_pick_style_filtered"}
     train = [caption(shape=s, colour=c) for c in COLOUR_NAMES for s in SHAPES]
     train = [p for p in train if p not in toy_prompts("heldout")]
     style, safety = configs["toy_pick_style"], configs["toy_pick_safety"]

@@ -50,5 +50,6 @@ def cmd(args) -> int:
     print(f"data: {result.output_dir}/data/ (summary.json, pairs_config.yaml beside it)")
     print(f"train on it: diffalign train CONFIG.yaml --dataset_name={shlex.quote(result.dataset_name)}")
     if result.pairs == 0:
-        print("warning: no pairs were kept; lower margin, sample more candidates, or check the reward", file=sys.stderr)
+        print("warning: no pairs were kept; lower margin, loosen the filter, raise max_tries or sample more candidates, "
+              "or check the reward", file=sys.stderr)
     return 0

@@ -236,12 +236,15 @@ class ToyReward(Reward):
         name the attribute; `shape_colour_correct` (NaN unless both are named); `style_plain`,
         `style_outlined`, `style_striped`: the judge's style probabilities, whatever the prompt says;
         `clarity`: the judge's top probability averaged over the four attributes, whatever the prompt
-        says - how clearly the image shows *some* valid scene (a stand-in for the papers' quality rewards)."""
+        says - how clearly the image shows *some* valid scene (a stand-in for the papers' quality rewards);
+        `all_correct`: 1.0 if every attribute the prompt names is judged correct (the judge's top choice is
+        the named value for each), else 0.0; NaN if the prompt names none."""
         probs = self.probabilities(images)
         n = len(next(iter(probs.values())))
         named = self._named_indices(_check_prompts(prompts, n))
         out: dict[str, torch.Tensor] = {}
         total, count = torch.zeros(n), torch.zeros(n)
+        wrong = torch.zeros(n, dtype=torch.bool)  # some named attribute judged otherwise
         nan = torch.full((n,), math.nan)
         for attr in self.ATTRIBUTES:
             idx, p = named[attr], probs[attr]
@@ -252,11 +255,13 @@ class ToyReward(Reward):
             out[f"{attr}_correct"] = torch.where(has, correct, nan)
             total += torch.where(has, p_named, torch.zeros(n))
             count += has.float()
+            wrong |= has & (correct == 0)
         best = torch.stack([probs[a].amax(1) for a in self.ATTRIBUTES]).mean(0)
         out["score"] = torch.where(count > 0, total / count.clamp(min=1), best)
         out["clarity"] = best
         both = (named["shape"] >= 0) & (named["colour"] >= 0)
         out["shape_colour_correct"] = torch.where(both, out["shape_correct"] * out["colour_correct"], nan)
+        out["all_correct"] = torch.where(count > 0, (~wrong).float(), nan)
         for i, style in enumerate(self.judge.vocabs["style"]):
             out[f"style_{style}"] = probs["style"][:, i]
         return out
@@ -267,14 +272,15 @@ class ToyReward(Reward):
 
 class ToyTermReward(ToyReward):
     """One named term of `ToyReward.details` as the score, e.g. `style_striped` (how striped an image looks,
-    whatever the prompt says: the Pick-Style target) or `shape_colour_correct` (1 when the judge reads the
-    prompt's shape and colour, NaN when the prompt does not name both)."""
+    whatever the prompt says: the Pick-Style target), `shape_colour_correct` (1 when the judge reads the
+    prompt's shape and colour, NaN when the prompt does not name both) or `all_correct` (1 when it reads
+    every attribute the prompt names)."""
 
     def __init__(self, term: str, judge_path: str | Path | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 512):
         super().__init__(judge_path, device=device, batch_size=batch_size)
         terms = [f"{a}_{k}" for a in self.ATTRIBUTES for k in ("prob", "correct")]
-        terms += ["shape_colour_correct", "clarity"] + [f"style_{s}" for s in self.judge.vocabs["style"]]
+        terms += ["shape_colour_correct", "all_correct", "clarity"] + [f"style_{s}" for s in self.judge.vocabs["style"]]
         if term not in terms:
             raise UserError(f"the toy reward has no term '{term}': choose one of {', '.join(terms)}")
         self.term = term

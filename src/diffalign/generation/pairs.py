@@ -11,6 +11,11 @@ image), settings (JSON: guidance, steps, scheduler, size, reward ...), score_0, 
 was used), pair_index (unit x slots per unit + slot: the same pair has the same index in every run of a
 config). Which image is jpg_0 is a per-pair draw from (seed, pair_index), unless `chosen_first`.
 
+Filter and further tries (prefix, target; `pairs_filter.py`, `pairs_tries.py`): `filter_reward` with
+`filter_chosen` / `filter_rejected` keeps a pair only if each image passes an absolute check, and `max_tries`
+gives a unit whose pair fails a check (filter or reward margin) further seeds, shard by shard, until one passes.
+The summary counts the kept share, the unit's reasons and the tries used.
+
 Resume and determinism: unit i is sampled with seeds fixed by i alone (`generate_to_folder` gives every image
 its own generator), images already in the images folder are never sampled again, shards are written under a
 temporary name and renamed, and a shard written by the same config (fingerprint in its footer) is skipped.
@@ -33,13 +38,16 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .pairs_config import PairsConfig
+from .pairs_filter import Outcome, PairFilter, judge_try
 from .pairs_recipes import Recipe, Unit, build_recipe, pick_pairs
 from .pairs_store import (DATA_DIR, PairsResult, complete_shards, images_root, prepare_output, read_pairs, schema,
                           write_shard, write_summary)
+from .pairs_tries import sample_units
 from .sample import GenerationSettings, Processes, generate_to_folder, read_manifest
 
 SCORE_CHUNK = 32  # images per reward call; fixed, so scores never depend on how a run was split
 JPEG_QUALITY = 95
+PENDING_FILE = ".tries-pending.tmp"  # several processes: the units to try again, as the main process decided
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -58,16 +66,19 @@ def load_sampler(cfg: PairsConfig, device="cpu"):
     return pipe
 
 
+def generation_settings(cfg: PairsConfig, seed: int = 0, per_prompt: int = 1) -> GenerationSettings:
+    return GenerationSettings(
+        guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps, seed=seed, height=cfg.height,
+        width=cfg.width, batch_size=cfg.batch_size, num_images_per_prompt=per_prompt, negative_prompt=cfg.negative_prompt,
+        extra={"model": cfg.pretrained_model_name_or_path, "lora": cfg.lora, "vae": cfg.pretrained_vae_model_name_or_path},
+    )
+
+
 def sample(cfg: PairsConfig, recipe: Recipe, pipe, processes: Processes) -> tuple[dict, dict]:
     """Sample the recipe's jobs (only the images not already there): {folder: {index: image}} and the settings."""
     images, record = {}, {}
     for job in recipe.jobs():
-        settings = GenerationSettings(
-            guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps, seed=job.seed,
-            height=cfg.height, width=cfg.width, batch_size=cfg.batch_size, num_images_per_prompt=job.per_prompt,
-            negative_prompt=cfg.negative_prompt,
-            extra={"model": cfg.pretrained_model_name_or_path, "lora": cfg.lora, "vae": cfg.pretrained_vae_model_name_or_path},
-        )
+        settings = generation_settings(cfg, job.seed, job.per_prompt)
         folder = images_root(cfg) / job.folder
         try:
             rows = generate_to_folder(pipe, job.prompts, folder, settings, processes=processes)
@@ -142,15 +153,22 @@ def _score(scores, k: int):
     return None if scores is None or math.isnan(scores[k]) else float(scores[k])
 
 
-def shard_rows(cfg: PairsConfig, recipe: Recipe, units: list[Unit], scores, images: _Images, settings_json: str,
+def shard_rows(cfg: PairsConfig, recipe: Recipe, outcomes: list[Outcome], images: _Images, settings_json: str,
                info: dict, bar=None):
-    """Yield the rows of these units' pairs; fills `info` with the counts (pairs, skipped by reason, score sums)."""
+    """Yield the rows of these units' pairs; fills `info` with the counts (pairs, skipped by reason, score sums;
+    with a filter or further tries also `tries`: tries sampled, kept pairs by the try that made them, failed
+    tries by reason, and `extra_images`, the images sampled for tries after the first)."""
     skipped: Counter = Counter()
-    info.update(units=[units[0].index, units[-1].index + 1], pairs=0, scored_pairs=0, chosen_score_sum=0.0,
-                rejected_score_sum=0.0)
-    for unit, unit_scores in zip(units, scores):
-        kept, why = recipe.decide(unit_scores)
-        skipped.update(why)
+    info.update(units=[outcomes[0].unit.index, outcomes[-1].unit.index + 1], pairs=0, scored_pairs=0,
+                chosen_score_sum=0.0, rejected_score_sum=0.0)
+    kept_on: Counter = Counter()
+    failed: Counter = Counter()
+    for outcome in outcomes:
+        unit, unit_scores, kept = outcome.unit, outcome.scores, outcome.kept
+        skipped.update(outcome.skipped)
+        failed.update(outcome.failed_tries or {})
+        if kept:
+            kept_on[str(outcome.tries)] += 1
         for slot, w, l in kept:
             pair_index = unit.index * recipe.slots_per_unit + slot
             first = _chosen_first(cfg, pair_index)
@@ -171,24 +189,36 @@ def shard_rows(cfg: PairsConfig, recipe: Recipe, units: list[Unit], scores, imag
         if bar is not None:
             bar.update(1)
     info["skipped"] = dict(sorted(skipped.items()))
+    if cfg.checks_pairs:
+        sampled = sum(o.tries for o in outcomes)
+        info["tries"] = {"sampled": sampled, "kept_on_try": dict(sorted(kept_on.items(), key=lambda kv: int(kv[0]))),
+                         "failed": dict(sorted(failed.items()))}
+        info["extra_images"] = (sampled - len(outcomes)) * len(recipe.cached_jobs())
 
 
 def _settings_json(cfg: PairsConfig, record: dict) -> str:
     settings = {k: v for k, v in record.items() if k not in ("model", "lora")}  # those have their own columns
     if cfg.reward:
         settings.update(reward=cfg.reward, score_key=cfg.score_key, margin=cfg.margin)
+    if cfg.filter_reward:
+        settings.update(filter_reward=cfg.filter_reward, filter_chosen=list(cfg.filter_chosen),
+                        filter_rejected=list(cfg.filter_rejected))
+    if cfg.max_tries > 1:
+        settings["max_tries"] = cfg.max_tries
     if cfg.recipe == "ranked":
         settings["strategy"] = cfg.strategy
     return json.dumps(settings, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------------------- run
-def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, processes: Processes | None = None) -> PairsResult:
+def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, filter_reward=None,
+              processes: Processes | None = None) -> PairsResult:
     """Make (or finish) the dataset `cfg` describes; see the module docstring.
 
-    Everything that can be wrong with the config, the prompts, the source, the reward or the output folder
-    fails before the model loads. `pipe` / `reward` are used instead of loading them. With `processes`
-    (`accelerate launch`), every process samples its share and the main one writes the data.
+    Everything that can be wrong with the config, the prompts, the source, the rewards or the output folder
+    fails before the model loads. `pipe` / `reward` / `filter_reward` are used instead of loading them (the
+    filter reuses `reward` when both specs are the same). With `processes` (`accelerate launch`), every process
+    samples its share and the main one scores, decides and writes the data.
     """
     cfg.validate()
     procs = processes or Processes()
@@ -199,6 +229,16 @@ def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, processes: Processes 
         reward = get_reward(cfg.reward)
     if reward is not None:
         check_score_key(reward, cfg.score_key)
+    pair_filter = None
+    if cfg.filter_reward:
+        if filter_reward is None and reward is not None and cfg.filter_reward == cfg.reward:
+            filter_reward = reward
+        if filter_reward is None:
+            from ..evaluation import get_reward
+
+            filter_reward = get_reward(cfg.filter_reward)
+        pair_filter = PairFilter.from_config(cfg, filter_reward)
+        pair_filter.check_terms()
     if procs.is_main:
         prepare_output(cfg)
     procs.barrier()
@@ -207,16 +247,16 @@ def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, processes: Processes 
     done = complete_shards(cfg, bounds)
     todo = [(s, a, b) for s, a, b in bounds if s not in done]
     if todo:
-        images, record = sample(cfg, recipe, pipe if pipe is not None else load_sampler(cfg, procs.device), procs)
-        if procs.is_main:
-            _write_shards(cfg, recipe, reward, todo, images, record, reused=len(done))
+        pipe = pipe if pipe is not None else load_sampler(cfg, procs.device)
+        images, record = sample(cfg, recipe, pipe, procs)
+        _write_shards(cfg, recipe, (reward, pair_filter), todo, images, record, reused=len(done), pipe=pipe, procs=procs)
     if not procs.is_main:
         return PairsResult(Path(cfg.output_dir), str(cfg.output_dir), recipe.num_units, 0, len(bounds))
     done = complete_shards(cfg, bounds)
     candidates = sum(len(job.prompts) * job.per_prompt for job in recipe.jobs())
     source_skipped = recipe.source.counts if recipe.source is not None else Counter()
     result = write_summary(cfg, [done[s] for s, _, _ in bounds], units=recipe.num_units, candidates=candidates,
-                           source_skipped=source_skipped, reused=len(bounds) - len(todo))
+                           source_skipped=source_skipped, reused=len(bounds) - len(todo), slots=recipe.slots_per_unit)
     if not cfg.keep_images:
         import shutil
 
@@ -224,16 +264,86 @@ def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, processes: Processes 
     return result
 
 
-def _write_shards(cfg, recipe, reward, todo, images, record, reused: int) -> None:
+def _write_shards(cfg, recipe, checks, todo, images, record, reused: int, pipe, procs: Processes) -> None:
+    """Every process: shard by shard, the units' outcomes (further tries are sampled by all processes); the main
+    process writes each shard."""
     reader, settings_json = _Images(recipe, cfg.image_format), _settings_json(cfg, record)
-    if reused:
+    if reused and procs.is_main:
         print(f"{reused} shard(s) already in {Path(cfg.output_dir) / DATA_DIR}: writing the other {len(todo)}", flush=True)
-    with tqdm(total=sum(b - a for _, a, b in todo), desc=f"pairs ({cfg.recipe})", unit="unit") as bar:
+    with tqdm(total=sum(b - a for _, a, b in todo), desc=f"pairs ({cfg.recipe})", unit="unit",
+              disable=not procs.is_main) as bar:
         for s, a, b in todo:
-            units = [recipe.unit(i, images, images_root(cfg)) for i in range(a, b)]
-            scores = score_units(reward, cfg.score_key, units, reader) if reward is not None else [None] * len(units)
-            info: dict = {}
-            write_shard(cfg, s, shard_rows(cfg, recipe, units, scores, reader, settings_json, info, bar), info)
+            outcomes = _outcomes(cfg, recipe, checks, range(a, b), images, reader, pipe, procs)
+            if procs.is_main:
+                info: dict = {}
+                write_shard(cfg, s, shard_rows(cfg, recipe, outcomes, reader, settings_json, info, bar), info)
+    if procs.is_main:
+        (Path(cfg.output_dir) / DATA_DIR / PENDING_FILE).unlink(missing_ok=True)
+
+
+def _outcomes(cfg, recipe, checks, unit_range, images, reader, pipe, procs: Processes) -> list[Outcome] | None:
+    """What becomes of units a..b-1 (None in processes other than the main one).
+
+    Without filter or further tries: one try, the reward (if any) scores every unit and `recipe.decide` keeps
+    or skips its pairs. With them (`cfg.checks_pairs`), try t = 0, 1, ... checks the units still pending: the
+    filter first, then the reward check of the pairs the filter passed; a unit is settled by its first passing
+    try, and the others sample try t + 1 (not a unit whose real image failed: it would fail again) until
+    max_tries. All of it is a function of the units' images, so of the config and the unit range alone.
+    """
+    reward, pair_filter = checks
+    root = images_root(cfg)
+    if not cfg.checks_pairs:
+        if not procs.is_main:
+            return None
+        units = [recipe.unit(i, images, root) for i in unit_range]
+        scores = score_units(reward, cfg.score_key, units, reader) if reward is not None else [None] * len(units)
+        return [Outcome(unit, sc, *recipe.decide(sc)) for unit, sc in zip(units, scores)]
+    pending, settled = list(unit_range), {}
+    failed = {i: Counter() for i in unit_range}
+    for attempt in range(cfg.max_tries):
+        if attempt:
+            pending = _share(cfg, procs, pending)
+            if not pending:
+                break
+            for folder, items in recipe.retry_items(attempt).items():
+                made = sample_units(pipe, root / folder, pending, items, generation_settings(cfg), overwrite=cfg.overwrite,
+                                    processes=procs)
+                images.setdefault(folder, {}).update(made)
+        if not procs.is_main:
+            continue
+        units = [recipe.unit(i, images, root, attempt) for i in pending]
+        ok = pair_filter.passes(units, reader, SCORE_CHUNK) if pair_filter is not None else [(True, True)] * len(units)
+        passed = [unit for unit, (c, r) in zip(units, ok) if c and r]
+        scored = {}
+        if reward is not None:  # only the pairs the filter passed are scored
+            scored = dict(zip((unit.index for unit in passed), score_units(reward, cfg.score_key, passed, reader)))
+        pending = []
+        for unit, (chosen_ok, rejected_ok) in zip(units, ok):
+            scores = scored.get(unit.index)
+            kept, why = judge_try(chosen_ok, rejected_ok, scores, cfg.margin)
+            failed[unit.index].update(why)
+            skipped = Counter() if kept else Counter({why[0]: 1})
+            settled[unit.index] = Outcome(unit, scores, kept, skipped, attempt + 1, failed[unit.index])
+            if not kept and (chosen_ok or recipe.chosen_resampled):
+                pending.append(unit.index)
+    if not procs.is_main:
+        return None
+    return [settled[i] for i in unit_range]
+
+
+def _share(cfg, procs: Processes, pending: list[int]) -> list[int]:
+    """The main process's list of units to try again, in every process (through a file when there are several)."""
+    if procs.count == 1:
+        return pending
+    from ..fsutil import atomic_write_text
+
+    path = Path(cfg.output_dir) / DATA_DIR / PENDING_FILE
+    if procs.is_main:
+        atomic_write_text(path, json.dumps(pending))
+    procs.barrier()
+    shared = json.loads(path.read_text())
+    procs.barrier()  # every process has read it before the main one writes the next
+    return shared
 
 
 # ------------------------------------------------------------------------------------------ one file

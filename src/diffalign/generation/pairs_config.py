@@ -21,6 +21,9 @@ PROMPT_FIELD = "{prompt}"
 TOY_PROMPT_SETS = ("toy:train", "toy:heldout")
 # Keys that change how a run goes but not one byte of its data: a re-run may change them and still resume.
 RUN_ONLY_KEYS = ("output_dir", "overwrite", "batch_size", "keep_images", "images_dir")
+# Keys added after datasets had been made with this tool: left out of the fingerprint while at their default,
+# so a folder made before they existed is still the same config (its shards are not written again).
+ADDED_KEYS = {"filter_reward": None, "filter_chosen": (), "filter_rejected": (), "max_tries": 1}
 
 
 def _f(default: Any, help: str):
@@ -99,6 +102,25 @@ class PairsConfig:
         0.0, "A pair is written only if the chosen image's score exceeds the rejected one's by more than "
         "this; others are counted in summary.json (gap_below_margin, reversed). Equal scores never make a pair.")
 
+    # --- filter and further tries (prefix, target) -------------------------------------------------------
+    filter_reward: Optional[str] = _f(
+        None, "prefix / target: a reward (any spec get_reward takes, e.g. toy) for an absolute check of each "
+        "image: a pair is kept only if its chosen image meets every filter_chosen condition and its rejected "
+        "image every filter_rejected condition. Counted in summary.json (chosen_failed, rejected_failed).")
+    filter_chosen: tuple[str, ...] = _f(
+        (), "Conditions 'TERM OP NUMBER' (OP: >=, >, <=, <) on the chosen image, scored by filter_reward "
+        "against the prompt it was sampled from (target: the caption). TERM is score or a term of the "
+        "reward's details, e.g. [all_correct >= 1] (toy: every attribute the prompt names is drawn). A NaN "
+        "value (a term the prompt does not ask about) meets no condition.")
+    filter_rejected: tuple[str, ...] = _f(
+        (), "Conditions on the rejected image, scored against the context prompt (prefix; target: the "
+        "caption), e.g. [all_correct >= 1, style_striped < 0.5]: right content, without the chosen style.")
+    max_tries: int = _f(
+        1, "prefix / target: tries per unit. A unit whose pair fails a check (filter, or reward / margin) "
+        "samples its images again with seed + t x 10000000 (try t = 1, 2, ...) until a pair passes or the "
+        "tries run out; units that never pass are counted. A real image (target) is the same in every try, "
+        "so a unit whose real image fails filter_chosen is not tried again.")
+
     # --- recipe target -------------------------------------------------------------------------------------
     image_caption_source: Optional[str] = _f(
         None, "target (required): the real images. A folder of images with captions.jsonl "
@@ -168,6 +190,8 @@ class PairsConfig:
             value = getattr(self, key)
             if value is not None and (value < 8 or value % 8):
                 raise UserError(f"{key} must be a positive multiple of 8, got {value}")
+        if self.max_tries < 1:
+            raise UserError(f"max_tries must be at least 1, got {self.max_tries}")
         if not self.keep_images and self.images_dir is not None:
             raise UserError("keep_images: false deletes the candidate images, so it only applies to the default "
                             "output_dir/images; unset images_dir or keep the images")
@@ -195,12 +219,37 @@ class PairsConfig:
                 raise UserError(f"prompts {self.prompts!r} is not a toy prompt set: use {' or '.join(TOY_PROMPT_SETS)}")
         if recipe == "prefix":
             self._validate_templates()
+        self._validate_filter()
         if recipe == "ranked":
             if not self.reward:
                 raise UserError("recipe ranked needs a reward to rank candidates: set reward (e.g. toy)")
             if self.num_samples_per_prompt < 2:
                 raise UserError(f"num_samples_per_prompt must be at least 2 to rank a group's candidates, "
                                 f"got {self.num_samples_per_prompt}")
+
+    def _validate_filter(self) -> None:
+        from .pairs_filter import parse_conditions
+
+        if self.recipe == "ranked":
+            for key in ("filter_reward", "filter_chosen", "filter_rejected"):
+                if getattr(self, key):
+                    raise UserError(f"{key} applies to recipes prefix and target (recipe ranked ranks its candidates "
+                                    "by reward already: use score_key and margin); remove it")
+            if self.max_tries != 1:
+                raise UserError("max_tries applies to recipes prefix and target (recipe ranked: raise "
+                                "num_samples_per_prompt for more candidates); remove it")
+            return
+        conditions = [*parse_conditions(self.filter_chosen, "filter_chosen"),
+                      *parse_conditions(self.filter_rejected, "filter_rejected")]
+        if self.filter_reward and not conditions:
+            raise UserError("filter_reward is set but there is nothing to check: give filter_chosen and/or "
+                            "filter_rejected, e.g. filter_chosen: ['all_correct >= 1']")
+        if conditions and not self.filter_reward:
+            raise UserError("filter_chosen / filter_rejected need filter_reward, the reward that scores them "
+                            "(e.g. filter_reward: toy)")
+        if self.max_tries > 1 and not (self.filter_reward or self.reward):
+            raise UserError(f"max_tries {self.max_tries} samples further seeds for units whose pair fails a check, "
+                            "but there is no check: set filter_reward (or reward), or max_tries: 1")
 
     def _validate_templates(self) -> None:
         for key in ("chosen_template", "rejected_template"):
@@ -221,8 +270,16 @@ class PairsConfig:
         """Every key that decides the data (all but RUN_ONLY_KEYS), as plain data."""
         return {k: v for k, v in config_to_dict(self).items() if k not in RUN_ONLY_KEYS}
 
+    @property
+    def checks_pairs(self) -> bool:
+        """Whether units go through the filter / further tries (and the summary reports their counts)."""
+        return bool(self.filter_reward) or self.max_tries > 1
+
     def fingerprint(self) -> str:
-        blob = json.dumps(self.data_settings(), sort_keys=True, default=str)
+        """A hash of `data_settings`, leaving out ADDED_KEYS at their defaults (shards made before they existed)."""
+        unset = [k for k, default in ADDED_KEYS.items() if getattr(self, k) == default]
+        settings = {k: v for k, v in self.data_settings().items() if k not in unset}
+        blob = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -5,6 +5,10 @@ resume): prefix: one pair slot; ranked: one group of candidates; target: one usa
 says which images to sample (`jobs`: `generate_to_folder` calls whose image index maps to units), what a unit
 holds (`unit`: its caption and sides, the prompts each side is scored against) and which sides of a unit
 become pairs given their scores (`decide`: (slot, winner, loser) triples plus counts of what was skipped).
+
+Further tries (`max_tries`, prefix and target): try t >= 1 of unit i samples the images of every job again, with
+the same prompt and seed + t x TRY_SEED_STRIDE + i (`retry_items`), into the job's folder `<job>_try<t>`; try 0
+is the job itself. So every image of a run is still a function of its unit, its try and the config.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .pairs_config import PairsConfig, apply_template
 
 STRATEGIES = ("best-worst", "all")
 REJECTED_SEED_OFFSET = 1_000_000  # prefix with same_seed: false
+TRY_SEED_STRIDE = 10_000_000  # try t adds t x this to every seed of a unit (max_tries)
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,20 @@ class Side:
 
 @dataclass
 class Unit:
+    """A unit's images (one try of them) and the prompts its sides are scored against: `score_prompts` by the
+    `reward` check, `filter_prompts` by the filter (prefix: the chosen prompt, then the context prompt)."""
+
     index: int
     caption: str
     sides: list[Side]
     score_prompts: list[str]
+    filter_prompts: list[str] | None = None
+    attempt: int = 0  # the try these images come from
+
+
+def try_folder(folder: str, attempt: int) -> str:
+    """The images folder of a job's try: the job's own for try 0, `<job>_try<t>` after it."""
+    return folder if attempt == 0 else f"{folder}_try{attempt}"
 
 
 @dataclass(frozen=True)
@@ -99,10 +114,12 @@ class Recipe:
 
     name = ""
     slots_per_unit = 1
+    chosen_resampled = True  # False: the chosen image is the same in every try (a real image)
 
     def __init__(self, cfg: PairsConfig, prompts: list[str] | None = None, source=None, rows: list[int] | None = None):
         self.cfg, self.prompts, self.source, self.rows = cfg, prompts, source, rows
         self.num_units = self._count()
+        self._jobs: list[Job] | None = None
 
     def _count(self) -> int:
         return self.cfg.num_pairs or len(self.prompts) * self.cfg.pairs_per_prompt
@@ -113,9 +130,21 @@ class Recipe:
     def jobs(self) -> list[Job]:
         raise NotImplementedError
 
-    def unit(self, i: int, images: dict[str, dict[int, object]], root: Path = Path()) -> Unit:
-        """Unit i; `images[job.folder][index]` is the `GeneratedImage` of each job's image, under root/job.folder."""
+    def unit(self, i: int, images: dict[str, dict[int, object]], root: Path = Path(), attempt: int = 0) -> Unit:
+        """Unit i (its images of try `attempt`); `images[folder][index]` is the `GeneratedImage` of each job's
+        image, under root/folder, where folder is `try_folder(job.folder, attempt)`."""
         raise NotImplementedError
+
+    def cached_jobs(self) -> list[Job]:
+        """`jobs()`, made once."""
+        if self._jobs is None:
+            self._jobs = self.jobs()
+        return self._jobs
+
+    def retry_items(self, attempt: int) -> dict[str, "RetryItems"]:
+        """{try folder: the (prompt, seed) of each unit's image} of try `attempt` >= 1, one entry per job."""
+        return {try_folder(job.folder, attempt): RetryItems(job.prompts, job.seed + attempt * TRY_SEED_STRIDE)
+                for job in self.cached_jobs()}
 
     def decide(self, scores) -> tuple[list[tuple[int, int, int]], Counter]:
         return decide_two(scores, self.cfg.margin)
@@ -123,6 +152,18 @@ class Recipe:
     @staticmethod
     def _side(image, folder: Path) -> Side:
         return Side(image.prompt, image.seed, folder / image.file)
+
+
+@dataclass(frozen=True)
+class RetryItems:
+    """The images of one job in one further try: unit i is prompts[i] with seed base_seed + i."""
+
+    prompts: list[str]
+    base_seed: int
+
+    def __call__(self, i: int) -> tuple[str, int] | None:
+        """(prompt, seed) of unit i; None beyond the run's units."""
+        return (self.prompts[i], self.base_seed + i) if 0 <= i < len(self.prompts) else None
 
 
 class PrefixRecipe(Recipe):
@@ -137,11 +178,14 @@ class PrefixRecipe(Recipe):
         return [Job("chosen", [apply_template(c.chosen_template, self.prompt(i)) for i in units], 1, c.seed),
                 Job("rejected", [apply_template(c.rejected_template, self.prompt(i)) for i in units], 1, rejected_seed)]
 
-    def unit(self, i, images, root: Path = Path()) -> Unit:
-        chosen = self._side(images["chosen"][i], root / "chosen")
-        rejected = self._side(images["rejected"][i], root / "rejected")
-        # Both scored against the chosen prompt: does the chosen image show what it asks for, more?
-        return Unit(i, self.prompt(i), [chosen, rejected], [chosen.prompt, chosen.prompt])
+    def unit(self, i, images, root: Path = Path(), attempt: int = 0) -> Unit:
+        c, r = try_folder("chosen", attempt), try_folder("rejected", attempt)
+        chosen, rejected = self._side(images[c][i], root / c), self._side(images[r][i], root / r)
+        # The reward check scores both against the chosen prompt: does the chosen image show what it asks for,
+        # more? The filter scores each image for itself: the chosen against its prompt, the rejected against
+        # the context prompt (its content, whatever the rejected template adds).
+        return Unit(i, self.prompt(i), [chosen, rejected], [chosen.prompt, chosen.prompt],
+                    [chosen.prompt, self.prompt(i)], attempt)
 
 
 class RankedRecipe(Recipe):
@@ -158,7 +202,7 @@ class RankedRecipe(Recipe):
         c = self.cfg
         return [Job("candidates", [self.prompt(g) for g in range(self.num_units)], c.num_samples_per_prompt, c.seed)]
 
-    def unit(self, g, images, root: Path = Path()) -> Unit:
+    def unit(self, g, images, root: Path = Path(), attempt: int = 0) -> Unit:
         n = self.cfg.num_samples_per_prompt
         sides = [self._side(images["candidates"][g * n + j], root / "candidates") for j in range(n)]
         return Unit(g, self.prompt(g), sides, [self.prompt(g)] * n)
@@ -171,6 +215,7 @@ class TargetRecipe(Recipe):
     """MaPO's "any fine-tuning set becomes pairs": the real image wins over the model's sample of its caption."""
 
     name = "target"
+    chosen_resampled = False
 
     def _count(self) -> int:
         return len(self.rows)
@@ -181,10 +226,10 @@ class TargetRecipe(Recipe):
     def jobs(self) -> list[Job]:
         return [Job("rejected", [self.prompt(i) for i in range(self.num_units)], 1, self.cfg.seed)]
 
-    def unit(self, i, images, root: Path = Path()) -> Unit:
-        caption = self.prompt(i)
+    def unit(self, i, images, root: Path = Path(), attempt: int = 0) -> Unit:
+        caption, r = self.prompt(i), try_folder("rejected", attempt)
         real = Side(None, None, source_row=self.rows[i])
-        return Unit(i, caption, [real, self._side(images["rejected"][i], root / "rejected")], [caption, caption])
+        return Unit(i, caption, [real, self._side(images[r][i], root / r)], [caption, caption], [caption, caption], attempt)
 
 
 RECIPES = {r.name: r for r in (PrefixRecipe, RankedRecipe, TargetRecipe)}

@@ -4,7 +4,8 @@
       pairs_config.yaml          the resolved config; a re-run is compared against it
       images/<job>/              candidate images (`diffalign generate` folders: PNGs + manifest.jsonl)
       data/train-00000.parquet   shard s: the pairs of units [s * shard_size, (s + 1) * shard_size)
-      summary.json               units, pairs, skipped by reason, score means, the dataset_name to train on
+      summary.json               units, pairs, kept share, skipped by reason, tries (with a filter or max_tries),
+                                 score means, the dataset_name to train on
 
 Shards are named `train-*` so that `datasets.load_dataset(output_dir)` (and so `diffalign train
 --dataset_name=output_dir`) reads them as the train split and not the PNGs beside them. Each is written under
@@ -57,11 +58,24 @@ class PairsResult:
     skipped: dict = field(default_factory=dict)  # reason -> count
     scores: dict = field(default_factory=dict)  # chosen_mean, rejected_mean, gap_mean of the pairs written (None: no reward)
     reused_shards: int = 0
+    kept_share: float | None = None  # pairs / (units x pair slots per unit)
+    tries: dict = field(default_factory=dict)  # with a filter or max_tries: max_tries, sampled, kept_on_try, failed
 
     def summary(self) -> str:
         text = f"{self.pairs} pairs from {self.units} units in {self.shards} shard(s)"
+        if self.kept_share is not None and self.kept_share < 1:
+            text += f", kept {100 * self.kept_share:.1f}%"
         if self.skipped:
             text += " (skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) + ")"
+        if self.tries:
+            kept_on = {int(t): n for t, n in self.tries["kept_on_try"].items()}
+            later = sum(n for t, n in kept_on.items() if t > 1)
+            text += f"; tries: {self.tries['sampled']} used (at most {self.tries['max_tries']} a unit)"
+            if kept_on:
+                mean = sum(t * n for t, n in kept_on.items()) / sum(kept_on.values())
+                text += f", pairs kept on try 1: {kept_on.get(1, 0)}, on later tries: {later} (mean try {mean:.2f})"
+            failed = ", ".join(f"{n} {why}" for why, n in self.tries["failed"].items())
+            text += f"; failed tries: {failed or 'none'}"
         if self.scores.get("gap_mean") is not None:
             text += f"; mean score chosen {self.scores['chosen_mean']:.4g}, rejected {self.scores['rejected_mean']:.4g}"
         return text
@@ -176,22 +190,41 @@ def read_pairs(output_dir: str | os.PathLike):
 
 
 # --------------------------------------------------------------------------------------------- summary
+def _tries(cfg: PairsConfig, infos: list[dict]) -> dict:
+    """The shards' try counts added up: tries sampled, kept pairs by the try that made them, failed tries by reason."""
+    if not cfg.checks_pairs:
+        return {}
+    kept_on: Counter = Counter()
+    failed: Counter = Counter()
+    for info in infos:
+        kept_on.update(info["tries"]["kept_on_try"])
+        failed.update(info["tries"]["failed"])
+    return {"max_tries": cfg.max_tries, "sampled": sum(i["tries"]["sampled"] for i in infos),
+            "kept_on_try": dict(sorted(kept_on.items(), key=lambda kv: int(kv[0]))), "failed": dict(sorted(failed.items()))}
+
+
 def write_summary(cfg: PairsConfig, infos: list[dict], *, units: int, candidates: int, source_skipped: Counter,
-                  reused: int) -> PairsResult:
-    """summary.json from the shards' footer records (so a resumed run reports what one run would)."""
+                  reused: int, slots: int = 1) -> PairsResult:
+    """summary.json from the shards' footer records (so a resumed run reports what one run would).
+
+    `candidates` counts the images of the recipe's jobs; the images of further tries are added from the shards."""
     skipped: Counter = Counter(source_skipped)
     for info in infos:
         skipped.update(info["skipped"])
+    candidates += sum(i.get("extra_images", 0) for i in infos)
     scored = sum(i["scored_pairs"] for i in infos)
     scores = {"chosen_mean": None, "rejected_mean": None, "gap_mean": None}
     if scored:
         c, r = sum(i["chosen_score_sum"] for i in infos) / scored, sum(i["rejected_score_sum"] for i in infos) / scored
         scores = {"chosen_mean": c, "rejected_mean": r, "gap_mean": c - r}
     out = Path(cfg.output_dir)
-    result = PairsResult(out, str(out), units, sum(i["pairs"] for i in infos), len(infos),
-                         dict(sorted(skipped.items())), scores, reused)
+    pairs = sum(i["pairs"] for i in infos)
+    kept_share = pairs / (units * slots) if units else None
+    result = PairsResult(out, str(out), units, pairs, len(infos), dict(sorted(skipped.items())), scores, reused,
+                         kept_share, _tries(cfg, infos))
     summary = {"recipe": cfg.recipe, "fingerprint": cfg.fingerprint(), "units": units, "pairs": result.pairs,
-               "skipped": result.skipped, "scores": scores, "candidate_images": candidates,
+               "kept_share": kept_share, "skipped": result.skipped, **({"tries": result.tries} if result.tries else {}),
+               "scores": scores, "candidate_images": candidates,
                "shards": [shard_path(cfg, i["shard"]).name for i in infos], "dataset_name": result.dataset_name}
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return result
