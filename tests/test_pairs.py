@@ -125,7 +125,7 @@ def test_shipped_configs_load_and_describe_the_toy_scenarios():
 
     configs = {p.stem: load_config(PairsConfig, p).validate() for p in sorted((REPO / "configs/pairs").glob("*.yaml"))}
     assert set(configs) == {"toy_pick_style", "toy_pick_safety", "toy_ranked", "toy_target", "sdxl_pick_style",
-                            "toy_pick_style_filtered"}
+                            "toy_pick_style_filtered", "toy_ranked_fidelity"}
     train = [caption(shape=s, colour=c) for c in COLOUR_NAMES for s in SHAPES]
     train = [p for p in train if p not in toy_prompts("heldout")]
     style, safety = configs["toy_pick_style"], configs["toy_pick_safety"]
@@ -134,6 +134,9 @@ def test_shipped_configs_load_and_describe_the_toy_scenarios():
     assert (style.chosen_template, style.rejected_template) == ("{prompt}, striped", "{prompt}")
     assert (safety.chosen_template, safety.rejected_template) == ("{prompt}", "{prompt}, outlined")
     assert configs["toy_ranked"].reward == "toy" and configs["toy_target"].recipe == "target"
+    fidelity = configs["toy_ranked_fidelity"]  # decisive pairs: one image right, one wrong
+    assert fidelity.reward == "toy:term=shape_colour_correct" and fidelity.margin == 0.5
+    assert list(fidelity.prompt_list) == train and fidelity.num_samples_per_prompt == 4
 
 
 # ---------------------------------------------------------------------------------------------- recipes
