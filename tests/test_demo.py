@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from diffalign.demo import MODELS, REWARDS, Stage, build_stages, run_stages, split_prompts
+from diffalign.demo import DISTRIBUTION, MODELS, REWARDS, Stage, build_stages, run_stages, split_prompts
 
 
 def _stages(calls: list[str], settings: dict | None = None) -> list[Stage]:
@@ -60,8 +60,11 @@ def test_demo_plan_holds_out_its_evaluation_prompts(tmp_path):
     assert len(train) == 16 and len(heldout) == 8 and not set(train) & set(heldout)
     stages = build_stages(tmp_path)
     assert [s.name for s in stages] == ["pairs", "mapo", "dpo", "selfnpo", "samples", "report"]
-    assert set(MODELS) == {"base", "base+selfnpo", "mapo", "mapo+selfnpo", "dpo"}
+    assert list(MODELS) == ["base", "mapo", "dpo", "base+selfnpo", "mapo+selfnpo"]
     from diffalign.evaluation import get_reward
 
     assert [get_reward(spec).name for spec in REWARDS] == [  # every spec the report uses builds
-        "toy:shape_colour_correct", "toy", "toy:clarity", "toy:style_striped"]
+        "toy:shape_colour_correct", "toy:clarity", "toy:style_striped"]
+    from diffalign.evaluation.toy_distribution import build_distribution
+
+    assert build_distribution(DISTRIBUTION).references_per_image == 4

@@ -3,20 +3,25 @@
 Stages (each in its own folder under `--out`; a finished stage is reused when its settings and the stages it
 builds on are unchanged, so a re-run after an interruption goes on where it stopped):
 
-1. `pairs`    toy Pick-Style pairs made by the model itself: the chosen image sampled from "{prompt}, striped",
-              the rejected from "{prompt}", same seed; the stored caption names only the content.
+1. `pairs`    toy Pick-Style pairs made by the model itself, MaPO's recipe with the content kept: the chosen
+              image sampled from "{prompt}, striped", the rejected from "{prompt}" with the same seed; a pair is
+              kept only when the toy judge sees the asked shape and colour in both, stripes in the chosen and
+              none in the rejected (a unit that fails samples again with the next try's seed, up to
+              `PAIR_TRIES`); the stored caption names only the content.
 2. `mapo`     a MaPO LoRA on those pairs (no reference model).
-3. `dpo`      a Diffusion-DPO LoRA on the same pairs (the method users compare against).
+3. `dpo`      a Diffusion-DPO LoRA on the same pairs, same steps (the method users compare against).
 4. `selfnpo`  a Self-NPO negative LoRA learned from the model itself: prompts only, no pairs, no labels.
 5. `samples`  held-out prompts (colour/shape combinations no stage trained on) x fixed seeds, for: base,
-              base + Self-NPO in the negative branch, MaPO, MaPO + Self-NPO, DPO.
-6. `report`   `diffalign evaluate` on those folders against base: the toy judge's shape+colour correctness,
-              its prompt-fidelity score, clarity (how clearly an image shows some valid scene: the toy's
-              stand-in for the papers' quality rewards) and the probability that an image is striped (the
-              Pick-Style target).
+              MaPO, DPO, base + Self-NPO in the negative branch, MaPO + Self-NPO.
+6. `report`   `diffalign evaluate` on those folders against base (and MaPO + Self-NPO against MaPO): the toy
+              judge's shape+colour correctness, clarity and the probability that an image is striped (the
+              Pick-Style target), and the set-level quality measure (FD, precision, recall of each folder
+              against ground-truth renders of its prompts); report.html opens with one picture of every model
+              on the same prompts and seeds.
 
-Every setting below was fixed before the demo's results were looked at; they are the toy recipes of
-`configs/` (150 steps each), which fit the time budget on two CPU cores.
+Every setting below was fixed before the demo's results were looked at; the training settings are the toy
+recipes of `configs/` (chosen on the training prompts, see benchmarks/RESULTS.md), shortened where the time
+budget on two CPU cores needs it.
 """
 
 from __future__ import annotations
@@ -34,28 +39,37 @@ from .fsutil import ensure_writable_dir
 GUIDANCE = 7.5
 STEPS = 20  # sampling steps
 SAMPLES_PER_PROMPT = 8  # held-out evaluation: 8 prompts x 8 seeds per model
-PAIRS_PER_PROMPT = 8  # 16 training prompts x 8 seeds = 128 Pick-Style pairs
+PAIRS_PER_PROMPT = 8  # 16 training prompts x 8 units = 128 Pick-Style units
+PAIR_TRIES = 4  # a unit whose pair fails the filter is sampled again, up to this many tries in all
 STYLE = "striped"
-REWARDS = ("toy:term=shape_colour_correct", "toy", "toy:term=clarity", f"toy:term=style_{STYLE}")
+# The judge-checked content of a pair: chosen shows shape, colour and stripes; rejected shape and colour, no stripes.
+PAIR_FILTER = {"filter_reward": "toy", "filter_chosen": ("all_correct >= 1",),
+               "filter_rejected": ("all_correct >= 1", f"style_{STYLE} < 0.5")}
+REWARDS = ("toy:term=shape_colour_correct", "toy:term=clarity", f"toy:term=style_{STYLE}")
+DISTRIBUTION = "toy:refs=4"  # FD / precision / recall against 4 ground-truth renders per image
 LORA = dict(train_mode="lora", rank=8, learning_rate=1e-4, train_batch_size=8, gradient_accumulation_steps=1,
             lr_scheduler="constant", mixed_precision="no", report_to="none", resolution=32,
             checkpoints_total_limit=1, validation_prompts=["a red circle", "a blue square"],
             validation_num_inference_steps=STEPS, validation_guidance_scale=GUIDANCE)
 TRAIN = {
-    "mapo": dict(method="mapo", mapo_preset="official", max_train_steps=150, checkpointing_steps=75, validation_steps=150),
-    "dpo": dict(method="dpo", beta=2000.0, max_train_steps=150, checkpointing_steps=75, validation_steps=150),
+    # configs/toy_mapo_style.yaml and configs/toy_dpo.yaml at 300 steps (benchmarks/RESULTS.md, issue 16)
+    "mapo": dict(method="mapo", mapo_preset="paper", beta=64.0, max_train_steps=300, checkpointing_steps=300,
+                 validation_steps=300),
+    "dpo": dict(method="dpo", beta=2000.0, max_train_steps=300, checkpointing_steps=300, validation_steps=300),
     "selfnpo": dict(method="selfnpo", dataset_name="toy", selfnpo_start="noise", teacher_ema_decay=0.99,
                     teacher_guidance=-1.0, ddim_grid=25, teacher_steps=5, selfnpo_loss="pseudo_huber", huber_c=1e-3,
                     adam_weight_decay=1e-3, max_train_steps=150, checkpointing_steps=75, validation_steps=150),
 }
-# name -> (positive LoRA stage or None, use the Self-NPO negative)
+# name -> (positive LoRA stage or None, use the Self-NPO negative); also the overview's row order
 MODELS = {
     "base": (None, False),
-    "base+selfnpo": (None, True),
     "mapo": ("mapo", False),
-    "mapo+selfnpo": ("mapo", True),
     "dpo": ("dpo", False),
+    "base+selfnpo": (None, True),
+    "mapo+selfnpo": ("mapo", True),
 }
+# Every model is compared with base; the tuned model plus its negative also with the tuned model alone.
+VERSUS_TUNED = ("mapo+selfnpo", "mapo")
 
 
 def split_prompts() -> tuple[list[str], list[str]]:
@@ -124,15 +138,17 @@ def _load_toy():
 
 
 def _make_pairs(folder: Path) -> dict:
-    from .generation import GenerationSettings
-    from .generation.pairs import make_pairs
+    from .generation import PairsConfig, run_pairs
 
     train_prompts, _ = split_prompts()
-    settings = GenerationSettings(guidance_scale=GUIDANCE, num_inference_steps=STEPS, seed=0,
-                                  num_images_per_prompt=PAIRS_PER_PROMPT, batch_size=32)
-    report = make_pairs(_load_toy(), train_prompts, folder / "pairs.parquet", settings,
-                        templates=("{prompt}, " + STYLE, "{prompt}"), images_dir=folder / "images")
-    return {"pairs": report.pairs, "summary": report.summary()}
+    cfg = PairsConfig(recipe="prefix", pretrained_model_name_or_path="toy", prompt_list=tuple(train_prompts),
+                      pairs_per_prompt=PAIRS_PER_PROMPT, chosen_template="{prompt}, " + STYLE,
+                      rejected_template="{prompt}", same_seed=True, max_tries=PAIR_TRIES, **PAIR_FILTER,
+                      guidance_scale=GUIDANCE, num_inference_steps=STEPS, seed=0, batch_size=32,
+                      output_dir=str(folder / "pairs"), shard_size=10**6, image_format="png").validate()
+    report = run_pairs(cfg, pipe=_load_toy())
+    return {"pairs": report.pairs, "units": report.units, "kept_share": report.kept_share,
+            "summary": report.summary()}
 
 
 def _train(method: str, pairs_dir: Path | None) -> Callable[[Path], dict]:
@@ -142,7 +158,7 @@ def _train(method: str, pairs_dir: Path | None) -> Callable[[Path], dict]:
 
         settings = {**LORA, **TRAIN[method], "pretrained_model_name_or_path": "toy", "output_dir": str(folder), "seed": 0}
         if pairs_dir is not None:
-            settings["dataset_name"] = str(pairs_dir / "pairs.parquet")
+            settings["dataset_name"] = str(pairs_dir / "pairs")
         cfg = TrainConfig(**settings)
         cfg.validate()
         train(cfg)
@@ -175,13 +191,61 @@ def _sample(out: Path) -> Callable[[Path], dict]:
     return run
 
 
+def _iv(iv, digits: int = 2, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{iv.estimate:{sign}.{digits}f} [{iv.low:{sign}.{digits}f}, {iv.high:{sign}.{digits}f}]"
+
+
+def headlines(result, versus_mapo) -> dict[str, dict]:
+    """Per model: the effect it is for, and that effect measured with its 95% CI (and a win rate, if per image)."""
+    fid, style = result.rewards[0], result.rewards[2]  # reward names, in the order of REWARDS
+
+    def mean(label, reward):
+        return result.means[reward][label]
+
+    def wins(label, reward, base="base"):
+        wr = result.win_rates[reward][(label, base)]
+        return f"wins {wr.rate:.0%} of pairs"
+
+    def fd_diff(diffs, label, base):
+        d = diffs[(label, base)]
+        return f"FD {d.fd.estimate:+.1f} [{d.fd.low:+.1f}, {d.fd.high:+.1f}] vs {base}"
+
+    rows = {"base": {"aim": "the reference point",
+                     "measured": f"P(striped) {mean('base', style).estimate:.2f}, fidelity "
+                                 f"{mean('base', fid).estimate:.2f}, FD {result.distribution['base'].fd.estimate:.0f}"}}
+    for name in ("mapo", "dpo"):
+        rows[name] = {"aim": "the style on unseen prompts, content kept",
+                      "measured": f"P(striped) {_iv(mean(name, style))} ({wins(name, style)}); fidelity "
+                                  f"{_iv(mean(name, fid))} (base {mean('base', fid).estimate:.2f})"}
+    rows["base+selfnpo"] = {"aim": "quality (FD to ground truth, lower is better)",
+                            "measured": f"{fd_diff(result.distribution_differences, 'base+selfnpo', 'base')}; "
+                                        f"fidelity {_iv(mean('base+selfnpo', fid))}"}
+    rows["mapo+selfnpo"] = {"aim": "quality of the tuned model",
+                            "measured": f"{fd_diff(versus_mapo.distribution_differences, 'mapo+selfnpo', 'mapo')}; "
+                                        f"P(striped) {mean('mapo+selfnpo', style).estimate:.2f}"}
+    return rows
+
+
 def _report(out: Path) -> Callable[[Path], dict]:
     def run(folder: Path) -> dict:
         from .evaluation.evaluate import evaluate_folders
-        from .evaluation.report import format_table
+        from .evaluation.overview import matched_keys, overview_grid
+        from .evaluation.report import format_table, write_report
 
         folders = {name: out / "samples" / name for name in MODELS}
-        result = evaluate_folders(folders, list(REWARDS), folder, baseline="base")
+        result = evaluate_folders(folders, list(REWARDS), folder, baseline="base", distribution=DISTRIBUTION)
+        versus_mapo = evaluate_folders({k: folders[k] for k in VERSUS_TUNED}, list(REWARDS[:1]),
+                                       baseline=VERSUS_TUNED[1], distribution=DISTRIBUTION)
+        heads = headlines(result, versus_mapo)
+        keys = matched_keys(result, list(MODELS), limit=8)
+        overview_grid(result, list(MODELS), keys, {m: h["measured"].replace("; ", "\n") for m, h in heads.items()},
+                      folder / "overview.png")
+        write_report(result, folder, lead=("overview.png", "The same held-out prompts and seeds (columns) for every "
+                                           "model (rows), with each model's headline figure (95% CIs)."))
+        lines = ["| model | what it is for | measured on held-out prompts (95% CI) |", "|---|---|---|"]
+        lines += [f"| {m} | {h['aim']} | {h['measured']} |" for m, h in heads.items()]
+        (folder / "headlines.md").write_text("\n".join(lines) + "\n")
         (folder / "table.txt").write_text(format_table(result) + "\n")
         return {"report": str(result.report_path)}
 
@@ -191,7 +255,7 @@ def _report(out: Path) -> Callable[[Path], dict]:
 def build_stages(out: Path) -> list[Stage]:
     train_prompts, heldout = split_prompts()
     pair_settings = {"prompts": train_prompts, "per_prompt": PAIRS_PER_PROMPT, "style": STYLE, "guidance": GUIDANCE,
-                     "steps": STEPS, "seed": 0}
+                     "steps": STEPS, "seed": 0, "tries": PAIR_TRIES, "filter": PAIR_FILTER}
     return [
         Stage("pairs", "toy Pick-Style pairs sampled from the model", pair_settings, _make_pairs),
         Stage("mapo", "MaPO LoRA on the pairs", {**LORA, **TRAIN["mapo"]}, _train("mapo", out / "pairs"), ("pairs",)),
@@ -201,7 +265,9 @@ def build_stages(out: Path) -> list[Stage]:
               {"prompts": heldout, "per_prompt": SAMPLES_PER_PROMPT, "guidance": GUIDANCE, "steps": STEPS,
                "models": {k: list(v) for k, v in MODELS.items()}},
               _sample(out), ("mapo", "dpo", "selfnpo")),
-        Stage("report", "evaluation with the toy judge, report.html", {"rewards": list(REWARDS)}, _report(out), ("samples",)),
+        Stage("report", "evaluation with the toy judge and the FD to ground truth, report.html",
+              {"rewards": list(REWARDS), "distribution": DISTRIBUTION, "versus_tuned": VERSUS_TUNED}, _report(out),
+              ("samples",)),
     ]
 
 
@@ -216,6 +282,7 @@ def run_demo(out_dir: str | Path = "demo_out") -> dict:
     total = time.perf_counter() - start
     table = (out / "report" / "table.txt").read_text()
     print("\n" + table)
+    print((out / "report" / "headlines.md").read_text())
     print(f"held-out prompts x {SAMPLES_PER_PROMPT} seeds per model, guidance {GUIDANCE}, {STEPS} DDIM steps; "
           f"win rates against base on matched prompt and seed.")
     print(f"demo finished in {total / 60:.1f} min; report: {summaries['report']['report']}")

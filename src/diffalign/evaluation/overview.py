@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import UserError
 from .evaluate import EvaluationResult
 
-LABEL_WIDTH = 300
+LABEL_WIDTH = 360
 HEADER_HEIGHT = 40
 PAD = 4
 
