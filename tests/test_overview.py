@@ -26,6 +26,14 @@ def test_overview_rows_are_models_and_columns_matched_prompt_and_seed(tmp_path):
     result = evaluate_folders({"A": a, "B": b}, [Brightness()], baseline="B", bootstrap=50)
     keys = matched_keys(result, ["A", "B"], limit=10)
     assert keys == [("a red circle", 0), ("a blue square", 1)]  # A's order, shared keys only
+    c = write_folder(tmp_path / "C", [("a red circle", 0, 1), ("a red circle", 5, 2), ("a blue square", 3, 3),
+                                      ("a blue square", 1, 4)])
+    both = evaluate_folders({"A": a, "C": c}, [Brightness()], bootstrap=50)
+    assert matched_keys(both, ["C", "A"], limit=10) == [("a red circle", 0), ("a blue square", 1)]
+    three = write_folder(tmp_path / "D", [("p1", 0, 1), ("p1", 1, 1), ("p2", 2, 1), ("p2", 3, 1), ("p3", 4, 1)])
+    alone = evaluate_folders({"D": three}, [Brightness()], bootstrap=50)
+    assert matched_keys(alone, ["D"], limit=10, one_per_prompt=True) == [("p1", 0), ("p2", 2), ("p3", 4)]
+    assert matched_keys(alone, ["D"], limit=2) == [("p1", 0), ("p1", 1)]
     path = overview_grid(result, ["A", "B"], keys, {"A": "bright", "B": "dark\nsecond line"}, tmp_path / "o.png",
                          scale=2)
     grid = np.asarray(Image.open(path).convert("RGB"))

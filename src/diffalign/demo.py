@@ -238,7 +238,7 @@ def _report(out: Path) -> Callable[[Path], dict]:
         versus_mapo = evaluate_folders({k: folders[k] for k in VERSUS_TUNED}, list(REWARDS[:1]),
                                        baseline=VERSUS_TUNED[1], distribution=DISTRIBUTION)
         heads = headlines(result, versus_mapo)
-        keys = matched_keys(result, list(MODELS), limit=8)
+        keys = matched_keys(result, list(MODELS), limit=8, one_per_prompt=True)
         overview_grid(result, list(MODELS), keys, {m: h["measured"].replace("; ", "\n") for m, h in heads.items()},
                       folder / "overview.png")
         write_report(result, folder, lead=("overview.png", "The same held-out prompts and seeds (columns) for every "

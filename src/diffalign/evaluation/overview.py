@@ -21,11 +21,15 @@ HEADER_HEIGHT = 40
 PAD = 4
 
 
-def matched_keys(result: EvaluationResult, labels: Sequence[str], limit: int) -> list[tuple]:
-    """The first `limit` (prompt, seed) keys, in the first label's order, that every label has an image for."""
+def matched_keys(result: EvaluationResult, labels: Sequence[str], limit: int,
+                 one_per_prompt: bool = False) -> list[tuple]:
+    """The first `limit` (prompt, seed) keys, in the first label's order, that every label has an image for;
+    with `one_per_prompt`, only the first such key of each prompt (so the columns show different prompts)."""
     have = [{result.records[i].key for i in result.rows_of(label)} for label in labels]
     first = [result.records[i].key for i in result.rows_of(labels[0])]
     keys = [k for k in dict.fromkeys(first) if all(k in h for h in have)]
+    if one_per_prompt:
+        keys = list({prompt: (prompt, seed) for prompt, seed in reversed(keys)}.values())[::-1]
     return keys[:limit]
 
 
