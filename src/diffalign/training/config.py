@@ -244,7 +244,8 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
             value = getattr(self, f.name)
             if value != f.default:
                 where = f.metadata.get("applies_to") or "method=" + "/".join(_methods.owners(f.name))
-                raise UserError(f"{f.name}={value} only applies to {where} (method is {row.name}): remove it")
+                raise UserError(f"{f.name}={value} only applies to {where}; method={row.name} does not read it: "
+                                "remove it")
         row.check(row.keys(self), self)
 
     def _validate_data(self) -> None:

@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from diffalign.errors import UserError
 
@@ -44,7 +44,7 @@ class Method:
     section: type
     objective: Callable[[Any], Any]
     check: Callable[[Any, Any], None] = S.check_nothing
-    describe: Callable[[Any], str] = None  # None: the name
+    describe: Optional[Callable[[Any], str]] = None  # None: the name
     pairs: bool = True
     image_columns: tuple[int, ...] = (2,)
 

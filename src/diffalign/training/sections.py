@@ -56,7 +56,7 @@ def _loss_type():
 def _mapo_preset():
     return key("official", "MaPO constants: official = the released code (scale 0.5, k 1000, weight 0.1; no beta); "
                "paper = paper v2 (scale 1, k = beta, weight = 1/beta; needs beta).",
-               applies_to="MaPO (method=mapo, or npo with npo_objective=mapo)")
+               applies_to="MaPO (mapo, or npo with npo_objective=mapo)")
 
 
 # ---------------------------------------------------------------------------------------------- sections
