@@ -1,13 +1,14 @@
 """The one interface every model family implements, and the maths they share.
 
-Training recipes (DPO, MaPO, Self-NPO, SFT) only talk to `ModelFamily`: encode prompts and images, noise a
-latent, ask for the regression target, predict, and turn a prediction back into an x0 estimate. Everything that
-differs between SD1.x/2.x, SDXL and (later) CogVideoX - text encoders, pooled embeddings, micro-conditioning,
-the pipeline class used to save LoRAs - lives in the subclass, so a recipe never branches on the family.
+Training recipes (DPO, MaPO, Self-NPO, SFT) only talk to `ModelFamily`: encode prompts and images, predict with
+a given network (`predict(..., net=...)`), and the family's noise schedule (`schedule`) to noise a latent, ask for
+the regression target and turn a prediction back into an x0 estimate. Everything that differs between SD1.x/2.x,
+SDXL and CogVideoX - text encoders, pooled embeddings, micro-conditioning, the pipeline class used to save LoRAs -
+lives in the subclass, so a recipe never branches on the family.
 
-Noise maths (docs/methods.md#conventions-shared-by-every-method): `x_t = a_t x0 + s_t eps` with
-`a_t = sqrt(abar_t)`, `s_t = sqrt(1 - abar_t)`, target `eps` (epsilon) or `v = a_t eps - s_t x0` (v-prediction),
-read from the scheduler config.
+Noise maths (models/schedule.py, docs/methods.md#conventions-shared-by-every-method): `x_t = a_t x0 + s_t eps`
+with `a_t = sqrt(abar_t)`, `s_t = sqrt(1 - abar_t)`, target `eps` (epsilon) or `v = a_t eps - s_t x0`
+(v-prediction), read from the scheduler config.
 """
 
 from __future__ import annotations

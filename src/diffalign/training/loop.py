@@ -124,7 +124,8 @@ def train(cfg: TrainConfig) -> Path:
                     continue
                 for name, count in batch_counts.items():
                     add_count(sums, name, count, world)
-                backward_micro_batch(accelerator, net, lambda: recipe.step(batch, gen), micro=micro, ga=ga, sums=sums)
+                backward_micro_batch(accelerator, net, lambda: recipe.step(batch, gen), micro=micro, ga=ga,
+                                     sums=sums)
             skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
                                            cfg.max_grad_norm, sums, stop_requested=boundary.signals.received is not None)
             if skipped is None:  # a skipped update leaves an EMA or a teacher where it was too

@@ -56,7 +56,8 @@ class PreferenceRecipe(RecipeBase):
             except TypeError:
                 from .sections import section_keys
 
-                raise TypeError(f"method {self.method.name} takes the settings {list(section_keys(self.method.section))}, "
+                known = list(section_keys(self.method.section))
+                raise TypeError(f"method {self.method.name} takes the settings {known}, "
                                 f"got {sorted(settings)}") from None
         elif settings:
             raise TypeError("give either keys or settings, not both")
