@@ -101,10 +101,12 @@ def _items(data: dict, model: str, res: int, path: str, family=None):
 
 def make_step(config: str, model: str, data: dict, batch: int, accelerator, timer: Timer | None = None):
     """(step function, UNets it calls) for one configuration; the model is loaded fresh."""
-    from diffalign.models import load_family, lora_disabled
+    from diffalign.models import load_family
     from diffalign.training.batches import BatchStream, to_pair_batch
-    from diffalign.training.recipes import PreferenceRecipe, sample_noise_and_t
+    from diffalign.training.recipes import PreferenceRecipe
+    from diffalign.training.reference import AdaptersOff, FrozenCopy
     from diffalign.training.steps import backward_micro_batch, optimizer_step
+    from diffalign.training.timesteps import UniformTimesteps, sample_noise_and_t
 
     timer = timer or Timer()
     path = data["models"][model]
@@ -142,7 +144,7 @@ def make_step(config: str, model: str, data: dict, batch: int, accelerator, time
 
     if config == "selfnpo":
         from diffalign.training.selfnpo import EmaTeacher, SelfNPORecipe
-        from diffalign.training.selfnpo_loop import make_batch
+        from diffalign.training.selfnpo_data import make_batch
 
         teacher = EmaTeacher(raw_unet, dict((n, p) for n, p in raw_unet.named_parameters() if p.requires_grad),
                              0.999, separate_copy=False)
@@ -167,8 +169,9 @@ def make_step(config: str, model: str, data: dict, batch: int, accelerator, time
 
     method, path = config.split()[0], config.split()[1].split("+")[0]
     stream = BatchStream(_items(data, model, family.default_resolution, path, family), batch, seed=0)
-    recipe = PreferenceRecipe(family, method, beta=2000.0 if method == "dpo" else None, ref_unet=ref_unet,
-                              disable_adapters=lambda: lora_disabled(raw_unet))
+    reference = FrozenCopy(ref_unet) if ref_unet is not None else AdaptersOff(raw_unet)
+    recipe = PreferenceRecipe(family, method, **({"beta": 2000.0} if method == "dpo" else {}), reference=reference)
+    timesteps = UniformTimesteps(family.num_train_timesteps)
 
     def step():
         timer.start()
@@ -179,7 +182,7 @@ def make_step(config: str, model: str, data: dict, batch: int, accelerator, time
             pair.latents_w = pair.latents_w.contiguous(memory_format=torch.channels_last)
             pair.latents_l = pair.latents_l.contiguous(memory_format=torch.channels_last)
         timer.mark("encode (VAE, text) / stack cached")
-        noise, t = sample_noise_and_t(pair.latents_w.shape, family.num_train_timesteps, gen, accelerator.device)
+        noise, t = sample_noise_and_t(pair.latents_w.shape, timesteps, gen, accelerator.device)
         sums = {}
         backward_micro_batch(accelerator, unet, lambda: recipe(pair, noise, t), micro=0, ga=1, sums=sums)
         timer.mark("forward + backward + metrics")

@@ -31,15 +31,15 @@ def _cfg(model, data, out, **kw):
 
 def _spy_batches(monkeypatch):
     """The rows every micro-batch hands to `to_pair_batch` (after caption dropout), in order."""
-    import diffalign.training.loop as loop
+    import diffalign.training.recipes as recipes
 
-    seen, real = [], loop.to_pair_batch
+    seen, real = [], recipes.to_pair_batch
 
     def spy(items, *args, **kwargs):
         seen.append(list(items))
         return real(items, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "to_pair_batch", spy)
+    monkeypatch.setattr(recipes, "to_pair_batch", spy)
     return seen
 
 

@@ -129,7 +129,7 @@ def test_v_prediction_maths_and_per_sample_errors(tiny):
     cond = family.encode_prompts(["a red circle", "a blue square"])
     batch = PairBatch(x0[:2], x0[1:], cond, cond)
     recipe = PreferenceRecipe(family, "dpo", beta=5000.0)
-    err_w, err_l = recipe._errors(batch, noise[:2], t[:2])
+    err_w, err_l = recipe.errors(batch, noise[:2], t[:2])
     with torch.no_grad():
         pred = family.predict(family.add_noise(x0[:2], noise[:2], t[:2]), t[:2], cond)
     manual = (pred - family.target(x0[:2], noise[:2], t[:2])).pow(2).mean(dim=(1, 2, 3, 4))

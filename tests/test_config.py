@@ -21,7 +21,8 @@ from diffalign.config_loader import (
     parse_overrides,
 )
 from diffalign.errors import UserError
-from diffalign.training.config import LR_SCHEDULERS, METHODS, TrainConfig
+from diffalign.training.config import LR_SCHEDULERS, TrainConfig
+from diffalign.training.methods import get_method, method_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*.yaml"))  # configs/accelerate/ (if any) is not a recipe
@@ -245,16 +246,31 @@ def test_config_help_lists_every_field_with_type_default_and_help():
 def test_literal_types_match_module_constants():
     hints = typing.get_type_hints(TrainConfig)
     assert typing.get_args(hints["lr_scheduler"]) == LR_SCHEDULERS
-    assert typing.get_args(typing.get_args(hints["method"])[0]) == METHODS
+    assert method_names() == ("dpo", "mapo", "npo", "sft", "selfnpo")
     from diffusers.optimization import SchedulerType
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
-    from diffalign.objectives import DPO_LOSS_TYPES, MAPO_PRESETS, OBJECTIVES
+    from diffalign.objectives import DPO_LOSS_TYPES, MAPO_PRESETS, PairObjective
 
     assert typing.get_args(hints["loss_type"]) == DPO_LOSS_TYPES
     assert typing.get_args(hints["mapo_preset"]) == MAPO_PRESETS
-    # Every preference method names a registered objective; Self-NPO's distance is not a pair objective.
-    assert set(METHODS) - {"selfnpo"} <= set(OBJECTIVES)
+    # Every preference method's objective is a pair objective; Self-NPO's distance is not one.
+    for name in method_names():
+        row = get_method(name)
+        keys = row.keys(valid(method=name, beta=1000.0 if name in ("dpo", "npo") else None))
+        assert isinstance(row.objective(keys), PairObjective) == row.pairs, name
+
+
+def test_the_method_key_is_looked_up_in_the_table():
+    assert valid(method="DPO").method == "dpo"  # `method: DPO` in a YAML file, as the choice type read it
+    assert load_config(TrainConfig, None, ["--method=MaPO"]).method == "mapo"
+    with pytest.raises(UserError, match=r"method=mappo is not a known method: dpo\|mapo\|npo\|sft\|selfnpo; "
+                                        r"did you mean 'mapo'"):
+        valid(method="mappo").validate()
+    with pytest.raises(UserError, match="method=orpo is not a known method"):
+        get_method("orpo")
+    text = config_help(TrainConfig)  # the help of `method` is the table's
+    assert all(f"{name} = " in text for name in method_names())
 
 
 def test_valid_config_passes_and_derived_values():
@@ -263,30 +279,37 @@ def test_valid_config_passes_and_derived_values():
     assert cfg.global_batch_size(16) == 512
     assert cfg.scaled_learning_rate(16) == pytest.approx(1e-8 * 512)
     assert valid(learning_rate=1e-5).scaled_learning_rate(8) == 1e-5
-    assert cfg.effective_beta == 2000 and cfg.beta_diffusers_convention == 1000
-    assert cfg.objective_name == "dpo" and cfg.objective_kwargs() == {"beta": 2000, "loss_type": "sigmoid"}
-    assert cfg.needs_reference and not cfg.swap_pairs
+    assert cfg.section() == get_method("dpo").section(beta=2000.0, loss_type="sigmoid")
+    assert get_method("dpo").needs_reference(cfg.section())
 
 
-@pytest.mark.parametrize("kw,name,kwargs,ref,beta", [
-    (dict(method="npo", beta=1000.0), "npo", {"beta": 1000.0, "loss_type": "sigmoid"}, True, 1000.0),
-    (dict(method="npo", npo_objective="mapo", beta=None), "mapo", {"preset": "official"}, False, None),
-    (dict(method="mapo", beta=None), "mapo", {"preset": "official"}, False, None),
-    (dict(method="mapo", mapo_preset="paper", beta=8.0), "mapo", {"preset": "paper", "beta": 8.0}, False, 8.0),
-    (dict(method="sft", beta=None), "sft", {}, False, None),
+@pytest.mark.parametrize("kw,name,reads,loss", [
+    (dict(method="dpo"), "dpo", "pair+reference", "dpo_loss"),
+    (dict(method="npo", beta=1000.0), "npo", "pair+reference", "npo_loss"),
+    (dict(method="npo", npo_objective="mapo", beta=None), "mapo", "pair", "swapped mapo_loss"),
+    (dict(method="mapo", beta=None), "mapo", "pair", "mapo_loss"),
+    (dict(method="mapo", mapo_preset="paper", beta=8.0), "mapo", "pair", "paper mapo_loss"),
+    (dict(method="sft", beta=None), "sft", "winner", "sft_loss"),
 ])
-def test_objective_resolution(kw, name, kwargs, ref, beta):
+def test_objective_resolution(kw, name, reads, loss):
+    """The method table binds each config to its objective: which errors it reads (and so whether the reference
+    runs), and the loss of objectives/ with the config's settings."""
     import torch
 
-    from diffalign.objectives import get_objective
+    from diffalign.objectives import dpo_loss, mapo_loss, npo_loss, sft_loss
 
     cfg = valid(**kw).validate()
-    got = (cfg.objective_name, cfg.objective_kwargs(), cfg.needs_reference, cfg.effective_beta)
-    assert got == (name, kwargs, ref, beta)
-    err = torch.tensor([0.1, 0.2])
-    errors = (err, err.flip(0), err, err) if ref else (err, err.flip(0))
-    errors = errors[:1] if name == "sft" else errors
-    assert get_objective(name)(*errors, **kwargs).shape == (2,)
+    row = get_method(cfg.method)
+    objective = row.objective(cfg.section())
+    assert (objective.name, objective.reads) == (name, reads)
+    assert row.needs_reference(cfg.section()) == (reads == "pair+reference")
+    w, l, rw, rl = torch.tensor([0.1, 0.2]), torch.tensor([0.2, 0.1]), torch.tensor([0.3, 0.1]), torch.tensor([0.1, 0.1])
+    expected = {"dpo_loss": lambda: dpo_loss(w, l, rw, rl, beta=2000.0),
+                "npo_loss": lambda: npo_loss(w, l, rw, rl, beta=1000.0),
+                "swapped mapo_loss": lambda: mapo_loss(l, w), "mapo_loss": lambda: mapo_loss(w, l),
+                "paper mapo_loss": lambda: mapo_loss(w, l, preset="paper", beta=8.0), "sft_loss": lambda: sft_loss(w)}
+    errors = {"winner": (w,), "pair": (w, l), "pair+reference": (w, l, rw, rl)}[reads]
+    assert torch.equal(objective.loss(*errors), expected[loss]())
 
 
 @pytest.mark.parametrize("kw,key", [
@@ -377,7 +400,7 @@ def test_every_recipe_loads_and_validates(path, tmp_path):
     if cfg.output_dir is None:
         overrides.append(f"--output_dir={tmp_path}")
     cfg = load_config(TrainConfig, path, overrides).validate()
-    assert cfg.method in METHODS
+    assert cfg.method in method_names()
     assert load_config(TrainConfig, dump_config(cfg, tmp_path / "resolved.yaml"), []) == cfg
 
 
@@ -395,11 +418,10 @@ def test_recipe_numbers_match_methods_reference():
     assert (paper.mapo_preset, paper.beta, paper.learning_rate, paper.lr_scheduler) == ("paper", 8, 1e-7, "cosine")
     assert paper.global_batch_size(8) == 2048
     npo = load("sd15_npo")
-    assert (npo.beta, npo.beta_diffusers_convention, npo.rank, npo.learning_rate, npo.lr_scheduler) == (
-        1000, 500, 8, 5e-6, "constant")
+    assert (npo.beta, npo.rank, npo.learning_rate, npo.lr_scheduler) == (1000, 8, 5e-6, "constant")
     assert npo.lora_target_modules == ("to_q", "to_k", "to_v", "to_out.0")
     assert load("sdxl_npo").beta == 2000
-    for m in METHODS:
+    for m in method_names():
         toy = load(f"toy_{m}")
         assert (toy.pretrained_model_name_or_path, toy.resolution, toy.train_mode, toy.rank) == ("toy", 32, "lora", 8)
         assert 100 <= toy.max_train_steps <= 200 and toy.method == m

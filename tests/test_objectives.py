@@ -6,16 +6,16 @@ from decimal import Decimal, getcontext
 import pytest
 import torch
 
-from diffalign.errors import UserError
 from diffalign.objectives import (
-    OBJECTIVES,
     dpo_loss,
-    get_objective,
+    dpo_objective,
     mapo_link,
     mapo_loss,
+    mapo_objective,
     pseudo_huber,
     renoise,
     sft_loss,
+    sft_objective,
 )
 from diffalign.objectives.dpo import dpo_inner, dpo_metrics, npo_loss
 from diffalign.objectives.mapo import mapo_metrics, resolve_mapo_params
@@ -370,11 +370,25 @@ def test_renoise_rejects_bad_timesteps():
         renoise(x, torch.tensor([10, 20]), torch.tensor([11, 1000]), abar, torch.randn_like(x))
 
 
-# ----------------------------------------------------------------------------------------- registry
-def test_registry():
-    assert get_objective("dpo") is dpo_loss and get_objective("MaPO") is mapo_loss
-    assert get_objective("sft") is sft_loss and OBJECTIVES["npo"] is npo_loss
-    with pytest.raises(ValueError, match=r"known objectives: dpo, mapo, npo, sft.*Did you mean 'mapo'"):
-        get_objective("mappo")
-    with pytest.raises(UserError, match="known objectives"):
-        get_objective("orpo")
+# ------------------------------------------------------------------------------- bound pair objectives
+def test_pair_objectives_bind_the_losses_and_say_what_they_read():
+    """objectives/pair.py: the losses and metrics of objectives/*.py with their settings bound; NPO's swap is the
+    objective's (npo_loss for DPO, winner and loser exchanged for MaPO)."""
+    g = torch.Generator().manual_seed(0)
+    w, l, rw, rl = (torch.rand(4, generator=g, dtype=F64) for _ in range(4))
+    dpo = dpo_objective(beta=5000.0, loss_type="hinge")
+    assert dpo.reads == "pair+reference" and dpo.needs_reference
+    assert torch.equal(dpo.loss(w, l, rw, rl), dpo_loss(w, l, rw, rl, beta=5000.0, loss_type="hinge"))
+    assert dpo.metrics(w, l, rw, rl).keys() == dpo_metrics(w, l, rw, rl, beta=5000.0).keys()
+    npo = dpo_objective(beta=1000.0, swap=True)
+    assert torch.equal(npo.loss(w, l, rw, rl), npo_loss(w, l, rw, rl, beta=1000.0))
+    mapo = mapo_objective(preset="paper", beta=8.0)
+    assert mapo.reads == "pair" and not mapo.needs_reference
+    assert torch.equal(mapo.loss(w, l), mapo_loss(w, l, preset="paper", beta=8.0))
+    swapped = mapo_objective(swap=True)
+    assert torch.equal(swapped.loss(w, l), mapo_loss(l, w))
+    assert torch.equal(swapped.metrics(w, l)["err_w"], mapo_metrics(l, w)["err_w"])
+    sft = sft_objective()
+    assert sft.reads == "winner" and sft.metrics is None and torch.equal(sft.loss(w), sft_loss(w))
+    with pytest.raises(ValueError, match="reads must be one of"):
+        type(sft)("x", "triple", sft_loss)

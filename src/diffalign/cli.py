@@ -236,7 +236,9 @@ def cmd_demo(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="training: dpo, mapo, npo, sft, selfnpo (works under `accelerate launch`)", allow_abbrev=False,
+    from .training.methods import method_names  # the method table (no torch import)
+
+    p = sub.add_parser("train", help=f"training: {', '.join(method_names())} (works under `accelerate launch`)", allow_abbrev=False,
                        description="diffalign train CONFIG.yaml [--key=value ...]; `--help-config` lists every key.")
     p.add_argument("config", nargs="?", default=None, help="YAML recipe (see configs/); keys can be overridden")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")

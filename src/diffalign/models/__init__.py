@@ -19,6 +19,7 @@ from .lora import (
     resolve_lora_file,
     save_lora,
 )
+from .schedule import NoiseSchedule
 from .sd import SDFamily
 from .sdxl import SDXLFamily
 from .source import ModelSource, resolve_source
@@ -26,6 +27,7 @@ from .source import ModelSource, resolve_source
 __all__ = [
     "Conditioning",
     "ModelFamily",
+    "NoiseSchedule",
     "SDFamily",
     "SDXLFamily",
     "CogVideoXFamily",

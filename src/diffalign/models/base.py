@@ -1,13 +1,14 @@
 """The one interface every model family implements, and the maths they share.
 
-Training recipes (DPO, MaPO, Self-NPO, SFT) only talk to `ModelFamily`: encode prompts and images, noise a
-latent, ask for the regression target, predict, and turn a prediction back into an x0 estimate. Everything that
-differs between SD1.x/2.x, SDXL and (later) CogVideoX - text encoders, pooled embeddings, micro-conditioning,
-the pipeline class used to save LoRAs - lives in the subclass, so a recipe never branches on the family.
+Training recipes (DPO, MaPO, Self-NPO, SFT) only talk to `ModelFamily`: encode prompts and images, predict with
+a given network (`predict(..., net=...)`), and the family's noise schedule (`schedule`) to noise a latent, ask for
+the regression target and turn a prediction back into an x0 estimate. Everything that differs between SD1.x/2.x,
+SDXL and CogVideoX - text encoders, pooled embeddings, micro-conditioning, the pipeline class used to save LoRAs -
+lives in the subclass, so a recipe never branches on the family.
 
-Noise maths (docs/methods.md#conventions-shared-by-every-method): `x_t = a_t x0 + s_t eps` with
-`a_t = sqrt(abar_t)`, `s_t = sqrt(1 - abar_t)`, target `eps` (epsilon) or `v = a_t eps - s_t x0` (v-prediction),
-read from the scheduler config.
+Noise maths (models/schedule.py, docs/methods.md#conventions-shared-by-every-method): `x_t = a_t x0 + s_t eps`
+with `a_t = sqrt(abar_t)`, `s_t = sqrt(1 - abar_t)`, target `eps` (epsilon) or `v = a_t eps - s_t x0`
+(v-prediction), read from the scheduler config.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 from ..errors import UserError
 from . import lora as _lora
 from .conditioning import Conditioning
+from .schedule import NoiseSchedule
 from .source import ModelSource, VaeRequest, load_component, resolve_source
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -39,6 +41,21 @@ def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
     if bad:
         raise TypeError(f"prompts must be strings, got {type(bad[0]).__name__}")
     return prompts
+
+
+def bare_module(net):
+    """The module inside DDP / FSDP wrappers (`.module`), or `net` itself."""
+    while not hasattr(net, "config") and isinstance(getattr(net, "module", None), torch.nn.Module):
+        net = net.module
+    return net
+
+
+def weight_dtype(net) -> torch.dtype:
+    """The dtype of a network's first floating weight (through DDP / FSDP wrappers). diffusers' `unet.dtype` walks
+    every submodule looking for casting hooks on each call: ~4% of a toy training step, which asks several times
+    (issue 8 profile)."""
+    net = bare_module(net)
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), None) or net.dtype
 
 
 def _scalar_config(config) -> dict[str, Any]:
@@ -164,10 +181,7 @@ class ModelFamily(abc.ABC):
     # ---------------------------------------------------------------------------------------------- basics
     @property
     def dtype(self) -> torch.dtype:
-        # The first floating weight's dtype. diffusers' `unet.dtype` walks every submodule looking for casting
-        # hooks on each call: ~4% of a toy training step, which asks several times (issue 8 profile).
-        unet = self.bare_unet
-        return next((p.dtype for p in unet.parameters() if p.is_floating_point()), None) or unet.dtype
+        return weight_dtype(self.unet)
 
     @property
     def device(self) -> torch.device:
@@ -175,11 +189,8 @@ class ModelFamily(abc.ABC):
 
     @property
     def bare_unet(self):
-        """The UNet itself, also while a training loop holds it in a DDP / FSDP wrapper (`.module`)."""
-        unet = self.unet
-        while not hasattr(unet, "config") and isinstance(getattr(unet, "module", None), torch.nn.Module):
-            unet = unet.module
-        return unet
+        """The UNet itself, also when `self.unet` was given in a DDP / FSDP wrapper (`.module`)."""
+        return bare_module(self.unet)
 
     @property
     def pipeline_class(self):
@@ -273,55 +284,37 @@ class ModelFamily(abc.ABC):
         return torch.cat(out).clamp(-1, 1)
 
     # ------------------------------------------------------------------------------------------ noise maths
-    def _coeffs(self, t: Tensor | int, ref: Tensor) -> tuple[Tensor, Tensor]:
-        """(a_t, s_t) in float32, shaped to broadcast over `ref` [B, ...]."""
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
-        if t.ndim == 0:
-            t = t.expand(ref.shape[0])
-        abar = self.alphas_cumprod.to(torch.float32)[t.cpu()].to(ref.device)
-        shape = (-1,) + (1,) * (ref.ndim - 1)
-        return abar.sqrt().view(shape), (1.0 - abar).sqrt().view(shape)
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The training noise maths (models/schedule.py) of this family's scheduler: what the recipes use."""
+        return NoiseSchedule(self.alphas_cumprod, self.prediction_type)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """x_t = a_t x0 + s_t eps (forward process, docs/methods.md#conventions-shared-by-every-method)."""
-        a, s = self._coeffs(t, x0)
-        return (a * x0.float() + s * noise.float()).to(x0.dtype)
+        return self.schedule.add_noise(x0, noise, t)
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """The regression target for the family's prediction type: eps, v = a_t eps - s_t x0, or x0."""
-        kind = self.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            a, s = self._coeffs(t, x0)
-            return (a * noise.float() - s * x0.float()).to(x0.dtype)
-        if kind == "sample":
-            return x0
-        raise UserError(f"unsupported prediction_type {kind!r} in the scheduler config; use epsilon or v_prediction")
+        return self.schedule.target(x0, noise, t)
 
     def pred_x0(self, x_t: Tensor, t: Tensor | int, model_output: Tensor) -> Tensor:
         """x0 estimate from a model output: (x_t - s_t eps)/a_t for epsilon, a_t x_t - s_t v for v-prediction."""
-        a, s = self._coeffs(t, x_t)
-        out_dtype = torch.promote_types(x_t.dtype, model_output.dtype)
-        x, m = x_t.float(), model_output.float()
-        kind = self.prediction_type
-        if kind == "epsilon":
-            x0 = (x - s * m) / a
-        elif kind == "v_prediction":
-            x0 = a * x - s * m
-        elif kind == "sample":
-            x0 = m
-        else:
-            raise UserError(f"unsupported prediction_type {kind!r} in the scheduler config; use epsilon or v_prediction")
-        return x0.to(out_dtype)
+        return self.schedule.pred_x0(x_t, t, model_output)
 
-    def predict(self, x_t: Tensor, t: Tensor | int, cond: Conditioning, **unet_kwargs: Any) -> Tensor:
-        """The UNet's raw output (eps or v) for noisy latents `x_t` at timesteps `t` under `cond`."""
+    def predict(self, x_t: Tensor, t: Tensor | int, cond: Conditioning, *, net=None, **unet_kwargs: Any) -> Tensor:
+        """The denoiser's raw output (eps or v) for noisy latents `x_t` at timesteps `t` under `cond`.
+
+        `net` is the network to call: the family's own UNet when None, else e.g. the trained UNet as accelerate
+        wrapped it, a frozen reference copy or an EMA teacher. It is an argument, never swapped into `self.unet`,
+        so an exception inside the call cannot leave another network in the family. `cond` is cast to the dtype
+        of the network called.
+        """
+        net = self.unet if net is None else net
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        cond = cond.to(x_t.device, self.dtype)
-        return self.unet(
+        cond = cond.to(x_t.device, weight_dtype(net))
+        return net(
             x_t,
             t,
             encoder_hidden_states=cond.prompt_embeds,
@@ -379,8 +372,11 @@ class ModelFamily(abc.ABC):
     def pipeline_components(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline class built from this family's (shared) modules."""
 
-    def make_pipeline(self, scheduler=None):
-        """A stock diffusers pipeline sharing this family's modules (validation images during training)."""
+    def make_pipeline(self, scheduler=None, *, net=None):
+        """A stock diffusers pipeline sharing this family's modules (validation images during training); `net`
+        in place of the family's own denoiser (e.g. a frozen reference copy), without touching `self.unet`."""
         components = self.pipeline_components()
         components["scheduler"] = scheduler if scheduler is not None else self.scheduler
+        if net is not None:
+            components[self.denoiser_name] = net
         return self.pipeline_class(**components)

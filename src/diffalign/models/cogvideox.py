@@ -3,8 +3,8 @@
 What differs from the image families, and why the code looks the way it does:
 
 - The denoiser is `CogVideoXTransformer3DModel` (`pipe.transformer`). It is held in the attribute `unet` all the
-  same, so the recipes, the Self-NPO teacher and the training loops (which swap and wrap `family.unet`) run
-  unchanged; `family.transformer` is the readable alias. LoRA files use the `transformer.` key prefix that
+  same, so the recipes, the Self-NPO teacher and the training loop (which pass it, or a copy of it, to `predict`
+  as `net`) run unchanged; `family.transformer` is the readable alias. LoRA files use the `transformer.` key prefix that
   `CogVideoXPipeline.load_lora_weights` reads (`lora.denoiser_component`).
 - Latents are 5-D `(B, F', C, H', W')`: frames first, as the transformer takes them. The VAE
   (`AutoencoderKLCogVideoX`) works on `(B, C, F, H, W)`, compresses time 4x (`F' = (F - 1) / 4 + 1`, so a clip has
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .base import _HALF, Conditioning, ModelFamily, _as_prompt_list, _scalar_config
+from .base import _HALF, Conditioning, ModelFamily, _as_prompt_list, _scalar_config, weight_dtype
 from .source import ModelSource, load_component
 
 #: `CogVideoXPipeline.__call__`'s default T5 length; the transformer was trained on 226-token prompts.
@@ -221,7 +221,7 @@ class CogVideoXFamily(ModelFamily):
                       generator: torch.Generator | None = None) -> Tensor:
         """Videos (5-D, see `encode_videos`) or images [N, 3, H, W] as one-frame clips -> 5-D latents.
 
-        The training loops call `encode_images` on whatever pixels the data gives them, so video pairs and
+        The training loop calls `encode_images` on whatever pixels the data gives them, so video pairs and
         image pairs both work here.
         """
         if images.ndim == 4:
@@ -265,8 +265,10 @@ class CogVideoXFamily(ModelFamily):
             self._rotary_cache[key] = emb
         return self._rotary_cache[key]
 
-    def predict(self, x_t: Tensor, t: Tensor | int, cond: Conditioning, **kwargs: Any) -> Tensor:
-        """The transformer's raw output (v for the released models) for latents (B, F', C, H', W')."""
+    def predict(self, x_t: Tensor, t: Tensor | int, cond: Conditioning, *, net=None, **kwargs: Any) -> Tensor:
+        """The transformer's raw output (v for the released models) for latents (B, F', C, H', W'); `net` as in
+        `ModelFamily.predict` (the family's own transformer when None)."""
+        net = self.unet if net is None else net
         if x_t.ndim != 5:
             raise UserError(f"CogVideoX latents are (B, F', C, H', W'), got shape {tuple(x_t.shape)}")
         p_t = self.bare_unet.config.patch_size_t
@@ -275,10 +277,10 @@ class CogVideoXFamily(ModelFamily):
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        cond = cond.to(x_t.device, self.dtype)
+        cond = cond.to(x_t.device, weight_dtype(net))
         kwargs.setdefault("image_rotary_emb", self.rotary_embeddings(x_t.shape[1], x_t.shape[3], x_t.shape[4],
                                                                      x_t.device))
-        return self.unet(hidden_states=x_t, encoder_hidden_states=cond.prompt_embeds, timestep=t, return_dict=False,
+        return net(hidden_states=x_t, encoder_hidden_states=cond.prompt_embeds, timestep=t, return_dict=False,
                          **kwargs)[0]
 
     # ------------------------------------------------------------------------------------------ generation

@@ -1,7 +1,9 @@
 """Pure loss functions on per-sample errors; each returns per-sample losses ``Tensor[B]``.
 
-The training loop computes the errors (per-element mean squared error per sample) and reduces the
-losses. Nothing here touches models, data or accelerate.
+The training recipes compute the errors (per-element mean squared error per sample) and the loop reduces the
+losses. ``pair.py`` binds the preference losses to their settings (which errors they read, their metrics); the
+method table (``diffalign.training.methods``) says which method trains with which. Nothing here touches
+models, data or accelerate.
 """
 
 from diffalign.objectives._common import ObjectiveError
@@ -15,7 +17,7 @@ from diffalign.objectives.mapo import (
     mapo_metrics,
     resolve_mapo_params,
 )
-from diffalign.objectives.registry import OBJECTIVES, get_objective
+from diffalign.objectives.pair import PairObjective, dpo_objective, mapo_objective, sft_objective
 from diffalign.objectives.selfnpo import pseudo_huber, renoise
 from diffalign.objectives.sft import sft_loss
 
@@ -23,19 +25,21 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "MAPO_PAPER_BETAS",
     "MAPO_PRESETS",
-    "OBJECTIVES",
     "MapoParams",
+    "PairObjective",
     "ObjectiveError",
     "dpo_inner",
     "dpo_loss",
     "dpo_metrics",
-    "get_objective",
+    "dpo_objective",
     "mapo_link",
     "mapo_loss",
     "mapo_metrics",
+    "mapo_objective",
     "npo_loss",
     "pseudo_huber",
     "renoise",
     "resolve_mapo_params",
     "sft_loss",
+    "sft_objective",
 ]

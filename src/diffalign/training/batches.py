@@ -8,13 +8,28 @@ position without loading the skipped data.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..data import deterministic_rng
 from ..data.pairs import is_skipped
 from ..models import Conditioning
-from .recipes import PairBatch
+
+
+@dataclass
+class PairBatch:
+    """Latents of winners and losers [B, ...] and their conditioning (SDXL: time ids per image)."""
+
+    latents_w: Tensor
+    latents_l: Tensor
+    cond_w: Conditioning
+    cond_l: Conditioning
+
+    @property
+    def size(self) -> int:
+        return self.latents_w.shape[0]
 
 
 class BatchStream:

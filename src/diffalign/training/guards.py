@@ -1,4 +1,4 @@
-"""Faults a training run handles itself, shared by the DPO/MaPO/NPO/SFT and Self-NPO loops.
+"""Faults a training run handles itself, for every method (the one loop in loop.py calls them).
 
 - SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C): finish the current optimizer step, save a checkpoint at
   that step boundary, exit with 128 + signal (143 / 130) and say how to resume. A second signal stops at once.
@@ -158,7 +158,7 @@ def check_disk_for_checkpoints(out, params, *, ema: bool, cfg, log) -> int:
 
 
 class StepBoundary:
-    """What both loops do after each optimizer update: count a skipped update, log the step, checkpoint, and
+    """What the loop does after each optimizer update: count a skipped update, log the step, checkpoint, and
     stop when asked to (a signal) or when too many updates in a row were not finite.
 
     `save(step)` writes checkpoint `step` (called on the main process only) and returns its folder;

@@ -1,31 +1,25 @@
-"""Recipes: turn a batch of preference pairs into per-sample errors and call an objective.
+"""The recipe of the pair methods (dpo, mapo, npo, sft): preference pairs in, per-sample losses out.
 
-A recipe knows the method's data flow (which passes run, what is swapped, what is the reference), never
-the loss maths (that is `objectives/`). Winner and loser go through the network as ONE batch of 2B with
-one timestep and one noise per pair (docs/methods.md#conventions-shared-by-every-method).
+A recipe knows the method's data flow (which passes run, what is the reference), never the loss maths: that
+is the objective the method table gives it (objectives/pair.py), which also says which errors it reads. Winner
+and loser go through the network as ONE batch of 2B with one timestep and one noise per pair
+(docs/methods.md#conventions-shared-by-every-method); an objective that reads only the winner (SFT) gets one
+pass over the B winners.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..models import Conditioning
-from ..objectives import dpo_loss, mapo_loss, sft_loss
-from ..objectives.dpo import dpo_metrics
-from ..objectives.mapo import mapo_metrics
-
-
-@dataclass
-class StepResult:
-    """Per-sample losses (the loop reduces) and detached scalar metrics for logging (0-d tensors or floats:
-    the loop keeps them on the device and reads them once per optimizer step, not per micro-batch)."""
-
-    losses: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+from .batches import PairBatch, drop_captions, empty_prompt_mask, to_pair_batch
+from .protocol import RecipeBase, RunContext, StepResult, TrainData
+from .reference import AdaptersOff
+from .timesteps import UniformTimesteps, sample_noise_and_t
 
 
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -33,105 +27,150 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
-@dataclass
-class PairBatch:
-    """Latents of winners and losers [B, ...] and their conditioning (SDXL: time ids per image)."""
+class PreferenceRecipe(RecipeBase):
+    """DPO / MaPO / NPO / SFT on pairs.
 
-    latents_w: Tensor
-    latents_l: Tensor
-    cond_w: Conditioning
-    cond_l: Conditioning
+    ``method`` names a row of the method table (or is the row); its settings (``beta=...``) or ``keys`` (its
+    config section) bind the objective. The objective's ``reads`` says which passes run:
 
-    @property
-    def size(self) -> int:
-        return self.latents_w.shape[0]
+    - ``"pair+reference"`` (dpo, npo with dpo): the policy pass with gradient, then the reference pass under
+      no_grad through ``reference`` (reference.py; default: the family's UNet with its adapters off);
+    - ``"pair"`` (mapo, npo with mapo): one pass, no reference;
+    - ``"winner"`` (sft): one pass over the winners only.
 
-
-class PreferenceRecipe:
-    """DPO / MaPO / NPO / SFT on pairs. `reference` is a callable context/module for DPO's reference pass.
-
-    - dpo: two passes (policy with grad, reference under no_grad): adapters disabled for LoRA, or a frozen
-      copy of the UNet for a full fine-tune (`ref_unet`).
-    - mapo: one pass, no reference.
-    - npo: the chosen objective on swapped pairs (the loser becomes the "winner"), used for the negative model.
-    - sft: one pass on winners only.
+    Swapping winner and loser (npo) is the objective's business, not the recipe's.
+    ``timesteps`` draws t (default uniform); ``shard = (rank, world)`` (timesteps.py). Built by the loop with
+    :meth:`for_run`; built directly (tests, benchmarks), only :meth:`__call__` and :meth:`step` are available.
     """
 
-    def __init__(self, family, method: str, *, beta: float | None = None, loss_type: str = "sigmoid",
-                 mapo_preset: str = "official", npo_objective: str = "dpo", ref_unet=None, disable_adapters=None):
+    stability_hint = "lower learning_rate or beta"
+
+    def __init__(self, family, method="dpo", *, keys=None, reference=None, timesteps=None,
+                 shard: tuple[int, int] = (0, 1), run: RunContext | None = None, **settings):
+        from .methods import get_method
+
+        self.method = get_method(method) if isinstance(method, str) else method
+        if keys is None:
+            try:
+                keys = self.method.section(**settings)
+            except TypeError:
+                from .sections import section_keys
+
+                known = list(section_keys(self.method.section))
+                raise TypeError(f"method {self.method.name} takes the settings {known}, "
+                                f"got {sorted(settings)}") from None
+        elif settings:
+            raise TypeError("give either keys or settings, not both")
+        self.keys = keys
+        self.objective = self.method.objective(keys)
         self.family = family
-        self.method = method
-        self.beta = beta
-        self.loss_type = loss_type
-        self.mapo_preset = mapo_preset
-        self.npo_objective = npo_objective
-        self.ref_unet = ref_unet
-        # Under DDP the family's UNet is a wrapper: the loop passes a context that reaches the inner module.
-        self.disable_adapters = disable_adapters or family.lora_disabled
+        self.schedule = family.schedule
+        self.reference = reference
+        self.timesteps = timesteps or UniformTimesteps(family.num_train_timesteps)
+        self.shard = shard
+        self.run = run
+        self.ema = None
+        self._empty = None
+        self._pairs = None
 
-    @property
-    def objective(self) -> str:
-        return self.npo_objective if self.method == "npo" else self.method
+    @classmethod
+    def for_run(cls, ctx: RunContext) -> "PreferenceRecipe":
+        from .ema import WeightEma
 
-    def _errors(self, batch: PairBatch, noise: Tensor, t: Tensor, unet_override=None) -> tuple[Tensor, Tensor]:
+        recipe = cls(ctx.family, ctx.method, keys=ctx.keys, reference=ctx.reference, shard=ctx.shard, run=ctx)
+        if ctx.cfg.use_ema:
+            recipe.ema = WeightEma(ctx.trainable, ctx.cfg.ema_decay)
+        return recipe
+
+    # ------------------------------------------------------------------------------------------- the maths
+    def errors(self, batch: PairBatch, noise: Tensor, t: Tensor, net=None) -> tuple[Tensor, Tensor]:
+        """Per-sample errors of winners and losers, through ``net`` (default: the trained network)."""
         x0 = torch.cat([batch.latents_w, batch.latents_l])
         noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
         cond = Conditioning.cat([batch.cond_w, batch.cond_l])
-        x_t = self.family.add_noise(x0, noise2, t2)
-        if unet_override is None:
-            pred = self.family.predict(x_t, t2, cond)
-        else:
-            saved, self.family.unet = self.family.unet, unet_override
-            try:
-                pred = self.family.predict(x_t, t2, cond)
-            finally:
-                self.family.unet = saved
-        err = per_sample_mse(pred, self.family.target(x0, noise2, t2))
+        x_t = self.schedule.add_noise(x0, noise2, t2)
+        pred = self.family.predict(x_t, t2, cond, net=self.net if net is None else net)
+        err = per_sample_mse(pred, self.schedule.target(x0, noise2, t2))
         return err.chunk(2)
 
-    def _reference_errors(self, batch, noise, t) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            if self.ref_unet is not None:
-                return self._errors(batch, noise, t, unet_override=self.ref_unet)
-            with self.disable_adapters():
-                return self._errors(batch, noise, t)
+    def reference_errors(self, batch: PairBatch, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        reference = self.reference if self.reference is not None else AdaptersOff(self.family.unet)
+        with torch.no_grad(), reference.active(self.net) as net:
+            return self.errors(batch, noise, t, net=net)
 
     def __call__(self, batch: PairBatch, noise: Tensor, t: Tensor) -> StepResult:
-        if self.method == "sft":
-            x_t = self.family.add_noise(batch.latents_w, noise, t)
-            err_w = per_sample_mse(self.family.predict(x_t, t, batch.cond_w), self.family.target(batch.latents_w, noise, t))
-            return StepResult(sft_loss(err_w), {"err_w": err_w.detach().mean()})
-
-        err_w, err_l = self._errors(batch, noise, t)
-        swap = self.method == "npo"
-        if self.objective == "dpo":
-            ref_w, ref_l = self._reference_errors(batch, noise, t)
-            losses = dpo_loss(err_w, err_l, ref_w, ref_l, beta=self.beta, loss_type=self.loss_type, swap=swap)
-            metrics = dict(dpo_metrics(err_w, err_l, ref_w, ref_l, beta=self.beta, swap=swap))
-        elif self.objective == "mapo":
-            w, l = (err_l, err_w) if swap else (err_w, err_l)
-            kwargs = {"beta": self.beta} if self.mapo_preset == "paper" else {}
-            losses = mapo_loss(w, l, preset=self.mapo_preset, **kwargs)
-            metrics = dict(mapo_metrics(w, l, preset=self.mapo_preset, **kwargs))
+        """Per-sample losses and metrics of ``batch`` at the given noise and timesteps (one of each per pair)."""
+        objective = self.objective
+        if objective.reads == "winner":
+            x_t = self.schedule.add_noise(batch.latents_w, noise, t)
+            err_w = per_sample_mse(self.family.predict(x_t, t, batch.cond_w, net=self.net),
+                                   self.schedule.target(batch.latents_w, noise, t))
+            errors = (err_w,)
         else:
-            raise ValueError(f"unknown objective {self.objective!r}")
+            err_w, err_l = self.errors(batch, noise, t)
+            errors = (err_w, err_l)
+            if objective.needs_reference:
+                errors += self.reference_errors(batch, noise, t)
+        losses = objective.loss(*errors)
+        metrics = dict(objective.metrics(*errors)) if objective.metrics is not None else {}
         metrics.setdefault("err_w", err_w.detach().mean())
-        metrics.setdefault("err_l", err_l.detach().mean())
+        if len(errors) > 1:
+            metrics.setdefault("err_l", err_l.detach().mean())
         return StepResult(losses, metrics)
 
+    def step(self, batch: PairBatch, generator: torch.Generator) -> StepResult:
+        """Noise, then t (through ``timesteps``), for the global batch from ``generator``; then :meth:`__call__`."""
+        device = self.run.device if self.run is not None else batch.latents_w.device
+        noise, t = sample_noise_and_t(batch.latents_w.shape, self.timesteps, generator, device, shard=self.shard)
+        return self(batch, noise, t)
 
-def sample_noise_and_t(shape, num_train_timesteps: int, generator: torch.Generator, device,
-                       shard: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor]:
-    """One noise and one timestep per pair, from a generator the loop seeds per step (exact resume).
+    # ------------------------------------------------------------------------------------------ the run
+    def load_data(self) -> TrainData:
+        from .pair_data import empty_prompt, load_pair_items
 
-    `shard = (rank, world)`: the draw covers the GLOBAL batch (world x shape[0] pairs, the same generator on
-    every process) and this process keeps rows rank::world, the rows `BatchStream` gives it; so a pair gets the
-    same noise and t whatever the number of processes.
-    """
-    rank, world = shard
-    noise = torch.randn((shape[0] * world, *shape[1:]), generator=generator)[rank::world].to(device)
-    t = torch.randint(0, num_train_timesteps, (shape[0] * world,), generator=generator)[rank::world].to(device)
-    return noise, t
+        ctx = self._context()
+        pairs, items = load_pair_items(ctx.cfg, ctx.family, ctx.resolution, ctx.log)
+        self._empty = empty_prompt(ctx.cfg, ctx.family, items)
+        self._pairs = pairs
+        return TrainData(items, pairs.report, pairs.summary)
+
+    def describe(self, data: TrainData) -> str:
+        cfg = self._context().cfg
+        dropout = (f", a share {cfg.proportion_empty_prompts:g} of the captions dropped to the empty prompt"
+                   if cfg.proportion_empty_prompts else "")
+        return f"{self.method.title(self.keys)} on {len(self._pairs)} pairs{dropout}"
+
+    def make_batch(self, rows: list, generator: torch.Generator) -> tuple[PairBatch | None, dict[str, int]]:
+        """Caption dropout (drawn first, per global sample), then encoding (or stacking the cached latents)."""
+        ctx = self._context()
+        p = ctx.cfg.proportion_empty_prompts
+        drop = empty_prompt_mask(p, len(rows), generator, shard=self.shard)
+        rows, dropped = drop_captions(rows, drop, self._empty)
+        batch = to_pair_batch(rows, ctx.family, ctx.resolution, ctx.device)
+        return batch, ({"empty_prompts": dropped} if p else {})
+
+    def after_update(self) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    def checkpoint_state(self):
+        return self.ema.state_dict() if self.ema is not None else None
+
+    def save_outputs(self, out: Path) -> None:
+        """The LoRA, or the UNet; with use_ema the EMA weights in unet/ and the trained ones in unet_raw/."""
+        if self.ema is None or self._context().cfg.train_mode == "lora":
+            return super().save_outputs(out)
+        unet = self.family.unet
+        with self.ema.swapped_in():
+            unet.save_pretrained(Path(out) / "unet")
+        unet.save_pretrained(Path(out) / "unet_raw")
+
+    def write_model_card(self, out: Path, data_summary: str) -> Path:
+        from .model_card import write_model_card
+
+        ctx = self._context()
+        return write_model_card(ctx.cfg, out, resolution=ctx.resolution, family=ctx.family.name,
+                                data_summary=data_summary, method=self.method, keys=self.keys)
 
 
 @contextlib.contextmanager
@@ -147,3 +186,6 @@ def count_unet_calls(unet):
         yield counter
     finally:
         handle.remove()
+
+
+__all__ = ["PairBatch", "PreferenceRecipe", "count_unet_calls", "per_sample_mse"]

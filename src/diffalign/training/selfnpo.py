@@ -23,7 +23,7 @@ Itself without Explicit Preference Annotation". One training step, per sample:
    the student sees ``x_s = renoise(x_t, t, s, ...)`` with ``s ~ U{t+1..T-1}`` (``U{1..T-1}`` when ``t = 0``)
    and its caption, and is trained on the pseudo-Huber (or L2) distance between its own x0 prediction at
    ``(x_s, s, c)`` and the target;
-4. after the optimizer step the loop calls :meth:`EmaTeacher.update`.
+4. after the optimizer step the loop calls the recipe's ``after_update``: :meth:`EmaTeacher.update`.
 
 Teacher network calls per training step (the convention the tests check). A *call* is one forward of the
 UNet on one batch; conditional and unconditional inputs of all samples travel in that one batch (2B rows). The
@@ -38,21 +38,31 @@ needs ``(e - i) + 1`` calls. Samples run in lock-step and leave the batch once t
 When ``w == -1`` the guided prediction is exactly the unconditional one (and when ``w == 0`` the conditional
 one), so the call carries only that half (B rows): the same number of calls at half the cost, which is the
 official SD1.5 setting. Everything the teacher does runs under ``torch.no_grad``.
+
+:class:`SelfNPORecipe` is the method's recipe for the training loop (protocol.py): its data are prompts or
+image-caption rows (selfnpo_data.py), its checkpoints hold the teacher (``ema.safetensors``), its output is the
+negative offset: the student's LoRA (``pytorch_lora_weights.safetensors``) or its UNet (``unet/``), meant for the
+negative branch of classifier-free guidance only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..models import Conditioning
 from ..objectives import pseudo_huber, renoise
-from .recipes import StepResult, per_sample_mse
+from .protocol import RecipeBase, RunContext, StepResult, TrainData
+from .recipes import per_sample_mse
+from .timesteps import UniformTimesteps, draw_global
 
 START_MODES = ("noise", "images")
 START_RANGES = ("official", "interior")
@@ -69,6 +79,14 @@ def ddim_grid(num_train_timesteps: int, steps: int) -> Tensor:
         raise ValueError(f"the DDIM grid needs 1..{num_train_timesteps} steps, got {steps}")
     grid = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)) - 1
     return grid.long()[:steps]
+
+
+def selfnpo_distance(loss: str = "pseudo_huber", *, huber_c: float = 1e-3) -> Callable[[Tensor, Tensor], Tensor]:
+    """The student's per-sample distance to the teacher's target: pseudo-Huber with ``c = huber_c`` (official) or
+    the per-element mean squared error (``l2``); the method table's objective of ``selfnpo``."""
+    if loss not in SELFNPO_LOSSES:
+        raise ValueError(f"loss must be one of {SELFNPO_LOSSES}, got {loss!r}")
+    return functools.partial(pseudo_huber, c=float(huber_c)) if loss == "pseudo_huber" else per_sample_mse
 
 
 def extended_grid(grid: Tensor) -> Tensor:
@@ -164,7 +182,7 @@ class TeacherResult:
     calls: int  # teacher network calls made
 
 
-class SelfNPORecipe:
+class SelfNPORecipe(RecipeBase):
     """Turns a :class:`SelfNPOBatch` and a seeded generator into per-sample Self-NPO losses.
 
     ``latent_shape`` is the per-sample latent shape for ``start="noise"``: (C, H, W), or (F', C, H', W') for video
@@ -174,12 +192,16 @@ class SelfNPORecipe:
     (seed, step) generator makes a resumed run identical. ``shard = (rank, world)``: every draw covers the
     global batch (world x B samples, the same generator on every process) and this process keeps rows
     rank::world (the rows ``BatchStream`` gives it), so a sample's draws do not depend on the process count.
+    ``timesteps`` draws the student's ``s`` above the teacher's ``t`` (default uniform); ``distance`` (what the
+    method table gives as the objective) takes the place of the one ``loss`` and ``huber_c`` name. Built by the
+    loop with :meth:`for_run`.
     """
 
     def __init__(self, family, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
                  grid_steps: int = 25, teacher_steps: int = 5, loss: str = "pseudo_huber", huber_c: float = 1e-3,
                  latent_shape: Optional[tuple[int, ...]] = None, shard: tuple[int, int] = (0, 1),
-                 start_range: str = "official"):
+                 start_range: str = "official", distance: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 timesteps=None, run: Optional[RunContext] = None):
         if start not in START_MODES:
             raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
         if start_range not in START_RANGES:
@@ -192,18 +214,36 @@ class SelfNPORecipe:
         if start == "noise" and latent_shape is None:
             raise ValueError("start='noise' needs latent_shape (C, H, W), or (F', C, H', W') for video")
         self.family, self.teacher = family, teacher
+        self.schedule = family.schedule
         self.start, self.guidance, self.K = start, float(guidance), int(teacher_steps)
-        self.loss, self.huber_c, self.latent_shape = loss, float(huber_c), latent_shape
+        self.latent_shape = latent_shape
+        self.distance = distance if distance is not None else selfnpo_distance(loss, huber_c=huber_c)
         self.grid = ddim_grid(family.num_train_timesteps, grid_steps)
         self.path = extended_grid(self.grid)  # the points a trajectory can reach: the grid, then t = 0
         self.start_range = start_range
         self.shard = shard
+        self.timesteps = timesteps or UniformTimesteps(family.num_train_timesteps)
+        self.run = run
+        self._uncond1 = None
+
+    @classmethod
+    def for_run(cls, ctx: RunContext) -> "SelfNPORecipe":
+        """The teacher starts at the base model: a copy of the not-yet-trained UNet, or its zero-B LoRA."""
+        cfg, keys, family = ctx.cfg, ctx.keys, ctx.family
+        if keys.ddim_grid > family.num_train_timesteps:
+            raise UserError(f"ddim_grid={keys.ddim_grid} exceeds the model's {family.num_train_timesteps} timesteps")
+        lora = cfg.train_mode == "lora"
+        teacher = EmaTeacher(family.unet, ctx.trainable, keys.teacher_ema_decay, separate_copy=not lora)
+        return cls(family, teacher, start=keys.selfnpo_start, guidance=keys.teacher_guidance,
+                   grid_steps=keys.ddim_grid, teacher_steps=keys.teacher_steps,
+                   latent_shape=family.latent_shape(cfg.resolution),  # video: (F', C, H', W')
+                   shard=ctx.shard,  # draws cover the global batch: same weights on any process count
+                   start_range=keys.selfnpo_start_range, distance=ctx.method.objective(keys), run=ctx)
 
     def _draw(self, fn, n: int, *args, generator: torch.Generator, **kwargs) -> Tensor:
         """``fn(..., (n, ...))`` drawn for the global batch, this process's rows (see ``shard``)."""
-        rank, world = self.shard
         *lead, shape = args
-        return fn(*lead, (n * world, *shape), generator=generator, **kwargs)[rank::world]
+        return draw_global(fn, n, tuple(shape), generator, self.shard, *lead, **kwargs)
 
     def _positions(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Start and end positions ``(i, e)`` on :attr:`path` of this process's ``n`` samples (``start_range``):
@@ -217,27 +257,18 @@ class SelfNPORecipe:
         return i, torch.clamp(i + K, max=len(self.path) - 1)
 
     # ------------------------------------------------------------------------------------------ teacher
-    def _coeffs(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
-        abar = self.family.alphas_cumprod.to(torch.float32)[t.cpu()].to(ref.device)
-        shape = (-1,) + (1,) * (ref.ndim - 1)
-        return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
-
-    def _guided_x0(self, unet, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
-        """The teacher's x0 estimate from ``cond + w*(cond - uncond)``: ONE network call."""
+    def _guided_x0(self, net, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
+        """The teacher's x0 estimate from ``cond + w*(cond - uncond)``: ONE call of ``net``."""
         family, w = self.family, self.guidance
-        saved, family.unet = family.unet, unet
-        try:
-            if w == -1.0:  # cond + (-1)(cond - uncond) == uncond: only that half is needed
-                out = family.predict(x, t, uncond)
-            elif w == 0.0:
-                out = family.predict(x, t, cond)
-            else:
-                both = family.predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
-                out_c, out_u = both.float().chunk(2)
-                out = out_c + w * (out_c - out_u)
-        finally:
-            family.unet = saved
-        return family.pred_x0(x, t, out.float()).float()
+        if w == -1.0:  # cond + (-1)(cond - uncond) == uncond: only that half is needed
+            out = family.predict(x, t, uncond, net=net)
+        elif w == 0.0:
+            out = family.predict(x, t, cond, net=net)
+        else:
+            both = family.predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond, uncond]), net=net)
+            out_c, out_u = both.float().chunk(2)
+            out = out_c + w * (out_c - out_u)
+        return self.schedule.pred_x0(x, t, out.float()).float()
 
     @torch.no_grad()
     def teacher_target(self, batch: SelfNPOBatch, generator: torch.Generator) -> TeacherResult:
@@ -250,7 +281,7 @@ class SelfNPORecipe:
                 raise ValueError("start='images' needs batch.latents")
             x0 = batch.latents.float()
             noise = self._draw(torch.randn, B, x0.shape[1:], generator=generator).to(device)
-            a, s = self._coeffs(path[i], x0)
+            a, s = self.schedule.coeffs(path[i], x0)
             x = a * x0.to(device) + s * noise
             pos = i.clone()
         else:
@@ -258,12 +289,12 @@ class SelfNPORecipe:
             pos = torch.zeros(B, dtype=torch.long)
         x_t, target = torch.empty_like(x), torch.empty_like(x)
         calls = 0
-        with self.teacher.active() as unet:
+        with self.teacher.active() as net:
             todo = torch.arange(B)
             while len(todo):
                 t_cur = path[pos[todo]]
                 xs = x[todo.to(device)]
-                x0_hat = self._guided_x0(unet, xs, t_cur.to(device), batch.cond[todo], batch.uncond[todo])
+                x0_hat = self._guided_x0(net, xs, t_cur.to(device), batch.cond[todo], batch.uncond[todo])
                 calls += 1
                 done = pos[todo] == end[todo]
                 if done.any():
@@ -272,11 +303,8 @@ class SelfNPORecipe:
                 go = ~done
                 if go.any():  # deterministic DDIM (eta = 0) from t_cur to the next point (t = 0: alphas_cumprod[0])
                     moving = todo[go]
-                    a, s = self._coeffs(t_cur[go], xs)
-                    a_next, s_next = self._coeffs(path[pos[moving] + 1], xs)
                     xg, x0g = xs[go.to(device)], x0_hat[go.to(device)]
-                    eps_hat = (xg - a * x0g) / s
-                    x[moving.to(device)] = a_next * x0g + s_next * eps_hat
+                    x[moving.to(device)] = self.schedule.ddim_step(xg, x0g, t_cur[go], path[pos[moving] + 1])
                     pos[moving] += 1
                 todo = todo[go]
         return TeacherResult(x_t, path[end].to(device), target, path[i].to(device), calls)
@@ -285,20 +313,14 @@ class SelfNPORecipe:
     def __call__(self, batch: SelfNPOBatch, generator: torch.Generator) -> StepResult:
         family = self.family
         teacher = self.teacher_target(batch, generator)
-        B, T = batch.size, family.num_train_timesteps
-        t = teacher.t.cpu()
-        u = self._draw(torch.rand, B, (), generator=generator, dtype=torch.float64)
-        s = torch.minimum(t + 1 + (u * (T - 1 - t)).long(), torch.tensor(T - 1))  # U{t+1..T-1}
-        z = self._draw(torch.randn, B, teacher.x_t.shape[1:], generator=generator).to(teacher.x_t.device)
+        s = self.timesteps.sample_above(teacher.t.cpu(), generator, self.shard)  # U{t+1..T-1}
+        z = self._draw(torch.randn, batch.size, teacher.x_t.shape[1:], generator=generator).to(teacher.x_t.device)
         s = s.to(teacher.x_t.device)
-        x_s = renoise(teacher.x_t, teacher.t, s, family.alphas_cumprod, z)
+        x_s = renoise(teacher.x_t, teacher.t, s, self.schedule.alphas_cumprod, z)
         x_s = x_s.to(family.dtype)
-        out = family.predict(x_s, s, batch.cond)
-        x0_pred = family.pred_x0(x_s, s, out).float()
-        if self.loss == "pseudo_huber":
-            losses = pseudo_huber(x0_pred, teacher.target, c=self.huber_c)
-        else:
-            losses = per_sample_mse(x0_pred, teacher.target)
+        out = family.predict(x_s, s, batch.cond, net=self.net)
+        x0_pred = self.schedule.pred_x0(x_s, s, out).float()
+        losses = self.distance(x0_pred, teacher.target)
         metrics = {  # on the device: the loop reads them once per optimizer step
             "t": teacher.t.float().mean(),
             "s": s.float().mean(),
@@ -308,6 +330,47 @@ class SelfNPORecipe:
         }
         return StepResult(losses, metrics)
 
+    def step(self, batch: SelfNPOBatch, generator: torch.Generator) -> StepResult:
+        return self(batch, generator)
+
+    # ------------------------------------------------------------------------------------------ the run
+    def load_data(self) -> TrainData:
+        from .selfnpo_data import load_selfnpo_data
+
+        ctx = self._context()
+        data = load_selfnpo_data(ctx.cfg, ctx.resolution)
+        with torch.no_grad():
+            self._uncond1 = self.family.unconditional(1)
+        return data
+
+    def describe(self, data: TrainData) -> str:
+        ctx = self._context()
+        return f"{ctx.method.title(ctx.keys)} on {data.summary()}"
+
+    def make_batch(self, rows: list, generator: torch.Generator) -> tuple[Optional[SelfNPOBatch], dict]:
+        from .selfnpo_data import make_batch
+
+        ctx = self._context()
+        return make_batch(rows, self.family, ctx.resolution, self._uncond1, with_latents=self.start == "images"), {}
+
+    def after_update(self) -> None:
+        self.teacher.update()  # a skipped update leaves the teacher where it was too: the loop does not call this
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        return self.teacher.state_dict()
+
+    def check_checkpoint(self, path: Path) -> None:
+        if not (Path(path) / "ema.safetensors").is_file():
+            raise UserError(f"checkpoint '{path}' has no teacher EMA (ema.safetensors): it was not written by a "
+                            "selfnpo run")
+
+    def write_model_card(self, out: Path, data_summary: str) -> Path:
+        from .model_card import write_selfnpo_model_card
+
+        ctx = self._context()
+        return write_selfnpo_model_card(ctx.cfg, out, resolution=ctx.resolution, family=self.family.name,
+                                        data_summary=data_summary)
+
 
 __all__ = ["EmaTeacher", "SELFNPO_LOSSES", "START_MODES", "START_RANGES", "SelfNPOBatch", "SelfNPORecipe",
-           "TeacherResult", "ddim_grid", "extended_grid"]
+           "TeacherResult", "ddim_grid", "extended_grid", "selfnpo_distance"]

@@ -1,4 +1,4 @@
-"""What every training loop does first: check the config, open the run folder, start accelerate, load
+"""What the training loop does first: check the config, open the run folder, start accelerate, load
 the model family with its frozen parts frozen."""
 
 from __future__ import annotations

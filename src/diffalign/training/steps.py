@@ -1,4 +1,4 @@
-"""The parts of one optimizer step that every training loop shares: a micro-batch's forward and backward
+"""The parts of one optimizer step, for every method: a micro-batch's forward and backward
 (DDP sync only on the last micro-batch), the optimizer update (skipped on a non-finite loss or gradient, see
 guards.py), and logging the step."""
 

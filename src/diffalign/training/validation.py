@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 
-def _sample(family, cfg, resolution: int) -> np.ndarray:
-    pipe = family.make_pipeline()
+def _sample(family, cfg, resolution: int, net=None) -> np.ndarray:
+    pipe = family.make_pipeline(net=net)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(cfg.validation_prompts)
     gens = [torch.Generator().manual_seed(cfg.validation_seed + i) for i in range(len(prompts))]
@@ -23,8 +23,10 @@ def _sample(family, cfg, resolution: int) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def validation_grid(family, cfg, ref_unet=None) -> Image.Image:
-    """Rows: the trained model, then the base model (adapters off, or the frozen reference copy) when known."""
+def validation_grid(family, cfg, reference=None) -> Image.Image:
+    """Rows: the trained model, then the base model (adapters off, or ``reference``, the frozen reference copy of
+    a full fine-tune) when known. The pipelines are built around the network to sample; ``family.unet`` stays the
+    trained one."""
     from ..models import lora_disabled
     from ..models.lora import has_lora
 
@@ -34,12 +36,8 @@ def validation_grid(family, cfg, ref_unet=None) -> Image.Image:
     if has_lora(family.unet):
         with lora_disabled(family.unet):
             rows.append(_sample(family, cfg, resolution))
-    elif ref_unet is not None:
-        trained, family.unet = family.unet, ref_unet
-        try:
-            rows.append(_sample(family, cfg, resolution))
-        finally:
-            family.unet = trained
+    elif reference is not None:
+        rows.append(_sample(family, cfg, resolution, net=reference))
     grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
     scale = max(1, 256 // resolution)
     image = Image.fromarray(grid)

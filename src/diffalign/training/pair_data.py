@@ -1,0 +1,60 @@
+"""The data of the pair methods (dpo, mapo, npo, sft): preference pairs as pixels, from the latent cache, or as
+video clips, and what caption dropout puts in place of a cached caption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .batches import CachedItems, PixelPairs
+
+
+def load_config_pairs(cfg):
+    """The preference pairs a config trains on: one call for `diffalign train` and `diffalign cache`, so a cache
+    built ahead of time has the fingerprint the run looks for (every data key is part of it)."""
+    from ..data import load_pairs
+
+    return load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
+                      image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
+                      strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0)
+
+
+def load_pair_items(cfg, family, resolution: int, log):
+    """(pairs, items for the BatchStream): decoded and augmented pixels, the latent cache (built when missing),
+    or clips for a video family."""
+    from ..data import PairTransform
+
+    if family.is_video:  # pairs of clips (CogVideoX, issue 10): see data/video_pairs.py
+        from ..data.video_pairs import load_video_pairs
+
+        return load_video_pairs(cfg, family)
+    pairs = load_config_pairs(cfg)
+    if cfg.use_cache:
+        from ..data import build_cache, fingerprint, open_cache
+
+        cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
+        key = fingerprint(pairs, family, resolution=resolution)
+        cached = open_cache(cache_dir, key)
+        if cached is None:
+            log(f"no matching latent cache in {cache_dir}: building it")
+            build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir)
+            cached = open_cache(cache_dir, key)
+        log(f"using the latent cache in {cache_dir} ({len(cached)} pairs; no random flips when cached)")
+        return pairs, CachedItems(cached)
+    transform = PairTransform(resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop)
+    return pairs, PixelPairs(pairs, transform, cfg.seed)
+
+
+def empty_prompt(cfg, family, items) -> dict | None:
+    """What caption dropout puts in place of a cached pair's embeddings: the encoded "" as the cache stores text
+    (None when nothing is dropped, or when items carry captions that are encoded with their batch)."""
+    if not cfg.proportion_empty_prompts or not isinstance(items, CachedItems):
+        return None
+    from ..data.cache import cached_text
+
+    with torch.no_grad():
+        return {k: v[0] for k, v in cached_text(family, [""]).items()}
+
+
+__all__ = ["empty_prompt", "load_config_pairs", "load_pair_items"]
