@@ -17,12 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve()
 
-# Notes that lived outside the repository and are gone for anyone who clones it: the old design and methods
-# notes (also cited as "DESIGN section 1" / "DESIGN 1"), the toy-world notes, and a sibling shared/ folder.
-# What they held is in docs/methods.md and docs/toy_world.md now.
-STALE_REFERENCE = re.compile(
-    r"DESIGN\.md|\bDESIGN(?:\s+section)?\s+\d|METHODS\.md|TOY_NOTES|\.\.[/\\]shared\b"
-)
+# A document cited by name: a Markdown file ("NOTES.md", "docs/x.md"), or an upper-case note name with a section
+# number ("GUIDE section 3"). Either must be a file the repository tracks, or a clone lacks it. A quoted
+# name ("report.md" in code) is a file the code writes, not a citation.
+CITED_MARKDOWN = re.compile(r"(?<![\w/.\"'-])((?:\.\./|[\w.-]+/)*[\w.-]+\.md)\b")
+CITED_SECTION = re.compile(r"\b([A-Z][A-Z_]{2,})\s+section\s+\d")
 
 # Markdown links: inline [text](target "title") and ![alt](target), and reference definitions [id]: target.
 INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -53,6 +52,18 @@ def _text(path: Path) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def _tracked_lines():
+    """(path, line number, line) of every tracked text file but this one."""
+    for rel in _git_files():
+        path = ROOT / rel
+        if path.resolve() == THIS:
+            continue
+        text = _text(path)
+        if text is not None:
+            for no, line in enumerate(text.splitlines(), 1):
+                yield rel, no, line
 
 
 def _prose_lines(text: str):
@@ -96,22 +107,36 @@ def _tracked_or_parent(rel: str, tracked: set[str], tracked_dirs: set[str]) -> b
     return rel in tracked or rel.rstrip("/") in tracked_dirs
 
 
+def _missing_citations(line: str, names: set[str], stems: set[str]) -> list[str]:
+    """The documents `line` cites that are not among the tracked file names / Markdown stems."""
+    missing = [m for m in CITED_MARKDOWN.findall(line) if Path(m).name not in names]
+    return missing + [m for m in CITED_SECTION.findall(line) if m not in stems]
+
+
+def test_citation_rule_on_known_lines():
+    names, stems = {"methods.md", "README.md"}, {"methods", "README"}
+    assert _missing_citations("see OLDPLAN.md, section 2", names, stems) == ["OLDPLAN.md"]
+    assert _missing_citations("(../notes/GUIDE.md)", names, stems) == ["../notes/GUIDE.md"]
+    assert _missing_citations("as PLAN section 3 says", names, stems) == ["PLAN"]
+    assert _missing_citations("docs/methods.md#mapo and README.md", names, stems) == []
+    assert _missing_citations('out / "report.md"', names, stems) == []  # a file the code writes
+    assert _missing_citations("SDXL 1.0 on 8 GPU", names, stems) == []
+
+
 def test_no_reference_to_files_outside_the_repository():
+    """A document a source comment, config or doc cites by name is a tracked file (by its name anywhere in
+    the tree, since citations are often relative to another folder)."""
+    tracked = _git_files()
+    names = {Path(p).name for p in tracked}
+    stems = {Path(p).stem for p in tracked if p.endswith(".md")}
     hits = []
-    for rel in _git_files():
-        path = ROOT / rel
-        if path.resolve() == THIS:
-            continue
-        text = _text(path)
-        if text is None:
-            continue
-        for no, line in enumerate(text.splitlines(), 1):
-            if STALE_REFERENCE.search(line):
-                hits.append(f"{rel}:{no}: {line.strip()}")
+    for rel, no, line in _tracked_lines():
+        missing = _missing_citations(line, names, stems)
+        if missing:
+            hits.append(f"{rel}:{no}: {', '.join(missing)}: {line.strip()}")
     assert not hits, (
-        "these lines point to notes that are not part of the repository (DESIGN.md, METHODS.md, TOY_NOTES, "
-        "../shared); point them to the right section of docs/methods.md or docs/toy_world.md instead:\n"
-        + "\n".join(hits)
+        "these lines cite documents that are not part of the repository (a clone lacks them); put what the "
+        "reader needs in docs/ (docs/methods.md, docs/toy_world.md) and point there instead:\n" + "\n".join(hits)
     )
 
 
@@ -153,21 +178,14 @@ def test_pointers_into_docs_name_existing_sections():
     """`docs/NAME.md#anchor` written in source comments, configs and docs names a real file and heading."""
     problems = []
     anchors: dict[str, set[str]] = {}
-    for rel in _git_files():
-        path = ROOT / rel
-        if path.resolve() == THIS:
-            continue
-        text = _text(path)
-        if text is None:
-            continue
-        for no, line in enumerate(text.splitlines(), 1):
-            for doc, anchor in DOC_ANCHOR.findall(line):
-                target = ROOT / doc
-                if not target.is_file():
-                    problems.append(f"{rel}:{no}: {doc} does not exist")
-                    continue
-                if doc not in anchors:
-                    anchors[doc] = _anchors(target)
-                if anchor not in anchors[doc]:
-                    problems.append(f"{rel}:{no}: {doc} has no heading with the anchor #{anchor}")
+    for rel, no, line in _tracked_lines():
+        for doc, anchor in DOC_ANCHOR.findall(line):
+            target = ROOT / doc
+            if not target.is_file():
+                problems.append(f"{rel}:{no}: {doc} does not exist")
+                continue
+            if doc not in anchors:
+                anchors[doc] = _anchors(target)
+            if anchor not in anchors[doc]:
+                problems.append(f"{rel}:{no}: {doc} has no heading with the anchor #{anchor}")
     assert not problems, "pointers into the docs that lead nowhere:\n" + "\n".join(problems)
