@@ -30,20 +30,7 @@ CHOSEN = ("h >= 0.45", "striped >= 1")  # the stub's terms: h (pixel hash) and s
 REJECTED = ("h < 0.55", "striped < 1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe(_one_thread):
-    from diffalign.models import load_pipeline
-    from diffalign.toy.paths import toy_model_path
-
-    return load_pipeline(str(toy_model_path()))
+from test_pairs import _one_thread, pipe  # noqa: E402,F401  (module fixtures: one thread, the toy pipeline)
 
 
 def _hash(image) -> float:

@@ -191,9 +191,8 @@ def _sample(out: Path) -> Callable[[Path], dict]:
     return run
 
 
-def _iv(iv, digits: int = 2, signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    return f"{iv.estimate:{sign}.{digits}f} [{iv.low:{sign}.{digits}f}, {iv.high:{sign}.{digits}f}]"
+def _iv(iv, digits: int = 2) -> str:
+    return f"{iv.estimate:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
 
 def headlines(result, versus_mapo) -> dict[str, dict]:
