@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from diffalign.demo import DISTRIBUTION, MODELS, REWARDS, Stage, build_stages, run_stages, split_prompts
+from pathlib import Path
+
+import pytest
+
+from diffalign.demo import (DISTRIBUTION, LORA, MODELS, REWARDS, TRAIN, Stage, build_stages, run_stages,
+                            split_prompts)
+from diffalign.toy.paths import toy_pairs_path
 
 
 def _stages(calls: list[str], settings: dict | None = None) -> list[Stage]:
@@ -64,7 +70,59 @@ def test_demo_plan_holds_out_its_evaluation_prompts(tmp_path):
     from diffalign.evaluation import get_reward
 
     assert [get_reward(spec).name for spec in REWARDS] == [  # every spec the report uses builds
-        "toy:shape_colour_correct", "toy:clarity", "toy:style_striped"]
+        "toy:shape_colour_correct", "toy:clarity"]
     from diffalign.evaluation.toy_distribution import build_distribution
 
     assert build_distribution(DISTRIBUTION).references_per_image == 4
+
+
+def test_shipped_pairs_are_ranked_on_training_prompts_only():
+    import pyarrow.parquet as pq
+
+    train, heldout = split_prompts()
+    folder = toy_pairs_path()
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = pq.read_table(sorted(folder.rglob("*.parquet"))).to_pylist()
+    assert len(rows) == summary["pairs"] > 0
+    captions = {row["caption"] for row in rows}
+    assert captions <= set(train) and not captions & set(heldout)  # the demo's held-out prompts stay unseen
+
+
+# Keys of a config that set how training goes; the rest (where to write, how often to save or validate, which
+# prompts to validate on, the data path the user passes) may differ in the demo.
+_BOOKKEEPING = {"output_dir", "dataset_name", "checkpointing_steps", "checkpoints_total_limit", "validation_prompts",
+                "validation_steps", "max_train_steps"}
+
+
+@pytest.mark.parametrize("method,config,steps", [("mapo", "toy_mapo.yaml", 300), ("dpo", "toy_dpo.yaml", 300),
+                                                 ("selfnpo", "toy_selfnpo.yaml", 150)])
+def test_demo_trains_the_measured_recipes_of_configs(method, config, steps):
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / config).read_text())
+    demo = {**LORA, **TRAIN[method]}
+    differing = {k: (v, demo.get(k)) for k, v in recipe.items()
+                 if k not in _BOOKKEEPING and k != "pretrained_model_name_or_path" and demo.get(k) != v}
+    assert differing == {}
+    assert demo["max_train_steps"] == steps and recipe["pretrained_model_name_or_path"] == "toy"
+
+
+@pytest.mark.slow
+def test_shipped_pairs_are_what_their_config_makes(tmp_path):
+    """The first units of configs/pairs/toy_ranked_fidelity.yaml, sampled again here, give the shipped rows
+    byte for byte: the shipped pairs are the toy model's own samples, ranked by the toy judge."""
+    import pyarrow.parquet as pq
+
+    from diffalign.config_loader import load_config
+    from diffalign.generation import PairsConfig, run_pairs
+
+    units = 4
+    config = Path(__file__).parents[1] / "configs" / "pairs" / "toy_ranked_fidelity.yaml"
+    cfg = load_config(PairsConfig, config, [f"--num_pairs={units}", f"--output_dir={tmp_path / 'again'}"]).validate()
+    run_pairs(cfg)
+    columns = ["caption", "jpg_0", "jpg_1", "seed_0", "seed_1", "score_0", "score_1", "pair_index"]
+    again = pq.read_table(sorted((tmp_path / "again").rglob("*.parquet")), columns=columns).to_pylist()
+    shipped = pq.read_table(sorted(toy_pairs_path().rglob("*.parquet")), columns=columns).to_pylist()
+    shipped = [row for row in shipped if row["pair_index"] < units]
+    assert len(again) == len(shipped) >= 2
+    assert again == shipped

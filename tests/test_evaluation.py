@@ -313,3 +313,19 @@ def test_streamed_hub_column_reader_on_a_local_parquet_folder(tmp_path):
     assert _stream_column(str(tmp_path), "test_unique", "caption") == ["q", "p", "q"]
     with pytest.raises(UserError, match="no column 'prompt'"):
         _stream_column(str(tmp_path), "test_unique", "prompt")
+
+
+def test_paired_mean_difference_matches_by_key_and_ignores_unmatched():
+    from diffalign.evaluation.stats import paired_mean_difference
+
+    keys_b = [("p", 0), ("p", 1), ("q", 0), ("q", 1)]
+    b = [0.0, 0.0, 1.0, 0.0]
+    # a in another order, with one image that has no partner in b
+    keys_a = [("q", 1), ("p", 0), ("r", 9), ("q", 0), ("p", 1)]
+    a = [1.0, 1.0, 5.0, 1.0, 0.0]
+    d = paired_mean_difference(a, keys_a, b, keys_b, samples=500, seed=1)
+    assert d.n == 4
+    assert d.estimate == pytest.approx((1 - 0 + 1 - 0 + 1 - 1 + 0 - 0) / 4)  # 0.5: pairs by key, not position
+    assert -1.0 <= d.low <= d.estimate <= d.high <= 1.0
+    constant = paired_mean_difference([x + 0.25 for x in b], keys_b, b, keys_b)
+    assert (constant.estimate, constant.low, constant.high) == pytest.approx((0.25, 0.25, 0.25))

@@ -1,27 +1,25 @@
-"""`diffalign demo`: the whole loop on the shipped toy model, on a CPU, in a few minutes.
+"""`diffalign demo`: the whole loop on the shipped toy model, on a CPU, in minutes.
 
 Stages (each in its own folder under `--out`; a finished stage is reused when its settings and the stages it
 builds on are unchanged, so a re-run after an interruption goes on where it stopped):
 
-1. `pairs`    toy Pick-Style pairs made by the model itself, MaPO's recipe with the content kept: the chosen
-              image sampled from "{prompt}, striped", the rejected from "{prompt}" with the same seed; a pair is
-              kept only when the toy judge sees the asked shape and colour in both, stripes in the chosen and
-              none in the rejected (a unit that fails samples again with the next try's seed, up to
-              `PAIR_TRIES`); the stored caption names only the content.
+1. `pairs`    preference pairs the toy model made of itself, ranked by the toy judge: four samples of each
+              training prompt, the one that shows the asked shape and colour against one that does not
+              (`configs/pairs/toy_ranked_fidelity.yaml`: 320 pairs from 2048 samples). They ship with the
+              package so the demo does not spend minutes sampling them; `--pairs DIR` uses pairs you made.
 2. `mapo`     a MaPO LoRA on those pairs (no reference model).
 3. `dpo`      a Diffusion-DPO LoRA on the same pairs, same steps (the method users compare against).
 4. `selfnpo`  a Self-NPO negative LoRA learned from the model itself: prompts only, no pairs, no labels.
 5. `samples`  held-out prompts (colour/shape combinations no stage trained on) x fixed seeds, for: base,
               MaPO, DPO, base + Self-NPO in the negative branch, MaPO + Self-NPO.
 6. `report`   `diffalign evaluate` on those folders against base (and MaPO + Self-NPO against MaPO): the toy
-              judge's shape+colour correctness, clarity and the probability that an image is striped (the
-              Pick-Style target), and the set-level quality measure (FD, precision, recall of each folder
-              against ground-truth renders of its prompts); report.html opens with one picture of every model
-              on the same prompts and seeds.
+              judge's shape+colour correctness (what the pairs were ranked by) and clarity, and the set-level
+              quality measure (FD, precision, recall of each folder against ground-truth renders of its
+              prompts); report.html opens with one picture of every model on the same prompts and seeds.
 
-Every setting below was fixed before the demo's results were looked at; the training settings are the toy
-recipes of `configs/` (chosen on the training prompts, see benchmarks/RESULTS.md), shortened where the time
-budget on two CPU cores needs it.
+Every setting below is a measured toy recipe of `configs/` (toy_mapo.yaml and toy_dpo.yaml at 300 steps,
+toy_selfnpo.yaml), fixed before its held-out runs, and the held-out protocol is theirs (8 prompts x 20 seeds,
+guidance 7.5): the demo reruns the README's measured table on one machine, it does not select anything.
 """
 
 from __future__ import annotations
@@ -34,26 +32,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
 from .fsutil import ensure_writable_dir
+from .toy.paths import toy_pairs_path
 
 GUIDANCE = 7.5
 STEPS = 20  # sampling steps
-SAMPLES_PER_PROMPT = 8  # held-out evaluation: 8 prompts x 8 seeds per model
-PAIRS_PER_PROMPT = 8  # 16 training prompts x 8 units = 128 Pick-Style units
-PAIR_TRIES = 4  # a unit whose pair fails the filter is sampled again, up to this many tries in all
-STYLE = "striped"
-# The judge-checked content of a pair: chosen shows shape, colour and stripes; rejected shape and colour, no stripes.
-PAIR_FILTER = {"filter_reward": "toy", "filter_chosen": ("all_correct >= 1",),
-               "filter_rejected": ("all_correct >= 1", f"style_{STYLE} < 0.5")}
-REWARDS = ("toy:term=shape_colour_correct", "toy:term=clarity", f"toy:term=style_{STYLE}")
+SAMPLES_PER_PROMPT = 20  # held-out evaluation: 8 prompts x 20 seeds (0..159) per model
+FIDELITY = "toy:term=shape_colour_correct"  # 1 when the judge reads the asked shape and colour, else 0
+REWARDS = (FIDELITY, "toy:term=clarity")
 DISTRIBUTION = "toy:refs=4"  # FD / precision / recall against 4 ground-truth renders per image
 LORA = dict(train_mode="lora", rank=8, learning_rate=1e-4, train_batch_size=8, gradient_accumulation_steps=1,
             lr_scheduler="constant", mixed_precision="no", report_to="none", resolution=32,
             checkpoints_total_limit=1, validation_prompts=["a red circle", "a blue square"],
             validation_num_inference_steps=STEPS, validation_guidance_scale=GUIDANCE)
 TRAIN = {
-    # configs/toy_mapo_style.yaml and configs/toy_dpo.yaml at 300 steps (benchmarks/RESULTS.md, issue 16)
-    "mapo": dict(method="mapo", mapo_preset="paper", beta=64.0, max_train_steps=300, checkpointing_steps=300,
+    # configs/toy_mapo.yaml, configs/toy_dpo.yaml (300 steps) and configs/toy_selfnpo.yaml; tests/test_demo.py
+    # checks that these stay equal to the configs.
+    "mapo": dict(method="mapo", mapo_preset="official", max_train_steps=300, checkpointing_steps=300,
                  validation_steps=300),
     "dpo": dict(method="dpo", beta=2000.0, max_train_steps=300, checkpointing_steps=300, validation_steps=300),
     "selfnpo": dict(method="selfnpo", dataset_name="toy", selfnpo_start="noise", teacher_ema_decay=0.99,
@@ -137,18 +133,31 @@ def _load_toy():
     return load_pipeline(str(toy_model_path()))
 
 
-def _make_pairs(folder: Path) -> dict:
-    from .generation import PairsConfig, run_pairs
+def pairs_summary(pairs_dir: Path) -> dict:
+    """What a pairs folder holds (its summary.json, as `diffalign pairs` writes it), for the stage's record."""
+    summary_file = pairs_dir / "summary.json"
+    if not summary_file.is_file():
+        raise UserError(f"'{pairs_dir}' has no summary.json: pass a folder written by `diffalign pairs`")
+    summary = json.loads(summary_file.read_text())
+    return {"pairs_dir": str(pairs_dir), "pairs": summary.get("pairs"), "units": summary.get("units")}
 
-    train_prompts, _ = split_prompts()
-    cfg = PairsConfig(recipe="prefix", pretrained_model_name_or_path="toy", prompt_list=tuple(train_prompts),
-                      pairs_per_prompt=PAIRS_PER_PROMPT, chosen_template="{prompt}, " + STYLE,
-                      rejected_template="{prompt}", same_seed=True, max_tries=PAIR_TRIES, **PAIR_FILTER,
-                      guidance_scale=GUIDANCE, num_inference_steps=STEPS, seed=0, batch_size=32,
-                      output_dir=str(folder / "pairs"), shard_size=10**6, image_format="png").validate()
-    report = run_pairs(cfg, pipe=_load_toy())
-    return {"pairs": report.pairs, "units": report.units, "kept_share": report.kept_share,
-            "summary": report.summary()}
+
+def _use_pairs(pairs_dir: Path) -> Callable[[Path], dict]:
+    def run(folder: Path) -> dict:
+        folder.mkdir(parents=True, exist_ok=True)
+        return pairs_summary(pairs_dir)
+
+    return run
+
+
+def _folder_digest(folder: Path) -> str:
+    """A digest of every file's name and bytes under `folder`: the pairs stage reruns (and so does training)
+    when the pairs change."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
 
 
 def _train(method: str, pairs_dir: Path | None) -> Callable[[Path], dict]:
@@ -158,7 +167,7 @@ def _train(method: str, pairs_dir: Path | None) -> Callable[[Path], dict]:
 
         settings = {**LORA, **TRAIN[method], "pretrained_model_name_or_path": "toy", "output_dir": str(folder), "seed": 0}
         if pairs_dir is not None:
-            settings["dataset_name"] = str(pairs_dir / "pairs")
+            settings["dataset_name"] = str(pairs_dir)
         cfg = TrainConfig(**settings)
         cfg.validate()
         train(cfg)
@@ -191,38 +200,45 @@ def _sample(out: Path) -> Callable[[Path], dict]:
     return run
 
 
-def _iv(iv, digits: int = 2) -> str:
-    return f"{iv.estimate:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
+def _keys(result, label: str) -> list[tuple]:
+    return [result.records[i].key for i in result.rows_of(label)]
+
+
+def paired_difference(result, reward: str, label: str, base: str):
+    """Mean of (label - base) on the reward over images matched by prompt and seed, with its bootstrap CI."""
+    from .evaluation.stats import paired_mean_difference
+
+    return paired_mean_difference(result.scores_of(label, reward), _keys(result, label),
+                                  result.scores_of(base, reward), _keys(result, base),
+                                  result.bootstrap, result.seed, result.level)
 
 
 def headlines(result, versus_mapo) -> dict[str, dict]:
-    """Per model: the effect it is for, and that effect measured with its 95% CI (and a win rate, if per image)."""
-    fid, style = result.rewards[0], result.rewards[2]  # reward names, in the order of REWARDS
+    """Per model: the effect it is for, and that effect measured with its 95% CI (and win rates, if per image)."""
+    fid = result.rewards[0]  # shape+colour correctness (REWARDS[0])
 
-    def mean(label, reward):
-        return result.means[reward][label]
+    def fidelity(label: str, base: str = "base", against=result) -> str:
+        d, wr = paired_difference(against, fid, label, base), against.win_rates[fid][(label, base)]
+        return (f"fidelity {against.means[fid][base].estimate:.1%} -> {against.means[fid][label].estimate:.1%}, "
+                f"{100 * d.estimate:+.1f} points [{100 * d.low:+.1f}, {100 * d.high:+.1f}] (of {wr.pairs} images "
+                f"on the same prompt and seed: {wr.wins} right that {base} got wrong, {wr.losses} wrong that it got right)")
 
-    def wins(label, reward, base="base"):
-        wr = result.win_rates[reward][(label, base)]
-        return f"wins {wr.rate:.0%} of pairs"
-
-    def fd_diff(diffs, label, base):
+    def fd(diffs, label: str, base: str) -> str:
         d = diffs[(label, base)]
         return f"FD {d.fd.estimate:+.1f} [{d.fd.low:+.1f}, {d.fd.high:+.1f}] vs {base}"
 
     rows = {"base": {"aim": "the reference point",
-                     "measured": f"P(striped) {mean('base', style).estimate:.2f}, fidelity "
-                                 f"{mean('base', fid).estimate:.2f}, FD {result.distribution['base'].fd.estimate:.0f}"}}
+                     "measured": f"fidelity {result.means[fid]['base'].estimate:.1%}, "
+                                 f"FD {result.distribution['base'].fd.estimate:.0f}"}}
     for name in ("mapo", "dpo"):
-        rows[name] = {"aim": "the style on unseen prompts, content kept",
-                      "measured": f"P(striped) {_iv(mean(name, style))} ({wins(name, style)}); fidelity "
-                                  f"{_iv(mean(name, fid))} (base {mean('base', fid).estimate:.2f})"}
+        rows[name] = {"aim": "the judge's preference (shape and colour right) on unseen prompts",
+                      "measured": f"{fidelity(name)}; {fd(result.distribution_differences, name, 'base')}"}
     rows["base+selfnpo"] = {"aim": "quality (FD to ground truth, lower is better)",
-                            "measured": f"{fd_diff(result.distribution_differences, 'base+selfnpo', 'base')}; "
-                                        f"fidelity {_iv(mean('base+selfnpo', fid))}"}
+                            "measured": f"{fd(result.distribution_differences, 'base+selfnpo', 'base')}; "
+                                        f"{fidelity('base+selfnpo')}"}
     rows["mapo+selfnpo"] = {"aim": "quality of the tuned model",
-                            "measured": f"{fd_diff(versus_mapo.distribution_differences, 'mapo+selfnpo', 'mapo')}; "
-                                        f"P(striped) {mean('mapo+selfnpo', style).estimate:.2f}"}
+                            "measured": f"{fd(versus_mapo.distribution_differences, 'mapo+selfnpo', 'mapo')}; "
+                                        f"{fidelity('mapo+selfnpo', 'mapo', versus_mapo)}"}
     return rows
 
 
@@ -251,14 +267,14 @@ def _report(out: Path) -> Callable[[Path], dict]:
     return run
 
 
-def build_stages(out: Path) -> list[Stage]:
-    train_prompts, heldout = split_prompts()
-    pair_settings = {"prompts": train_prompts, "per_prompt": PAIRS_PER_PROMPT, "style": STYLE, "guidance": GUIDANCE,
-                     "steps": STEPS, "seed": 0, "tries": PAIR_TRIES, "filter": PAIR_FILTER}
+def build_stages(out: Path, pairs_dir: Path | None = None) -> list[Stage]:
+    _, heldout = split_prompts()
+    pairs_dir = Path(pairs_dir) if pairs_dir is not None else toy_pairs_path()
     return [
-        Stage("pairs", "toy Pick-Style pairs sampled from the model", pair_settings, _make_pairs),
-        Stage("mapo", "MaPO LoRA on the pairs", {**LORA, **TRAIN["mapo"]}, _train("mapo", out / "pairs"), ("pairs",)),
-        Stage("dpo", "Diffusion-DPO LoRA on the pairs", {**LORA, **TRAIN["dpo"]}, _train("dpo", out / "pairs"), ("pairs",)),
+        Stage("pairs", "judge-ranked pairs the toy model made of itself", {"pairs": _folder_digest(pairs_dir)},
+              _use_pairs(pairs_dir)),
+        Stage("mapo", "MaPO LoRA on the pairs", {**LORA, **TRAIN["mapo"]}, _train("mapo", pairs_dir), ("pairs",)),
+        Stage("dpo", "Diffusion-DPO LoRA on the pairs", {**LORA, **TRAIN["dpo"]}, _train("dpo", pairs_dir), ("pairs",)),
         Stage("selfnpo", "Self-NPO negative LoRA from prompts only", {**LORA, **TRAIN["selfnpo"]}, _train("selfnpo", None)),
         Stage("samples", "sampling held-out prompts with each model",
               {"prompts": heldout, "per_prompt": SAMPLES_PER_PROMPT, "guidance": GUIDANCE, "steps": STEPS,
@@ -270,14 +286,14 @@ def build_stages(out: Path) -> list[Stage]:
     ]
 
 
-def run_demo(out_dir: str | Path = "demo_out") -> dict:
+def run_demo(out_dir: str | Path = "demo_out", pairs: str | Path | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     # The toy pipeline has no image processor worth a warning ("requires torchvision"): keep the output readable.
     hf_logging.set_verbosity_error()
     out = ensure_writable_dir(out_dir)
     start = time.perf_counter()
-    summaries = run_stages(build_stages(out), out)
+    summaries = run_stages(build_stages(out, pairs), out)
     total = time.perf_counter() - start
     table = (out / "report" / "table.txt").read_text()
     print("\n" + table)

@@ -150,3 +150,14 @@ def paired_win_rate(scores_a, keys_a, scores_b, keys_b, samples: int = 2000, see
     ia = np.array([i for i, _ in pairs], dtype=np.int64)
     ib = np.array([j for _, j in pairs], dtype=np.int64)
     return win_rate(a[ia], b[ib], samples, seed, level, unmatched_a, unmatched_b)
+
+
+def paired_mean_difference(scores_a, keys_a, scores_b, keys_b, samples: int = 2000, seed: int = 0,
+                           level: float = 0.95) -> Interval:
+    """Mean of `a - b` over items matched by key (e.g. the same prompt and seed), with a percentile-bootstrap
+    interval over pairs; `n` is the number of pairs. Unmatched items are not used."""
+    pairs, _, _ = match_pairs(list(keys_a), list(keys_b))
+    a, b = _as_1d(scores_a, "scores a"), _as_1d(scores_b, "scores b")
+    ia = np.array([i for i, _ in pairs], dtype=np.int64)
+    ib = np.array([j for _, j in pairs], dtype=np.int64)
+    return bootstrap_ci(a[ia] - b[ib], samples, seed, level)
