@@ -120,7 +120,7 @@ def test_pick_pairs_golden():
 
 
 def test_shipped_configs_load_and_describe_the_toy_scenarios():
-    from diffalign.data.prompts import toy_prompts
+    from diffalign.toy.prompts import toy_prompts
     from diffalign.toy.world import COLOUR_NAMES, SHAPES, caption
 
     configs = {p.stem: load_config(PairsConfig, p).validate() for p in sorted((REPO / "configs/pairs").glob("*.yaml"))}

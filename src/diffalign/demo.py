@@ -132,9 +132,8 @@ def run_stages(stages: list[Stage], out: Path, log=print) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------ stage bodies
 def _load_toy():
     from .models import load_pipeline
-    from .toy.paths import toy_model_path
 
-    return load_pipeline(str(toy_model_path()))
+    return load_pipeline("toy")
 
 
 def _make_pairs(folder: Path) -> dict:

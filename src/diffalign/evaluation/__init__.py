@@ -12,8 +12,9 @@ from .distribution import (
     paired_distribution_difference,
     precision_recall,
 )
-from .evaluate import EvaluationResult, ImageRecord, evaluate_folders
+from .evaluate import evaluate_folders
 from .report import format_table, write_report
+from .result import EvaluationResult, ImageRecord
 from .rewards import (
     Reward,
     RewardSpec,

@@ -3,7 +3,7 @@
 
 from .pairs import PairsResult, make_pairs, read_pairs, run_pairs
 from .pairs_config import PairsConfig
-from .prompts import read_prompts
+from ..data.prompts import read_prompts
 from .sample import GenerationSettings, generate_to_folder, read_manifest
 
 __all__ = ["GenerationSettings", "PairsConfig", "PairsResult", "generate_to_folder", "make_pairs", "read_manifest",

@@ -56,10 +56,9 @@ def load_sampler(cfg: PairsConfig, device="cpu"):
     import torch
 
     from ..models import load_lora_into_pipeline, load_pipeline
-    from ..toy.paths import resolve_model
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
-    pipe = load_pipeline(resolve_model(cfg.pretrained_model_name_or_path), vae_path=cfg.pretrained_vae_model_name_or_path,
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, vae_path=cfg.pretrained_vae_model_name_or_path,
                          dtype=dtype, device=device)
     if cfg.lora:
         load_lora_into_pipeline(pipe, cfg.lora)

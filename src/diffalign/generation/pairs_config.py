@@ -291,12 +291,8 @@ def resolve_prompts(cfg: PairsConfig) -> list[str]:
     """The prompt list of a prefix / ranked config (reads the prompt file); UserError when it is empty."""
     if cfg.prompt_list:
         prompts, shown = list(cfg.prompt_list), "prompt_list"
-    elif cfg.prompts in TOY_PROMPT_SETS:
-        from ..data.prompts import toy_prompts
-
-        prompts, shown = toy_prompts(cfg.prompts.split(":", 1)[1]), cfg.prompts
     else:
-        from .prompts import read_prompts
+        from ..data.prompts import read_prompts
 
         prompts, shown = read_prompts(cfg.prompts), f"prompts {cfg.prompts!r}"
     if not prompts:

@@ -238,9 +238,9 @@ RECIPES = {r.name: r for r in (PrefixRecipe, RankedRecipe, TargetRecipe)}
 def build_recipe(cfg: PairsConfig) -> Recipe:
     """The recipe of a validated config with its prompts read (or its source opened and checked)."""
     if cfg.recipe == "target":
-        from .pairs_sources import open_source, usable_rows
+        from ..data.captions import open_captions, usable_rows
 
-        source = open_source(cfg.image_caption_source, image_column=cfg.image_column, caption_column=cfg.caption_column,
+        source = open_captions(cfg.image_caption_source, image_column=cfg.image_column, caption_column=cfg.caption_column,
                              split=cfg.source_split, strict=cfg.strict_data)
         return TargetRecipe(cfg, source=source, rows=usable_rows(source, cfg.num_pairs))
     from .pairs_config import resolve_prompts

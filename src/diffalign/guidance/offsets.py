@@ -265,9 +265,9 @@ def extract_lora(base_path: str, tuned_path: str, rank: int, out_dir: str) -> Pa
     """`diffalign extract-lora`: save the rank-`rank` LoRA of `tuned - base` as `out_dir/pytorch_lora_weights.safetensors`."""
     from ..models.lora import save_lora
     from ..models.loading import load_pipeline
-    from ..toy.paths import resolve_model
+    from ..models.source import resolve_model
 
-    pipe = load_pipeline(resolve_model(base_path))
+    pipe = load_pipeline(base_path)
     base = pipe.unet
     tuned = load_unet(str(resolve_model(tuned_path)), dtype=base.dtype)
     factors = extract_lora_factors(base, tuned, rank)

@@ -24,9 +24,9 @@ from .methods import get_method
 from .pair_data import load_config_pairs
 from .protocol import RunContext
 from .reference import AdaptersOff, FrozenCopy
+from .run_log import open_run_log, write_train_report
 from .setup import make_stream, start_run
-from .steps import (add_count, backward_micro_batch, make_optimizer, open_run_log, optimizer_step,
-                    skip_micro_batch, write_train_report)
+from .steps import add_count, backward_micro_batch, make_optimizer, optimizer_step, skip_micro_batch
 from .validation import validation_grid
 
 

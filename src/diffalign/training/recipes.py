@@ -16,15 +16,11 @@ import torch
 from torch import Tensor
 
 from ..models import Conditioning
+from ..objectives import per_sample_mse
 from .batches import PairBatch, drop_captions, empty_prompt_mask, to_pair_batch
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .reference import AdaptersOff
 from .timesteps import UniformTimesteps, sample_noise_and_t
-
-
-def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """err = mean over every non-batch element of (pred - target)^2, in float32."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
 class PreferenceRecipe(RecipeBase):

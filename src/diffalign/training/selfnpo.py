@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -59,14 +58,13 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models import Conditioning
-from ..objectives import pseudo_huber, renoise
+from ..objectives import SELFNPO_LOSSES, per_sample_mse, renoise, selfnpo_distance
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
-from .recipes import per_sample_mse
+from .selfnpo_data import SelfNPOBatch, load_selfnpo_data, make_batch
 from .timesteps import UniformTimesteps, draw_global
 
 START_MODES = ("noise", "images")
 START_RANGES = ("official", "interior")
-SELFNPO_LOSSES = ("pseudo_huber", "l2")
 
 
 def ddim_grid(num_train_timesteps: int, steps: int) -> Tensor:
@@ -79,14 +77,6 @@ def ddim_grid(num_train_timesteps: int, steps: int) -> Tensor:
         raise ValueError(f"the DDIM grid needs 1..{num_train_timesteps} steps, got {steps}")
     grid = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)) - 1
     return grid.long()[:steps]
-
-
-def selfnpo_distance(loss: str = "pseudo_huber", *, huber_c: float = 1e-3) -> Callable[[Tensor, Tensor], Tensor]:
-    """The student's per-sample distance to the teacher's target: pseudo-Huber with ``c = huber_c`` (official) or
-    the per-element mean squared error (``l2``); the method table's objective of ``selfnpo``."""
-    if loss not in SELFNPO_LOSSES:
-        raise ValueError(f"loss must be one of {SELFNPO_LOSSES}, got {loss!r}")
-    return functools.partial(pseudo_huber, c=float(huber_c)) if loss == "pseudo_huber" else per_sample_mse
 
 
 def extended_grid(grid: Tensor) -> Tensor:
@@ -158,19 +148,6 @@ class EmaTeacher:
                 for n, p in self._trainable.items():
                     p.copy_(saved[n])
             self.module.train(was_training)
-
-
-@dataclass
-class SelfNPOBatch:
-    """Captions' conditioning, the matching unconditional one, and (``start="images"``) clean latents."""
-
-    cond: Conditioning
-    uncond: Conditioning
-    latents: Optional[Tensor] = None
-
-    @property
-    def size(self) -> int:
-        return len(self.cond)
 
 
 @dataclass
@@ -335,8 +312,6 @@ class SelfNPORecipe(RecipeBase):
 
     # ------------------------------------------------------------------------------------------ the run
     def load_data(self) -> TrainData:
-        from .selfnpo_data import load_selfnpo_data
-
         ctx = self._context()
         data = load_selfnpo_data(ctx.cfg, ctx.resolution)
         with torch.no_grad():
@@ -348,8 +323,6 @@ class SelfNPORecipe(RecipeBase):
         return f"{ctx.method.title(ctx.keys)} on {data.summary()}"
 
     def make_batch(self, rows: list, generator: torch.Generator) -> tuple[Optional[SelfNPOBatch], dict]:
-        from .selfnpo_data import make_batch
-
         ctx = self._context()
         return make_batch(rows, self.family, ctx.resolution, self._uncond1, with_latents=self.start == "images"), {}
 

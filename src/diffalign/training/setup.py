@@ -38,8 +38,6 @@ def start_run(cfg) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from ..toy.paths import resolve_model
-
     cfg.validate()
     out = ensure_writable_dir(cfg.output_dir, flag="--output_dir")
     check_run_folder(cfg, out)
@@ -62,7 +60,7 @@ def start_run(cfg) -> Run:
         for p in ignored:
             print(f"warning: {p} is not a complete checkpoint (a file is missing or truncated): it is ignored; "
                   "delete it or copy it again", flush=True)
-    family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
+    family = load_family(cfg.pretrained_model_name_or_path,
                          pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path,
                          dtype=frozen_weight_dtype(accelerator.mixed_precision))
     family.to(accelerator.device)
