@@ -20,9 +20,9 @@ from diffalign.cli import main
 from diffalign.config_loader import load_config
 from diffalign.errors import UserError
 from diffalign.generation import GenerationSettings, PairsConfig, make_pairs, read_manifest, read_pairs, run_pairs
-from diffalign.generation import pairs as pairs_module
-from diffalign.generation.pairs_recipes import pick_pairs
-from diffalign.generation.pairs_store import schema
+from diffalign.generation.pairs import run as pairs_module
+from diffalign.generation.pairs.store import schema
+from diffalign.generation.pairs.units import pick_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red square", "a blue circle", "a green diamond")

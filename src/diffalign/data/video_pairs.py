@@ -22,13 +22,16 @@ import glob
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NPY_MAGIC = b"\x93NUMPY"
@@ -187,7 +190,7 @@ class VideoPairItems:
                 "crop_top_left_w": (0, 0), "crop_top_left_l": (0, 0)}
 
 
-def load_video_pairs(cfg, family) -> tuple[VideoPairs, VideoPairItems]:
+def load_video_pairs(cfg, family: ModelFamily) -> tuple[VideoPairs, VideoPairItems]:
     """The training loop's (pairs, items) for a video family, from a TrainConfig."""
     if cfg.use_cache:
         raise UserError("use_cache is not supported for video pairs yet; set use_cache: false")

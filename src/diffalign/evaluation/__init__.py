@@ -1,8 +1,18 @@
-"""Evaluation: reward models behind one interface (`Reward.score(images, prompts) -> Tensor[N]`),
-benchmark statistics, set-level measures (FD, precision, recall; `distribution`, `toy_distribution`), and
-`evaluate_folders` / `write_report` behind `diffalign evaluate`."""
+"""Evaluation: benchmark statistics, set-level measures (FD, precision, recall; `distribution`,
+`toy_distribution`), and `evaluate_folders` / `write_report` behind `diffalign evaluate`. The reward models
+(`diffalign.rewards`) are re-exported here."""
 
-from . import clip_rewards, optional_rewards  # noqa: F401  (importing registers their rewards)
+from ..rewards import (
+    Reward,
+    RewardSpec,
+    ToyReward,
+    available_rewards,
+    get_reward,
+    images_to_pil,
+    images_to_tensor,
+    parse_reward_spec,
+    register_reward,
+)
 from .distribution import (
     DistributionDifference,
     DistributionMetrics,
@@ -15,17 +25,6 @@ from .distribution import (
 from .evaluate import evaluate_folders
 from .report import format_table, write_report
 from .result import EvaluationResult, ImageRecord
-from .rewards import (
-    Reward,
-    RewardSpec,
-    ToyReward,
-    available_rewards,
-    get_reward,
-    images_to_pil,
-    images_to_tensor,
-    parse_reward_spec,
-    register_reward,
-)
 from .stats import Interval, WinRate, bootstrap_ci, paired_win_rate, win_rate
 from .toy_distribution import ToyDistribution, compare_toy_distributions, toy_distribution_metrics
 

@@ -17,8 +17,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..processes import join_processes
+from ..rewards import Reward, get_reward
 from .result import EvaluationResult, ImageRecord
-from .rewards import Reward, get_reward
 from .stats import WinRate, bootstrap_ci, check_bootstrap_options, match_pairs, paired_win_rate
 
 
@@ -43,7 +44,7 @@ def parse_folder_args(items: Sequence[str]) -> dict[str, str]:
 
 def load_folder(folder: str | Path, label: str) -> list[ImageRecord]:
     """The manifest rows of one folder written by `diffalign generate`."""
-    from ..generation.sample import read_manifest
+    from ..generation.manifest import read_manifest
 
     folder = Path(folder)
     if not (folder / "manifest.jsonl").is_file():
@@ -124,22 +125,6 @@ def score_shard(records: Sequence[ImageRecord], indices: Sequence[int], rewards:
         bar.update(len(chunk))
     bar.close()
     return out
-
-
-def _processes():
-    """accelerate's PartialState for this job. Without GPUs accelerate joins launched processes (gloo) only
-    when asked with cpu=True; otherwise each would score everything alone and all would write the report."""
-    import os
-
-    import torch
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
-    if launched > 1 and state.num_processes != launched:
-        raise UserError(f"the launcher started {launched} processes but accelerate joined {state.num_processes}: "
-                        "check the accelerate config (distributed_type)")
-    return state
 
 
 def _score_distributed(records, rewards, batch_size, state):
@@ -275,7 +260,7 @@ def evaluate_folders(
     for b in baselines:
         if b not in folders:
             raise UserError(f"baseline '{b}' is not one of the folders' labels ({', '.join(folders)})")
-    state = _processes()
+    state = join_processes()  # otherwise each process would score everything alone and write the report
     measure = None
     if distribution is not None:  # built (and its spec checked) before the scoring, not after it
         from .toy_distribution import build_distribution

@@ -24,11 +24,15 @@ Slow path (some offset is a full UNet): a second, merged UNet in memory and two 
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
 from .denoiser import BASE, NEG_ADAPTER, GuidedDenoiser, sliced_adapter_batch
 from .offsets import compose_dense_unet
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def _split(value, n: int, part: slice):
@@ -95,7 +99,7 @@ class NegativeGuidedUNet(GuidedDenoiser):
         return (pred,)
 
 
-def _cfg_probe(pipe):
+def _cfg_probe(pipe: DiffusionPipeline):
     ref = weakref.ref(pipe)
 
     def active() -> bool:
@@ -105,13 +109,13 @@ def _cfg_probe(pipe):
     return active
 
 
-def wrap_unet(pipe, positive, negative, pos_adapter: str = BASE) -> NegativeGuidedUNet:
+def wrap_unet(pipe: DiffusionPipeline, positive, negative, pos_adapter: str = BASE) -> NegativeGuidedUNet:
     """The wrapper `attach_negative_guidance` puts in `pipe.unet`; it asks the pipeline whether a batch is a CFG batch."""
     return NegativeGuidedUNet(positive, negative, pos_adapter=pos_adapter, neg_adapter=NEG_ADAPTER,
                               cfg_active=_cfg_probe(pipe))
 
 
-def export_negative_unet(pipe, out_dir, negative=None, positive=None, alpha: float = 1.0, beta: float = 1.0):
+def export_negative_unet(pipe: DiffusionPipeline, out_dir, negative=None, positive=None, alpha: float = 1.0, beta: float = 1.0):
     """Write the composed negative UNet (`theta_base + alpha*eta + beta*delta`) as a diffusers UNet folder."""
     unet = compose_dense_unet(pipe.unet, type(pipe), positive, negative, alpha, beta)
     unet.save_pretrained(str(out_dir))

@@ -25,13 +25,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 from .denoiser import BASE, NEG_ADAPTER, GuidedDenoiser, sliced_adapter_batch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class NegativeGuidedTransformer(GuidedDenoiser):
         return (pred,)
 
 
-def _watch_cfg(pipe, wrapper: NegativeGuidedTransformer) -> None:
+def _watch_cfg(pipe: DiffusionPipeline, wrapper: NegativeGuidedTransformer) -> None:
     """Record the pipeline's do_classifier_free_guidance from its encode_prompt call (the 3rd argument)."""
     original = type(pipe).encode_prompt.__get__(pipe)
 
@@ -89,7 +92,7 @@ def _watch_cfg(pipe, wrapper: NegativeGuidedTransformer) -> None:
     object.__setattr__(pipe, "encode_prompt", encode_prompt)
 
 
-def wrap_transformer(pipe, positive, negative, pos_adapter: str = BASE) -> NegativeGuidedTransformer:
+def wrap_transformer(pipe: DiffusionPipeline, positive, negative, pos_adapter: str = BASE) -> NegativeGuidedTransformer:
     """The wrapper `attach_negative_guidance` puts in `pipe.transformer`; the pipeline's encode_prompt tells it
     whether a call is a CFG call."""
     wrapper = NegativeGuidedTransformer(positive.eval(), negative, pos_adapter=pos_adapter)
@@ -97,7 +100,7 @@ def wrap_transformer(pipe, positive, negative, pos_adapter: str = BASE) -> Negat
     return wrapper
 
 
-def unwatch_cfg(pipe) -> None:
+def unwatch_cfg(pipe: DiffusionPipeline) -> None:
     """Give the pipeline its own encode_prompt back."""
     pipe.__dict__.pop("encode_prompt", None)
 
@@ -149,7 +152,7 @@ def mp4_available() -> bool:
     return bool(is_imageio_available() or is_opencv_available())
 
 
-def generate_videos(pipe, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0, fps: int = 8,
+def generate_videos(pipe: DiffusionPipeline, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0, fps: int = 8,
                     **call_kwargs: Any) -> list[dict[str, Any]]:
     """Run `pipe` (guided or not) once per prompt with seeds `seed + i` and save each clip to `out_dir/<i>/`."""
     results = []

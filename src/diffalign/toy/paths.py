@@ -15,8 +15,3 @@ def toy_model_path() -> Path:
     if not (TOY_MODEL / "model_index.json").is_file():
         raise UserError(f"the toy model is missing at '{TOY_MODEL}': run `diffalign toy pretrain --out {TOY_MODEL}`")
     return TOY_MODEL
-
-
-def resolve_model(name_or_path: str) -> str:
-    """`toy` is shorthand for the shipped toy pipeline; anything else is a folder or hub id."""
-    return str(toy_model_path()) if name_or_path == "toy" else name_or_path

@@ -18,11 +18,15 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UserError
 from ..fsutil import check_free_space, human_bytes
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class TrainingStopped(UserError):
@@ -68,7 +72,7 @@ class StopSignals:
         self._old.clear()
 
 
-def agree(accelerator, *flags: bool) -> list[bool]:
+def agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
     """Each flag true on any process -> true on all (no collective with one process)."""
     if getattr(accelerator, "num_processes", 1) == 1:
         return [bool(f) for f in flags]
@@ -165,7 +169,7 @@ class StepBoundary:
     `report(status)` returns the train_report.json dict for a run ending with `status`.
     """
 
-    def __init__(self, cfg, *, out, accelerator, main: bool, log, what: str, hint: str, save, report):
+    def __init__(self, cfg, *, out, accelerator: Accelerator, main: bool, log, what: str, hint: str, save, report):
         self.cfg, self.out, self.accelerator, self.main, self.log = cfg, out, accelerator, main, log
         self.what, self.hint, self.save, self.report = what, hint, save, report
         self.nonfinite = NonFinite(cfg.max_consecutive_nonfinite)

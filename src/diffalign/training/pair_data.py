@@ -4,10 +4,14 @@ video clips, and what caption dropout puts in place of a cached caption."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .batches import CachedItems, PixelPairs
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 
 def load_config_pairs(cfg):
@@ -20,7 +24,7 @@ def load_config_pairs(cfg):
                       strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0)
 
 
-def load_pair_items(cfg, family, resolution: int, log):
+def load_pair_items(cfg, family: ModelFamily, resolution: int, log):
     """(pairs, items for the BatchStream): decoded and augmented pixels, the latent cache (built when missing),
     or clips for a video family."""
     from ..data import PairTransform
@@ -46,7 +50,7 @@ def load_pair_items(cfg, family, resolution: int, log):
     return pairs, PixelPairs(pairs, transform, cfg.seed)
 
 
-def empty_prompt(cfg, family, items) -> dict | None:
+def empty_prompt(cfg, family: ModelFamily, items) -> dict | None:
     """What caption dropout puts in place of a cached pair's embeddings: the encoded "" as the cache stores text
     (None when nothing is dropped, or when items carry captions that are encoded with their batch)."""
     if not cfg.proportion_empty_prompts or not isinstance(items, CachedItems):

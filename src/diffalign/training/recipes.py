@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +22,9 @@ from .batches import PairBatch, drop_captions, empty_prompt_mask, to_pair_batch
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .reference import AdaptersOff
 from .timesteps import UniformTimesteps, sample_noise_and_t
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 
 class PreferenceRecipe(RecipeBase):
@@ -41,7 +45,7 @@ class PreferenceRecipe(RecipeBase):
 
     stability_hint = "lower learning_rate or beta"
 
-    def __init__(self, family, method="dpo", *, keys=None, reference=None, timesteps=None,
+    def __init__(self, family: ModelFamily, method="dpo", *, keys=None, reference=None, timesteps=None,
                  shard: tuple[int, int] = (0, 1), run: RunContext | None = None, **settings):
         from .methods import get_method
 

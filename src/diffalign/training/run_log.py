@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config_loader import dump_config
 from ..fsutil import atomic_write_text
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
-def log_step(accelerator, out: Path, main: bool, step: int, sums: dict, bar) -> None:
+
+def log_step(accelerator: Accelerator, out: Path, main: bool, step: int, sums: dict, bar) -> None:
     """Trackers, plus metrics.jsonl in the run folder whatever tracker is configured, and the progress bar."""
     accelerator.log(sums, step=step)
     if main:
@@ -43,7 +47,7 @@ def write_train_report(out: Path, report: dict) -> None:
     atomic_write_text(Path(out) / "train_report.json", json.dumps(report, indent=2))
 
 
-def open_run_log(cfg, out: Path, accelerator, step: int, running_report: dict) -> None:
+def open_run_log(cfg, out: Path, accelerator: Accelerator, step: int, running_report: dict) -> None:
     """Main process, once a run has started or resumed at `step`: drop metrics a killed run logged after its last
     checkpoint (those steps are redone), mark the report running ("finished" only once every output is
     written), write the resolved config and start the trackers."""

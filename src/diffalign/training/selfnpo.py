@@ -51,7 +51,7 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -62,6 +62,9 @@ from ..objectives import SELFNPO_LOSSES, per_sample_mse, renoise, selfnpo_distan
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .selfnpo_data import SelfNPOBatch, load_selfnpo_data, make_batch
 from .timesteps import UniformTimesteps, draw_global
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 START_MODES = ("noise", "images")
 START_RANGES = ("official", "interior")
@@ -174,7 +177,7 @@ class SelfNPORecipe(RecipeBase):
     loop with :meth:`for_run`.
     """
 
-    def __init__(self, family, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
+    def __init__(self, family: ModelFamily, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
                  grid_steps: int = 25, teacher_steps: int = 5, loss: str = "pseudo_huber", huber_c: float = 1e-3,
                  latent_shape: Optional[tuple[int, ...]] = None, shard: tuple[int, int] = (0, 1),
                  start_range: str = "official", distance: Optional[Callable[[Tensor, Tensor], Tensor]] = None,

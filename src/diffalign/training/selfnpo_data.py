@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
 from ..models import Conditioning
 from .protocol import TrainData
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 
 @dataclass
@@ -74,7 +77,7 @@ def load_selfnpo_data(cfg, resolution: int) -> TrainData:
     return TrainData(ImageItems(data, transform, cfg.seed), data.report, lambda: summary)
 
 
-def make_batch(items: list, family, resolution: int, uncond1, with_latents: bool):
+def make_batch(items: list, family: ModelFamily, resolution: int, uncond1, with_latents: bool):
     """Encode captions (and images) of a micro-batch; the unconditional branch shares the SDXL time ids.
     None when no item is usable."""
     items = [it for it in items if it is not None]

@@ -11,6 +11,7 @@ import torch
 
 from ..fsutil import ensure_writable_dir
 from ..models import load_family
+from ..processes import check_joined, cpu_process_group
 
 
 @dataclass
@@ -46,9 +47,9 @@ def start_run(cfg) -> Run:
         mixed_precision=cfg.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / (cfg.logging_dir or "logs"))),
-        cpu=launched_without_gpus(),
+        cpu=cpu_process_group(),
     )
-    check_processes(accelerator.num_processes)
+    check_joined(accelerator.num_processes, "every process would train alone and write the same folder")
     check_distributed_type(str(accelerator.distributed_type))
     main = accelerator.is_main_process
     if main:
@@ -93,33 +94,6 @@ def check_run_folder(cfg, out: Path) -> None:
     if found and not cfg.resume_from_checkpoint:
         raise UserError(f"output_dir '{out}' already holds checkpoints of an earlier run (newest: {found[-1].name}): "
                         "pass --resume_from_checkpoint=latest to continue it, or choose a new output_dir")
-
-
-# --- multi-process launch on machines without GPUs (issue 8) -------------------------------------------------
-def launched_without_gpus() -> bool:
-    """True under torchrun / `accelerate launch --multi_gpu` (WORLD_SIZE > 1) on a machine with no GPU.
-
-    accelerate only starts a CPU process group (gloo) when told `cpu=True`; otherwise every process of such a
-    launch would run as its own single-process job, all writing the same output folder.
-    """
-    import os
-
-    import torch
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def check_processes(num_processes: int) -> None:
-    """Refuse to run when the launcher started several processes but accelerate sees only one."""
-    import os
-
-    from ..errors import UserError
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and num_processes != launched:
-        raise UserError(f"the launcher started {launched} processes but accelerate joined {num_processes}: every "
-                        "process would train alone and write the same folder; check the accelerate config "
-                        "(distributed_type) and that all processes see the same devices")
 
 
 def check_distributed_type(kind: str) -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def make_optimizer(cfg, params: list, num_processes: int):
@@ -34,7 +37,7 @@ def make_optimizer(cfg, params: list, num_processes: int):
     return optimizer, lr_scheduler
 
 
-def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga: int, sums: dict):
+def backward_micro_batch(accelerator: Accelerator, unet, forward: Callable, *, micro: int, ga: int, sums: dict):
     """Run `forward()` (-> StepResult) for micro-batch `micro` of `ga`, backpropagate loss/ga, add to `sums`."""
     # DDP: gradients are all-reduced only on the last micro-batch of an optimizer step.
     with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
@@ -53,7 +56,7 @@ def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga
     return result
 
 
-def skip_micro_batch(accelerator, empty: bool, step: int, micro: int, log) -> bool:
+def skip_micro_batch(accelerator: Accelerator, empty: bool, step: int, micro: int, log) -> bool:
     """True when this micro-batch is to be skipped on every process: some process has no usable row in it (all
     its images failed to decode). The processes must agree: one that skipped alone would leave the others in the
     gradient all-reduce (a hang; gloo aborts the job). The other processes' rows of that micro-batch are dropped
@@ -68,7 +71,7 @@ def skip_micro_batch(accelerator, empty: bool, step: int, micro: int, log) -> bo
     return skip
 
 
-def sums_to_host(accelerator, sums: dict) -> None:
+def sums_to_host(accelerator: Accelerator, sums: dict) -> None:
     """Replace the step's sums (device tensors or floats) by floats averaged over all processes, in place:
     one host sync and one all-reduce per optimizer step, so the logged loss is the global batch's."""
     keys = sorted(sums)
@@ -88,7 +91,7 @@ def add_count(sums: dict, key: str, count: int, world: int) -> None:
     sums[key] = sums.get(key, 0.0) + float(count * world)
 
 
-def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict,
+def optimizer_step(accelerator: Accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict,
                    stop_requested: bool = False) -> tuple[str | None, bool]:
     """Clip, step, schedule, zero; records lr and grad_norm in `sums`.
 

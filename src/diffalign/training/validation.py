@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image
 
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
-def _sample(family, cfg, resolution: int, net=None) -> np.ndarray:
+
+def _sample(family: ModelFamily, cfg, resolution: int, net=None) -> np.ndarray:
     pipe = family.make_pipeline(net=net)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(cfg.validation_prompts)
@@ -23,7 +28,7 @@ def _sample(family, cfg, resolution: int, net=None) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def validation_grid(family, cfg, reference=None) -> Image.Image:
+def validation_grid(family: ModelFamily, cfg, reference=None) -> Image.Image:
     """Rows: the trained model, then the base model (adapters off, or ``reference``, the frozen reference copy of
     a full fine-tune) when known. The pipelines are built around the network to sample; ``family.unet`` stays the
     trained one."""
