@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..toy.prompts import PROMPT_SETS, toy_prompts  # the toy world's prompt sets by name
+from .sources import resolve_source
 
 DATASET_PREFIX = "hf:"
 
@@ -77,8 +78,6 @@ def _read_text_prompts(path: Path, column: str) -> list[str]:
 
 def _table_column(source: Any, column: str, split: str) -> tuple[list[str], str]:
     """The non-missing values of a table's text column, in row order, and the table's description."""
-    from .sources import resolve_source
-
     src = resolve_source(source, split=split, caption_column=column, strict=False, cache_dir=None)
     if column not in src.table.column_names:
         raise UserError(f"{src.description} has no column {column!r} (columns: "

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .transforms import deterministic_rng
 
 if TYPE_CHECKING:
     from ..models import ModelFamily
@@ -172,8 +173,6 @@ class VideoPairItems:
         return len(self.pairs)
 
     def item(self, i: int, epoch: int) -> dict | None:
-        from .transforms import deterministic_rng
-
         got = self.pairs.clips(i)
         if got is None:
             return None

@@ -17,10 +17,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..fsutil import ensure_writable_dir
+from ..generation.manifest import read_manifest
 from ..processes import join_processes
 from ..rewards import Reward, get_reward
+from .report import write_report
 from .result import EvaluationResult, ImageRecord
 from .stats import WinRate, bootstrap_ci, check_bootstrap_options, match_pairs, paired_win_rate
+from .toy_distribution import build_distribution
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -44,8 +48,6 @@ def parse_folder_args(items: Sequence[str]) -> dict[str, str]:
 
 def load_folder(folder: str | Path, label: str) -> list[ImageRecord]:
     """The manifest rows of one folder written by `diffalign generate`."""
-    from ..generation.manifest import read_manifest
-
     folder = Path(folder)
     if not (folder / "manifest.jsonl").is_file():
         raise UserError(f"folder '{folder}' (label '{label}') has no manifest.jsonl: point --images/--baseline at a "
@@ -263,12 +265,10 @@ def evaluate_folders(
     state = join_processes()  # otherwise each process would score everything alone and write the report
     measure = None
     if distribution is not None:  # built (and its spec checked) before the scoring, not after it
-        from .toy_distribution import build_distribution
 
         measure = (build_distribution(distribution, device=device if device is not None else state.device)
                    if isinstance(distribution, str) else distribution)
     if out_dir is not None:  # checked on every process, so that all stop together instead of waiting on a gather
-        from ..fsutil import ensure_writable_dir
 
         ensure_writable_dir(out_dir)
     records = [rec for label, path in folders.items() for rec in load_folder(path, label)]
@@ -290,7 +290,5 @@ def evaluate_folders(
     if measure is not None:
         compute_distribution_metrics(result, measure, show_progress=state.is_local_main_process)
     if out_dir is not None and state.is_main_process:
-        from .report import write_report
-
         result.report_path = write_report(result, out_dir, grid_rows=grid_rows)
     return result

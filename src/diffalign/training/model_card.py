@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models.source import resolve_model
+from .methods import get_method
 
 
 def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summary: str, method=None,
@@ -13,8 +14,6 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
     """The card of a pair method; ``method`` is its row of the method table (default: ``cfg.method``'s) and
     ``keys`` its config section."""
     if method is None:
-        from .methods import get_method
-
         method = get_method(cfg.method)
     keys = method.keys(cfg) if keys is None else keys
     lora = cfg.train_mode == "lora"

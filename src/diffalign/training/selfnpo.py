@@ -59,6 +59,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..models import Conditioning
 from ..objectives import SELFNPO_LOSSES, per_sample_mse, renoise, selfnpo_distance
+from .model_card import write_selfnpo_model_card
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .selfnpo_data import SelfNPOBatch, load_selfnpo_data, make_batch
 from .timesteps import UniformTimesteps, draw_global
@@ -341,8 +342,6 @@ class SelfNPORecipe(RecipeBase):
                             "selfnpo run")
 
     def write_model_card(self, out: Path, data_summary: str) -> Path:
-        from .model_card import write_selfnpo_model_card
-
         ctx = self._context()
         return write_selfnpo_model_card(ctx.cfg, out, resolution=ctx.resolution, family=self.family.name,
                                         data_summary=data_summary)

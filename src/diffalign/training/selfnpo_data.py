@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from ..data import deterministic_rng
+from ..data.captions import ImageCaptionTransform, ImageCaptions
+from ..data.prompts import read_prompts
 from ..models import Conditioning
 from .protocol import TrainData
 
@@ -50,8 +53,6 @@ class ImageItems:
         return len(self.data)
 
     def item(self, i: int, epoch: int) -> dict | None:
-        from ..data import deterministic_rng
-
         image = self.data.image(i)
         if image is None:
             return None
@@ -60,9 +61,6 @@ class ImageItems:
 
 def load_selfnpo_data(cfg, resolution: int) -> TrainData:
     """Prompts, or image-caption rows, as ``selfnpo_start`` asks; the summary is the one at load time."""
-    from ..data.captions import ImageCaptions, ImageCaptionTransform
-    from ..data.prompts import read_prompts
-
     if cfg.selfnpo_start == "noise":
         prompts = read_prompts(cfg.dataset_name, cfg.caption_column, split=cfg.dataset_split_name,
                                max_samples=cfg.max_train_samples)

@@ -9,9 +9,12 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..fsutil import ensure_writable_dir
 from ..models import load_family
 from ..processes import check_joined, cpu_process_group
+from .batches import BatchStream
+from .checkpoint import list_checkpoints, remove_incomplete
 
 
 @dataclass
@@ -53,8 +56,6 @@ def start_run(cfg) -> Run:
     check_distributed_type(str(accelerator.distributed_type))
     main = accelerator.is_main_process
     if main:
-        from .checkpoint import remove_incomplete
-
         removed, ignored = remove_incomplete(out)  # half-written or half-deleted by a killed run
         for p in removed:
             print(f"removed {p.name}: a checkpoint write or deletion that was interrupted", flush=True)
@@ -74,9 +75,6 @@ def start_run(cfg) -> Run:
 
 def make_stream(items, cfg, rank: int, world: int, describe: Callable[[], str]):
     """The BatchStream over `items`, or a UserError saying why there is not even one batch of usable rows."""
-    from ..errors import UserError
-    from .batches import BatchStream
-
     try:
         return BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world, workers=cfg.dataloader_num_workers)
     except ValueError as exc:
@@ -87,9 +85,6 @@ def make_stream(items, cfg, rank: int, world: int, describe: Callable[[], str]):
 def check_run_folder(cfg, out: Path) -> None:
     """A fresh run (no resume_from_checkpoint) must not start in a folder holding another run's checkpoints:
     a later `resume_from_checkpoint: latest` would mix the two runs."""
-    from ..errors import UserError
-    from .checkpoint import list_checkpoints
-
     found = list_checkpoints(out)
     if found and not cfg.resume_from_checkpoint:
         raise UserError(f"output_dir '{out}' already holds checkpoints of an earlier run (newest: {found[-1].name}): "
@@ -103,8 +98,6 @@ def check_distributed_type(kind: str) -> None:
     the EMA/teacher and the exports work on whole tensors; DeepSpeed also takes over accumulation, clipping and
     the optimizer step. Training would run, but checkpoints would hold one process's shard.
     """
-    from ..errors import UserError
-
     name = kind.rsplit(".", 1)[-1]
     if name in ("FSDP", "DEEPSPEED"):
         raise UserError(f"distributed_type {name} (from the accelerate config) is not supported by diffalign train yet: "

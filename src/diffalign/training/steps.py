@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..errors import UserError
+from .guards import agree, grads_finite
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -62,8 +63,6 @@ def skip_micro_batch(accelerator: Accelerator, empty: bool, step: int, micro: in
     gradient all-reduce (a hang; gloo aborts the job). The other processes' rows of that micro-batch are dropped
     with it (counted in `skipped_micro_batches`). One tiny collective per micro-batch, with several processes only.
     """
-    from .guards import agree
-
     skip = agree(accelerator, empty)[0]
     if skip and accelerator.num_processes > 1 and accelerator.is_main_process:
         log(f"warning: step {step + 1}, micro-batch {micro}: a process has no usable row (images that failed to "
@@ -99,8 +98,6 @@ def optimizer_step(accelerator: Accelerator, params: list, optimizer, lr_schedul
     be skipped (weights, optimizer state and LR schedule untouched), or "fp16_overflow" for GradScaler's own
     skip; `stop` is `stop_requested` agreed over all processes (a signal reached any of them).
     """
-    from .guards import agree, grads_finite
-
     if any(torch.is_tensor(v) for v in sums.values()):  # the last micro-batch was skipped (no usable rows)
         sums_to_host(accelerator, sums)
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None

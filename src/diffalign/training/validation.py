@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..models import lora_disabled
+from ..models.lora import has_lora
+
 if TYPE_CHECKING:
     from ..models import ModelFamily
 
@@ -32,9 +35,6 @@ def validation_grid(family: ModelFamily, cfg, reference=None) -> Image.Image:
     """Rows: the trained model, then the base model (adapters off, or ``reference``, the frozen reference copy of
     a full fine-tune) when known. The pipelines are built around the network to sample; ``family.unet`` stays the
     trained one."""
-    from ..models import lora_disabled
-    from ..models.lora import has_lora
-
     resolution = cfg.resolution or family.default_resolution
     family.unet.eval()
     rows = [_sample(family, cfg, resolution)]

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from ...config_loader import check_types, config_to_dict
+from ...data.prompts import read_prompts
 from ...errors import UserError
+from .filter import parse_conditions
 
 PROMPT_FIELD = "{prompt}"
 TOY_PROMPT_SETS = ("toy:train", "toy:heldout")
@@ -228,8 +230,6 @@ class PairsConfig:
                                 f"got {self.num_samples_per_prompt}")
 
     def _validate_filter(self) -> None:
-        from .filter import parse_conditions
-
         if self.recipe == "ranked":
             for key in ("filter_reward", "filter_chosen", "filter_rejected"):
                 if getattr(self, key):
@@ -292,8 +292,6 @@ def resolve_prompts(cfg: PairsConfig) -> list[str]:
     if cfg.prompt_list:
         prompts, shown = list(cfg.prompt_list), "prompt_list"
     else:
-        from ...data.prompts import read_prompts
-
         prompts, shown = read_prompts(cfg.prompts), f"prompts {cfg.prompts!r}"
     if not prompts:
         raise UserError(f"{shown} holds no prompts")

@@ -17,8 +17,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...data.captions import open_captions, usable_rows
 from ...errors import UserError
-from .config import PairsConfig, apply_template
+from .config import PairsConfig, apply_template, resolve_prompts
 from .units import Job, Side, Unit, decide_two, pick_pairs, try_folder
 
 REJECTED_SEED_OFFSET = 1_000_000  # prefix with same_seed: false
@@ -155,11 +156,8 @@ RECIPES = {r.name: r for r in (PrefixRecipe, RankedRecipe, TargetRecipe)}
 def build_recipe(cfg: PairsConfig) -> Recipe:
     """The recipe of a validated config with its prompts read (or its source opened and checked)."""
     if cfg.recipe == "target":
-        from ...data.captions import open_captions, usable_rows
-
         source = open_captions(cfg.image_caption_source, image_column=cfg.image_column, caption_column=cfg.caption_column,
                              split=cfg.source_split, strict=cfg.strict_data)
         return TargetRecipe(cfg, source=source, rows=usable_rows(source, cfg.num_pairs))
-    from .config import resolve_prompts
 
     return RECIPES[cfg.recipe](cfg, prompts=resolve_prompts(cfg))

@@ -38,14 +38,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ...errors import UserError
+from ...fsutil import atomic_write_text
+from ...models import load_lora_into_pipeline, load_pipeline
+from ...rewards import get_reward
+from ..manifest import read_manifest
+from ..sample import GenerationSettings, Processes, generate_to_folder
 from .config import PairsConfig
 from .filter import Outcome, PairFilter, judge_try
 from .recipes import Recipe, Unit, build_recipe, pick_pairs
 from .store import (DATA_DIR, PairsResult, complete_shards, images_root, prepare_output, read_pairs, schema,
                           write_shard, write_summary)
 from .tries import sample_units
-from ..manifest import read_manifest
-from ..sample import GenerationSettings, Processes, generate_to_folder
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -59,8 +62,6 @@ PENDING_FILE = ".tries-pending.tmp"  # several processes: the units to try again
 def load_sampler(cfg: PairsConfig, device="cpu"):
     """The pipeline a config samples ('toy' is the shipped toy model), with its LoRA loaded."""
     import torch
-
-    from ...models import load_lora_into_pipeline, load_pipeline
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
     pipe = load_pipeline(cfg.pretrained_model_name_or_path, vae_path=cfg.pretrained_vae_model_name_or_path,
@@ -215,7 +216,7 @@ def _settings_json(cfg: PairsConfig, record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- run
-def run_pairs(cfg: PairsConfig, *, pipe: DiffusionPipeline=None, reward=None, filter_reward=None,
+def run_pairs(cfg: PairsConfig, *, pipe: DiffusionPipeline | None = None, reward=None, filter_reward=None,
               processes: Processes | None = None) -> PairsResult:
     """Make (or finish) the dataset `cfg` describes; see the module docstring.
 
@@ -228,8 +229,6 @@ def run_pairs(cfg: PairsConfig, *, pipe: DiffusionPipeline=None, reward=None, fi
     procs = processes or Processes()
     recipe = build_recipe(cfg)
     if reward is None and cfg.reward:
-        from ...rewards import get_reward
-
         reward = get_reward(cfg.reward)
     if reward is not None:
         check_score_key(reward, cfg.score_key)
@@ -238,8 +237,6 @@ def run_pairs(cfg: PairsConfig, *, pipe: DiffusionPipeline=None, reward=None, fi
         if filter_reward is None and reward is not None and cfg.filter_reward == cfg.reward:
             filter_reward = reward
         if filter_reward is None:
-            from ...rewards import get_reward
-
             filter_reward = get_reward(cfg.filter_reward)
         pair_filter = PairFilter.from_config(cfg, filter_reward)
         pair_filter.check_terms()
@@ -339,7 +336,6 @@ def _share(cfg, procs: Processes, pending: list[int]) -> list[int]:
     """The main process's list of units to try again, in every process (through a file when there are several)."""
     if procs.count == 1:
         return pending
-    from ...fsutil import atomic_write_text
 
     path = Path(cfg.output_dir) / DATA_DIR / PENDING_FILE
     if procs.is_main:
