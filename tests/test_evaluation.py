@@ -21,7 +21,7 @@ from diffalign.errors import UserError
 from diffalign.evaluation import Reward, bootstrap_ci, images_to_tensor, win_rate
 from diffalign.evaluation.evaluate import evaluate_folders, parse_folder_args
 from diffalign.evaluation.stats import match_pairs
-from diffalign.generation.prompts import read_prompts
+from diffalign.data.prompts import read_prompts
 
 from test_rewards import build_tiny_clip
 
@@ -305,7 +305,7 @@ def test_streamed_hub_column_reader_on_a_local_parquet_folder(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffalign.generation.prompts import _stream_column
+    from diffalign.data.prompts import _stream_column
 
     (tmp_path / "data").mkdir()
     table = pa.table({"caption": ["q", "p", "q"], "jpg_0": [b"x", b"y", b"z"]})

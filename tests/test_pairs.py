@@ -20,9 +20,9 @@ from diffalign.cli import main
 from diffalign.config_loader import load_config
 from diffalign.errors import UserError
 from diffalign.generation import GenerationSettings, PairsConfig, make_pairs, read_manifest, read_pairs, run_pairs
-from diffalign.generation import pairs as pairs_module
-from diffalign.generation.pairs_recipes import pick_pairs
-from diffalign.generation.pairs_store import schema
+from diffalign.generation.pairs import run as pairs_module
+from diffalign.generation.pairs.store import schema
+from diffalign.generation.pairs.units import pick_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red square", "a blue circle", "a green diamond")
@@ -120,7 +120,7 @@ def test_pick_pairs_golden():
 
 
 def test_shipped_configs_load_and_describe_the_toy_scenarios():
-    from diffalign.data.prompts import toy_prompts
+    from diffalign.toy.prompts import toy_prompts
     from diffalign.toy.world import COLOUR_NAMES, SHAPES, caption
 
     configs = {p.stem: load_config(PairsConfig, p).validate() for p in sorted((REPO / "configs/pairs").glob("*.yaml"))}

@@ -21,8 +21,8 @@ from diffalign.cli import main
 from diffalign.errors import UserError
 from diffalign.evaluation import Reward
 from diffalign.generation import PairsConfig, read_manifest, read_pairs, run_pairs
-from diffalign.generation import pairs_tries
-from diffalign.generation.pairs_filter import judge_try, parse_condition
+from diffalign.generation.pairs import tries as pairs_tries
+from diffalign.generation.pairs.filter import judge_try, parse_condition
 
 PROMPTS = ("a red square", "a blue circle", "a green diamond")
 STRIDE = 10_000_000  # documented: try t adds t x 10,000,000 to a unit's seeds
@@ -329,7 +329,7 @@ def test_tries_resume_byte_identically(tmp_path, pipe, monkeypatch):
                 raise Interrupted("killed while sampling a try")
         return real(pipe_, folder, units, *a, **k)
 
-    from diffalign.generation import pairs as pairs_module
+    from diffalign.generation.pairs import run as pairs_module
 
     monkeypatch.setattr(pairs_module, "sample_units", die_after_shard_0)
     with pytest.raises(Interrupted):

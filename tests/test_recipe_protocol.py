@@ -15,6 +15,7 @@ from diffalign.errors import UserError
 from diffalign.models import NoiseSchedule, load_family
 from diffalign.toy.render_pairs import write_pairs_parquet
 from diffalign.training import methods
+from diffalign.training.config import register_method
 from diffalign.training.batches import PairBatch
 from diffalign.training.protocol import StepResult
 from diffalign.training.recipes import PreferenceRecipe
@@ -69,7 +70,7 @@ def test_a_new_method_is_a_table_row_and_a_few_lines_of_recipe(tiny_pipelines, s
     def l1(keys):
         return lambda pred, target: (pred.float() - target.float()).abs().flatten(1).mean(dim=1)
 
-    table.register_method(table.Method("l1", summary="L1 fine-tuning on the preferred images",
+    register_method(table.Method("l1", summary="L1 fine-tuning on the preferred images",
                                        role="a model fine-tuned with an L1 loss (a test)", recipe=WinnerL1.for_run,
                                        section=NoKeys, objective=l1, image_columns=(1, 2)))
     assert "l1 = L1 fine-tuning" in table.help_text()
@@ -95,9 +96,9 @@ def test_the_table_refuses_a_row_that_does_not_fit_the_config(table):
 
     row = table.Method("x", summary="", role="", recipe=PreferenceRecipe.for_run, section=NewKey, objective=None)
     with pytest.raises(ValueError, match="'temperature' is not a TrainConfig key"):
-        table.register_method(row)
+        register_method(row)
     with pytest.raises(ValueError, match="already in the table"):
-        table.register_method(table.get_method("dpo"))
+        register_method(table.get_method("dpo"))
 
 
 # ------------------------------------------------------------------------------- networks passed, not swapped

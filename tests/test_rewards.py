@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffalign.errors import UserError
 from diffalign.evaluation import get_reward, images_to_pil, parse_reward_spec
-from diffalign.evaluation.clip_rewards import AestheticHead
+from diffalign.rewards.clip import AestheticHead
 
 PROMPTS = ["a red circle", "a blue square", "a red circle", "", "a green striped triangle"]
 IMAGE_SIZE = 32

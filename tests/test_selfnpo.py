@@ -350,20 +350,22 @@ def test_resume_gives_the_same_student_and_teacher(tiny_pipelines, prompt_file, 
 
 # ----------------------------------------------------------------------------------------- data and config
 def test_prompt_sources(tmp_path, image_captions):
-    from diffalign.data.prompts import ImageCaptions, load_prompts, toy_prompts
+    from diffalign.data.captions import ImageCaptions
+    from diffalign.data.prompts import read_prompts
+    from diffalign.toy.prompts import toy_prompts
 
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"caption": "a red circle"}\n{"prompt": ""}\n')
-    assert load_prompts(jsonl) == ["a red circle", ""]
+    assert read_prompts(jsonl) == ["a red circle", ""]
     rows = ImageCaptions(image_captions, image_column="image", max_samples=3)
     assert len(rows) == 3 and rows.image(0).size == (32, 32)
-    assert load_prompts(image_captions, "caption", max_samples=3) == [rows.caption(i) for i in range(3)]
+    assert read_prompts(image_captions, "caption", max_samples=3) == [rows.caption(i) for i in range(3)]
     with pytest.raises(UserError, match="no column 'text'"):
-        load_prompts(image_captions, "text")
+        read_prompts(image_captions, "text")
     with pytest.raises(UserError, match="no image column"):
         ImageCaptions(image_captions, image_column="jpg_0")
     train, heldout = toy_prompts("train"), toy_prompts("heldout")
-    assert len(heldout) == 8 and "" in train and load_prompts("toy") == train
+    assert len(heldout) == 8 and "" in train and read_prompts("toy") == train
     named_pairs = {(w[1], w[2]) for p in train if len(w := p.split()) == 3}
     assert not {tuple(h.split()[1:]) for h in heldout} & named_pairs
 

@@ -110,10 +110,11 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
 
 
 def test_render_captions_excludes_heldout_and_loads_as_image_captions(tmp_path):
-    from diffalign.data.prompts import ImageCaptions, _toy_heldout_rule
+    from diffalign.data.captions import ImageCaptions
+    from diffalign.toy.prompts import heldout_rule
     from diffalign.toy.render_captions import render_captions, scenes_for_captions, write_captions_parquet
 
-    combo = lambda s: _toy_heldout_rule(world.COLOUR_NAMES.index(s.colour), world.SHAPES.index(s.shape))
+    combo = lambda s: heldout_rule(world.COLOUR_NAMES.index(s.colour), world.SHAPES.index(s.shape))
     kept = scenes_for_captions(300, np.random.default_rng(0))
     assert len(kept) == 300 and not any(combo(s) for s in kept)
     assert any(combo(s) for s in scenes_for_captions(300, np.random.default_rng(0), exclude_heldout=False))
@@ -127,7 +128,7 @@ def test_render_captions_excludes_heldout_and_loads_as_image_captions(tmp_path):
 
 
 def test_render_pairs_can_exclude_heldout_combinations():
-    from diffalign.data.prompts import toy_prompts
+    from diffalign.toy.prompts import toy_prompts
     from diffalign.toy.render_pairs import render_pairs
 
     heldout = set(toy_prompts("heldout"))

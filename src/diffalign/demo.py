@@ -70,7 +70,7 @@ VERSUS_TUNED = ("mapo+selfnpo", "mapo")
 
 def split_prompts() -> tuple[list[str], list[str]]:
     """Training prompts ("a {colour} {shape}" except the held-out combinations) and the held-out ones."""
-    from .data.prompts import toy_prompts
+    from .toy.prompts import toy_prompts
     from .toy.world import COLOUR_NAMES, SHAPES, caption
 
     heldout = toy_prompts("heldout")
@@ -128,9 +128,8 @@ def run_stages(stages: list[Stage], out: Path, log=print) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------ stage bodies
 def _load_toy():
     from .models import load_pipeline
-    from .toy.paths import toy_model_path
 
-    return load_pipeline(str(toy_model_path()))
+    return load_pipeline("toy")
 
 
 def pairs_summary(pairs_dir: Path) -> dict:

@@ -4,7 +4,7 @@
     diffalign pairs configs/pairs/toy_ranked.yaml --num_pairs=32 --output_dir=runs/ranked_small
     diffalign pairs --help-config
 
-Recipes, keys and the output layout: `generation/pairs.py`, `generation/pairs_config.py`, docs/pairs.md.
+Recipes, keys and the output layout: `generation/pairs/`, docs/pairs.md.
 Under `accelerate launch -m diffalign pairs ...` the sampling is shared out between the processes.
 """
 
@@ -31,8 +31,7 @@ def add_parser(sub) -> None:
 
 def cmd(args) -> int:
     from ..config_loader import config_help, load_config
-    from ..generation.pairs import run_pairs
-    from ..generation.pairs_config import PairsConfig
+    from ..generation.pairs import PairsConfig, run_pairs
 
     if args.help_config:
         print(config_help(PairsConfig))

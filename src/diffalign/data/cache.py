@@ -29,7 +29,7 @@ import random
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
@@ -38,6 +38,9 @@ from ..errors import UserError
 from ..fsutil import atomic_write_text
 from .pairs import SkippedPair, is_skipped
 from .transforms import PairTransform
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -80,7 +83,7 @@ def _weight_stats(path: str, subfolders: tuple[str, ...]) -> list | None:
     return out
 
 
-def model_identity(family) -> dict:
+def model_identity(family: ModelFamily) -> dict:
     """What in the model decides cached latents and embeddings: path, configs, local weight files, dtypes."""
     model_path = _config_path(family.unet)
     vae_path = _config_path(family.vae)
@@ -103,7 +106,7 @@ def model_identity(family) -> dict:
     }
 
 
-def fingerprint_components(pairs, family, *, resolution: int, extra: dict | None = None) -> dict:
+def fingerprint_components(pairs, family: ModelFamily, *, resolution: int, extra: dict | None = None) -> dict:
     return {
         "format": CACHE_FORMAT,
         "data": pairs.identity(),
@@ -115,7 +118,7 @@ def fingerprint_components(pairs, family, *, resolution: int, extra: dict | None
     }
 
 
-def fingerprint(pairs, family, *, resolution: int, extra: dict | None = None) -> str:
+def fingerprint(pairs, family: ModelFamily, *, resolution: int, extra: dict | None = None) -> str:
     """The cache key for these pairs, model and resolution (pass the same `extra` as `fingerprint_extra`)."""
     return _hash(fingerprint_components(pairs, family, resolution=resolution, extra=extra))
 
@@ -139,7 +142,7 @@ def _read_json(file: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def cached_text(family, captions: list[str]) -> dict[str, torch.Tensor]:
+def cached_text(family: ModelFamily, captions: list[str]) -> dict[str, torch.Tensor]:
     """The text part of cached pairs, as a shard stores it: `prompt_embeds` (and SDXL's pooled `text_embeds`) of
     `captions`, on the CPU. `cached_text(family, [""])` is the empty caption in that form, which caption dropout
     (`proportion_empty_prompts`) puts in place of a cached pair's own embeddings."""
@@ -150,7 +153,7 @@ def cached_text(family, captions: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _encode_batch(items: list[dict], family, resolution: int) -> dict[str, torch.Tensor]:
+def _encode_batch(items: list[dict], family: ModelFamily, resolution: int) -> dict[str, torch.Tensor]:
     transform = PairTransform(resolution, random_flip=False, center_crop=True)
     rng = random.Random(0)  # unused: no flip, centre crop
     views = [transform(it, rng) for it in items]
@@ -205,7 +208,7 @@ def _read_shard_info(cache_dir: Path, k: int, fp: str) -> tuple[dict, list[Skipp
 
 def build_cache(
     pairs,
-    family,
+    family: ModelFamily,
     *,
     resolution: int,
     cache_dir: str | os.PathLike,

@@ -33,6 +33,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..fsutil import atomic_write_text
 from .sources import BadEntry, Source, resolve_source
 
 TIES = ("drop", "error")
@@ -244,8 +245,6 @@ class PreferencePairs(Dataset):
     def save_report(self, path: str | os.PathLike) -> None:
         """Write summary, counts and the fetch-time failures known so far as JSON (e.g. into the run folder)."""
         import json
-
-        from ..fsutil import atomic_write_text
 
         data = {"summary": self.summary(), "counts": self.report(), "settings": self.settings,
                 "skipped_at_fetch": [s._asdict() for s in self.skipped_pairs()]}

@@ -1,65 +1,64 @@
-"""Prompt sets and image-caption data for methods that need no preference labels (Self-NPO).
+"""Prompt sets: one reader for every command that takes prompts (`diffalign train`'s data-free Self-NPO,
+`diffalign pairs`, `diffalign generate`), so a file means the same to all of them.
 
-`load_prompts(source, column)` reads prompts from:
+`read_prompts(source, column)` reads:
 
-- ``toy``: the toy world's training prompts (:func:`toy_prompts`), the data-free Self-NPO toy recipe;
-- a ``.txt`` file: one prompt a line (blank lines skipped);
-- a ``.jsonl`` file: one JSON object a line with a string ``column`` field (``prompt`` is accepted too);
-- anything ``diffalign.data`` reads as a table (parquet file or glob, ``save_to_disk`` folder, hub id): the
-  ``column`` column. Empty strings are kept (the unconditional case), missing values are skipped and counted.
-
-`load_image_captions(source, image_column=..., caption_column=...)` opens a table with one image and one caption
-per row (the official Self-NPO code's LAION-style data) and decodes images lazily; `ImageCaptionTransform` resizes
-and crops them deterministically per (seed, epoch, row).
+- ``toy``, ``toy:train``, ``toy:heldout``: the toy world's prompt sets (``toy`` is ``toy:train``);
+- ``hf:SOURCE:SPLIT:COLUMN``: a dataset column, e.g. ``hf:yuvalkirstain/pickapic_v2:test_unique:caption``
+  (Pick-a-Pic's 500 unique test captions). SOURCE is a hub dataset id, a parquet file or a ``save_to_disk``
+  folder; SPLIT may be empty for sources with one split (``hf:prompts.parquet::caption``). Deduplicated keeping
+  each prompt's first occurrence (the count dropped is printed): a caption column repeats prompts once per
+  annotated pair, and a prompt set wants each prompt once;
+- a text file (any file but ``.parquet``): one prompt a line, blank lines skipped; JSONL when the suffix is
+  ``.jsonl`` or the first line starts with ``{``: one JSON object a line with a string ``column`` field
+  (``prompt`` is accepted too; an empty string is the unconditional case);
+- anything else ``diffalign.data`` reads as a table (parquet file or glob, ``save_to_disk`` folder, hub id): the
+  ``column`` column row by row, as training reads it (not deduplicated). Empty strings are kept (the
+  unconditional case), missing values are skipped.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+import sys
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import Any
 
 from ..errors import UserError
+from ..toy.prompts import PROMPT_SETS, toy_prompts  # the toy world's prompt sets by name
+from .sources import resolve_source
 
-def _toy_heldout_rule(colour_index: int, shape_index: int) -> bool:
-    """Toy (colour, shape) combinations no training prompt names together (8 of 24): evaluation prompts
-    "a {colour} {shape}" for them are unseen in training."""
-    return (colour_index + shape_index) % 3 == 0
+DATASET_PREFIX = "hf:"
 
 
-def toy_prompts(split: str = "train") -> list[str]:
-    """Prompts of the toy world, deterministic.
-
-    ``train``: every caption the toy world can write (any subset of size, colour, shape, style named) except
-    those naming a held-out (colour, shape) combination, plus empty prompts at the world's empty-caption rate
-    (so the negative model also learns the unconditional branch). ``heldout``: ``"a {colour} {shape}"`` for the
-    held-out combinations (8 of the 24), never seen in training.
-    """
-    from ..toy.world import COLOUR_NAMES, P_EMPTY, SHAPES, SIZES, STYLES, caption
-
-    if split == "heldout":
-        return [caption(shape=s, colour=c) for ci, c in enumerate(COLOUR_NAMES) for si, s in enumerate(SHAPES)
-                if _toy_heldout_rule(ci, si)]
-    if split != "train":
-        raise UserError(f"toy prompts split must be 'train' or 'heldout', got {split!r}")
-    prompts = []
-    for ci, colour in enumerate((None, *COLOUR_NAMES)):
-        for si, shape in enumerate((None, *SHAPES)):
-            if colour is not None and shape is not None and _toy_heldout_rule(ci - 1, si - 1):
-                continue
-            for size in (None, *SIZES):
-                for style in STYLES:
-                    prompts.append(caption(shape=shape, colour=colour, size=size, style=style))
-    n_empty = round(len(prompts) * P_EMPTY / (1 - P_EMPTY))
-    return prompts + [""] * n_empty
+def read_prompts(source: Any, column: str = "caption", *, split: str = "train",
+                 max_samples: int | None = None) -> list[str]:
+    """Prompts from ``source`` (see the module docstring), in source order; at most ``max_samples``."""
+    text = str(source)
+    if text in PROMPT_SETS:
+        prompts, shown = toy_prompts(PROMPT_SETS[text]), f"the toy world's prompt set {text!r}"
+    elif text.startswith(DATASET_PREFIX):
+        prompts, shown = read_dataset_prompts(text), f"prompt set {text!r}"
+    else:
+        path = Path(text).expanduser()
+        if path.is_file() and path.suffix.lower() != ".parquet":
+            prompts, shown = _read_text_prompts(path, column), f"prompts file '{path}'"
+        elif not path.exists() and path.suffix.lower() in (".txt", ".jsonl"):
+            raise UserError(f"prompts file '{path}' does not exist: pass a text file (one prompt a line), JSONL with "
+                            "a 'prompt' field, or a dataset column as hf:SOURCE:SPLIT:COLUMN")
+        else:
+            prompts, shown = _table_column(source, column, split)
+    if max_samples is not None:
+        prompts = prompts[:max_samples]
+    if not prompts:
+        raise UserError(f"{shown} holds no prompts")
+    return prompts
 
 
 def _read_text_prompts(path: Path, column: str) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix.lower() != ".jsonl":
+    is_jsonl = path.suffix.lower() == ".jsonl" or any(line.lstrip().startswith("{") for line in lines[:1])
+    if not is_jsonl:
         return [line.strip() for line in lines if line.strip()]
     prompts = []
     for number, line in enumerate(lines, start=1):
@@ -68,7 +67,8 @@ def _read_text_prompts(path: Path, column: str) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be an object with a "
+                            f"'{column}' (or 'prompt') field") from None
         value = row.get(column, row.get("prompt")) if isinstance(row, dict) else None
         if not isinstance(value, str):
             raise UserError(f"{path}:{number}: no string '{column}' (or 'prompt') field in this JSON line")
@@ -76,137 +76,81 @@ def _read_text_prompts(path: Path, column: str) -> list[str]:
     return prompts
 
 
-def _open_table(source: Any, split: str, caption_column: str, strict: bool):
-    from .sources import resolve_source
-
-    src = resolve_source(source, split=split, caption_column=caption_column, strict=strict, cache_dir=None)
-    if caption_column not in src.table.column_names:
-        raise UserError(f"{src.description} has no column {caption_column!r} (columns: "
+def _table_column(source: Any, column: str, split: str) -> tuple[list[str], str]:
+    """The non-missing values of a table's text column, in row order, and the table's description."""
+    src = resolve_source(source, split=split, caption_column=column, strict=False, cache_dir=None)
+    if column not in src.table.column_names:
+        raise UserError(f"{src.description} has no column {column!r} (columns: "
                         f"{', '.join(src.table.column_names)}); pass --caption_column=...")
-    return src
+    values = src.table.column(column)
+    bad = [i for i, v in enumerate(values) if v is not None and not isinstance(v, str)]
+    if bad:
+        raise UserError(f"{src.description}: row {bad[0]} of column {column!r} is a "
+                        f"{type(values[bad[0]]).__name__}, not a string")
+    return [v for v in values if v is not None], src.description
 
 
-def load_prompts(source: Any, column: str = "caption", *, split: str = "train",
-                 max_samples: int | None = None) -> list[str]:
-    """Prompts from ``source`` (see the module docstring), in source order; at most ``max_samples``."""
-    if str(source) == "toy":
-        prompts, shown = toy_prompts("train"), "the toy world's training prompts"
+def parse_dataset_spec(spec: str) -> tuple[str, str, str]:
+    """`hf:SOURCE:SPLIT:COLUMN` -> (source, split, column). SOURCE may itself hold ':' (split from the right)."""
+    body = spec[len(DATASET_PREFIX):]
+    parts = body.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[2]:
+        raise UserError(f"prompt set '{spec}': write hf:SOURCE:SPLIT:COLUMN, e.g. "
+                        "hf:yuvalkirstain/pickapic_v2:test_unique:caption or hf:prompts.parquet::caption")
+    return parts[0], parts[1], parts[2]
+
+
+def dedupe(prompts: list[str]) -> list[str]:
+    """Unique prompts in order of first occurrence."""
+    return list(dict.fromkeys(prompts))
+
+
+def read_dataset_prompts(spec: str) -> list[str]:
+    """The unique values of a dataset column, first occurrences kept, in dataset order."""
+    source, split, column = parse_dataset_spec(spec)
+    if _is_local(source):
+        rows, _ = _table_column(source, column, split or "train")
     else:
-        path = Path(str(source)).expanduser()
-        if path.is_file() and path.suffix.lower() in (".txt", ".jsonl"):
-            prompts, shown = _read_text_prompts(path, column), f"prompts file {str(path)!r}"
-        else:
-            src = _open_table(source, split, column, strict=False)
-            values = src.table.column(column)
-            bad = [i for i, v in enumerate(values) if v is not None and not isinstance(v, str)]
-            if bad:
-                raise UserError(f"{src.description}: row {bad[0]} of column {column!r} is a "
-                                f"{type(values[bad[0]]).__name__}, not a string")
-            prompts, shown = [v for v in values if v is not None], src.description
-    if max_samples is not None:
-        prompts = prompts[:max_samples]
+        rows = _stream_column(source, split or "train", column)
+    unique = list(dict.fromkeys(rows))
+    print(f"prompts: {len(unique)} unique of {len(rows)} rows in column '{column}' of {source}"
+          + (f" split '{split}'" if split else "")
+          + (f" ({len(rows) - len(unique)} duplicates dropped, first occurrences kept)" if len(unique) < len(rows) else ""),
+          file=sys.stderr)
+    return unique
+
+
+def _is_local(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.exists() or source.startswith(("/", "./", "../", "~")) or path.suffix.lower() == ".parquet"
+
+
+def _stream_column(name: str, split: str, column: str) -> list[str]:
+    """Read one column of a hub dataset split by streaming, so that only that split's files are read and no
+    other columns (Pick-a-Pic rows carry two images each) are decoded or cached."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as exc:  # the hub client raises many types; all mean "cannot open this split"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot open dataset '{name}' split '{split}' ({first}); check the id, the split and the "
+                        "network (or HF_DATASETS_OFFLINE), or give a local parquet / save_to_disk folder") from None
+    if stream.column_names is not None and column not in stream.column_names:
+        raise UserError(f"dataset '{name}' split '{split}' has no column '{column}' "
+                        f"(columns: {', '.join(stream.column_names)})")
+    prompts = []
+    for i, row in enumerate(stream.select_columns([column])):
+        value = row[column]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise UserError(f"dataset '{name}' split '{split}': row {i} of column '{column}' is a "
+                            f"{type(value).__name__}, not text")
+        prompts.append(value)
     if not prompts:
-        raise UserError(f"{shown} holds no prompts")
+        raise UserError(f"dataset '{name}' split '{split}' holds no prompts in column '{column}'")
     return prompts
 
 
-class ImageCaptions:
-    """Rows of (image, caption) from a table; images are decoded when fetched.
-
-    ``strict=False`` skips rows with a missing caption up front and rows whose image fails to decode when
-    fetched (``item`` returns None, counted in ``report()``); ``strict=True`` raises ``UserError`` naming the row.
-    """
-
-    def __init__(self, source: Any, *, image_column: str, caption_column: str = "caption", split: str = "train",
-                 strict: bool = False, max_samples: int | None = None):
-        src = _open_table(source, split, caption_column, strict)
-        if image_column not in src.table.column_names:
-            raise UserError(f"{src.description} has no image column {image_column!r} (columns: "
-                            f"{', '.join(src.table.column_names)}); pass --image_columns=...")
-        self.description = src.description
-        self.image_column = image_column
-        self.counts: Counter = Counter()
-        table = src.table
-        captions = table.column(caption_column)
-        rows = []
-        for i, value in enumerate(captions):
-            if not isinstance(value, str):
-                if strict:
-                    raise UserError(f"{src.description}: row {i} has no caption in column {caption_column!r}")
-                self.counts["missing_caption"] += 1
-                continue
-            rows.append(i)
-        if max_samples is not None:
-            rows = rows[:max_samples]
-        if not rows:
-            raise UserError(f"{src.description} has no row with a caption in column {caption_column!r}")
-        table.prepare_images([image_column])
-        self._table, self._captions, self._rows, self._strict = table, captions, rows, strict
-        self._failed: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def caption(self, i: int) -> str:
-        return self._captions[self._rows[i]]
-
-    def image(self, i: int):
-        """The RGB PIL image of item ``i``, or None (lenient mode) when it cannot be decoded."""
-        from .pairs import _BadImage, decode_image
-
-        row = self._rows[i]
-        try:
-            return decode_image(self._table.images(row)[0])
-        except _BadImage as exc:
-            if self._strict:
-                raise UserError(f"{self.description}: row {row}, column {self.image_column!r}: {exc.detail}") from None
-            if row not in self._failed:
-                self._failed.add(row)
-                self.counts[exc.reason] += 1
-            return None
-
-    def report(self) -> dict[str, int]:
-        return {"rows": len(self), **{k: int(v) for k, v in sorted(self.counts.items())}}
-
-    def summary(self) -> str:
-        skipped = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()) if v)
-        return f"{len(self)} image-caption rows from {self.description}" + (f" (skipped: {skipped})" if skipped else "")
-
-
-class ImageCaptionTransform:
-    """Resize (shorter side to ``resolution``), crop square, maybe flip; pixels in [-1, 1] plus SDXL size info.
-
-    Randomness comes from the ``random.Random`` passed in (flip, then crop top, then crop left), so a run
-    resumed at step k sees the same crops.
-    """
-
-    def __init__(self, resolution: int, *, random_flip: bool = False, center_crop: bool = False):
-        self.resolution, self.random_flip, self.center_crop = int(resolution), bool(random_flip), bool(center_crop)
-
-    def __call__(self, image, rng) -> dict[str, Any]:
-        from PIL import Image
-
-        from .transforms import to_tensor
-
-        w, h = image.size
-        res = self.resolution
-        size = (res, max(res, round(h * res / w))) if w <= h else (max(res, round(w * res / h)), res)
-        resized = image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
-        flip = self.random_flip and rng.random() < 0.5
-        free_h, free_w = size[1] - res, size[0] - res
-        if self.center_crop:
-            top, left = int(round(free_h / 2.0)), int(round(free_w / 2.0))
-        else:
-            top, left = min(int(rng.random() * (free_h + 1)), free_h), min(int(rng.random() * (free_w + 1)), free_w)
-        crop = resized.crop((left, top, left + res, top + res))
-        if flip:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = free_w - left
-        return {"pixels": to_tensor(crop), "original_size": (h, w), "crop_top_left": (top, left)}
-
-
-def stack_pixels(items: Sequence[dict]) -> torch.Tensor:
-    return torch.stack([it["pixels"] for it in items])
-
-
-__all__ = ["ImageCaptionTransform", "ImageCaptions", "load_prompts", "stack_pixels", "toy_prompts"]
+__all__ = ["DATASET_PREFIX", "parse_dataset_spec", "read_dataset_prompts", "read_prompts"]

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..models.source import hub_offline
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -232,8 +233,6 @@ def _parquet_source(files: list[Path], shown: str, cache_dir) -> Source:
 
 def _hub_source(name: str, split: str, cache_dir) -> Source:
     import datasets
-
-    from ..models.source import hub_offline
 
     try:
         ds = datasets.load_dataset(name, split=split, cache_dir=None if cache_dir is None else str(cache_dir))

@@ -22,13 +22,17 @@ import glob
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .transforms import deterministic_rng
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NPY_MAGIC = b"\x93NUMPY"
@@ -169,8 +173,6 @@ class VideoPairItems:
         return len(self.pairs)
 
     def item(self, i: int, epoch: int) -> dict | None:
-        from .transforms import deterministic_rng
-
         got = self.pairs.clips(i)
         if got is None:
             return None
@@ -187,7 +189,7 @@ class VideoPairItems:
                 "crop_top_left_w": (0, 0), "crop_top_left_l": (0, 0)}
 
 
-def load_video_pairs(cfg, family) -> tuple[VideoPairs, VideoPairItems]:
+def load_video_pairs(cfg, family: ModelFamily) -> tuple[VideoPairs, VideoPairItems]:
     """The training loop's (pairs, items) for a video family, from a TrainConfig."""
     if cfg.use_cache:
         raise UserError("use_cache is not supported for video pairs yet; set use_cache: false")

@@ -1,20 +1,8 @@
-"""Evaluation: reward models behind one interface (`Reward.score(images, prompts) -> Tensor[N]`),
-benchmark statistics, set-level measures (FD, precision, recall; `distribution`, `toy_distribution`), and
-`evaluate_folders` / `write_report` behind `diffalign evaluate`."""
+"""Evaluation: benchmark statistics, set-level measures (FD, precision, recall; `distribution`,
+`toy_distribution`), and `evaluate_folders` / `write_report` behind `diffalign evaluate`. The reward models
+(`diffalign.rewards`) are re-exported here."""
 
-from . import clip_rewards, optional_rewards  # noqa: F401  (importing registers their rewards)
-from .distribution import (
-    DistributionDifference,
-    DistributionMetrics,
-    distribution_metrics,
-    feature_frechet_distance,
-    frechet_distance,
-    paired_distribution_difference,
-    precision_recall,
-)
-from .evaluate import EvaluationResult, ImageRecord, evaluate_folders
-from .report import format_table, write_report
-from .rewards import (
+from ..rewards import (
     Reward,
     RewardSpec,
     ToyReward,
@@ -25,6 +13,18 @@ from .rewards import (
     parse_reward_spec,
     register_reward,
 )
+from .distribution import (
+    DistributionDifference,
+    DistributionMetrics,
+    distribution_metrics,
+    feature_frechet_distance,
+    frechet_distance,
+    paired_distribution_difference,
+    precision_recall,
+)
+from .evaluate import evaluate_folders
+from .report import format_table, write_report
+from .result import EvaluationResult, ImageRecord
 from .stats import Interval, WinRate, bootstrap_ci, paired_win_rate, win_rate
 from .toy_distribution import ToyDistribution, compare_toy_distributions, toy_distribution_metrics
 

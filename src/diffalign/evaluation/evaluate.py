@@ -11,92 +11,20 @@ report.html (`report.write_report`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..errors import UserError
-from .distribution import DistributionDifference, DistributionMetrics
-from .rewards import Reward, get_reward
-from .stats import Interval, WinRate, bootstrap_ci, check_bootstrap_options, match_pairs, paired_win_rate
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image of a generated folder, as its manifest row names it."""
-
-    label: str
-    folder: str
-    file: str
-    prompt: str
-    seed: int | None
-    index: int | None
-
-    @property
-    def path(self) -> Path:
-        return Path(self.folder) / self.file
-
-    @property
-    def key(self) -> tuple:
-        """What pairs images across folders: the same prompt and the same seed."""
-        return (self.prompt, self.seed)
-
-
-@dataclass
-class EvaluationResult:
-    """Scores and metrics of one evaluation; `scores[i, r]` is reward `rewards[r]` of `records[i]`."""
-
-    folders: dict[str, str]
-    rewards: list[str]
-    reward_specs: dict[str, str]
-    records: list[ImageRecord]
-    scores: np.ndarray
-    baselines: list[str]
-    means: dict[str, dict[str, Interval]] = field(default_factory=dict)
-    win_rates: dict[str, dict[tuple[str, str], WinRate]] = field(default_factory=dict)
-    skipped: list[dict] = field(default_factory=list)
-    bootstrap: int = 2000
-    seed: int = 0
-    level: float = 0.95
-    report_path: Path | None = None
-    # Set-level measures (only with `distribution`): the measure's settings, per label, per (label, baseline).
-    distribution_settings: dict | None = None
-    distribution: dict[str, DistributionMetrics] = field(default_factory=dict)
-    distribution_differences: dict[tuple[str, str], DistributionDifference] = field(default_factory=dict)
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.folders)
-
-    def rows_of(self, label: str) -> list[int]:
-        return [i for i, r in enumerate(self.records) if r.label == label]
-
-    def scores_of(self, label: str, reward: str) -> np.ndarray:
-        return self.scores[self.rows_of(label), self.rewards.index(reward)]
-
-    def to_json(self) -> dict:
-        out = {
-            "folders": {label: {"path": path, "images": len(self.rows_of(label)),
-                                "skipped": sum(s["label"] == label for s in self.skipped)}
-                        for label, path in self.folders.items()},
-            "rewards": dict(self.reward_specs),
-            "baselines": list(self.baselines),
-            "bootstrap": {"samples": self.bootstrap, "seed": self.seed, "level": self.level, "method": "percentile"},
-            "means": {reward: {label: iv.as_dict() for label, iv in per.items()} for reward, per in self.means.items()},
-            "win_rates": {reward: [{"label": a, "baseline": b, **wr.as_dict()} for (a, b), wr in per.items()]
-                          for reward, per in self.win_rates.items()},
-            "skipped": list(self.skipped),
-        }
-        if self.distribution_settings is not None:
-            out["distribution"] = {
-                **self.distribution_settings,
-                "sets": {label: m.as_dict() for label, m in self.distribution.items()},
-                "differences": [{"label": a, "baseline": b, **d.as_dict()}
-                                for (a, b), d in self.distribution_differences.items()],
-            }
-        return out
+from ..fsutil import ensure_writable_dir
+from ..generation.manifest import read_manifest
+from ..processes import join_processes
+from ..rewards import Reward, get_reward
+from .report import write_report
+from .result import EvaluationResult, ImageRecord
+from .stats import WinRate, bootstrap_ci, check_bootstrap_options, match_pairs, paired_win_rate
+from .toy_distribution import build_distribution
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -120,8 +48,6 @@ def parse_folder_args(items: Sequence[str]) -> dict[str, str]:
 
 def load_folder(folder: str | Path, label: str) -> list[ImageRecord]:
     """The manifest rows of one folder written by `diffalign generate`."""
-    from ..generation.sample import read_manifest
-
     folder = Path(folder)
     if not (folder / "manifest.jsonl").is_file():
         raise UserError(f"folder '{folder}' (label '{label}') has no manifest.jsonl: point --images/--baseline at a "
@@ -201,22 +127,6 @@ def score_shard(records: Sequence[ImageRecord], indices: Sequence[int], rewards:
         bar.update(len(chunk))
     bar.close()
     return out
-
-
-def _processes():
-    """accelerate's PartialState for this job. Without GPUs accelerate joins launched processes (gloo) only
-    when asked with cpu=True; otherwise each would score everything alone and all would write the report."""
-    import os
-
-    import torch
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
-    if launched > 1 and state.num_processes != launched:
-        raise UserError(f"the launcher started {launched} processes but accelerate joined {state.num_processes}: "
-                        "check the accelerate config (distributed_type)")
-    return state
 
 
 def _score_distributed(records, rewards, batch_size, state):
@@ -352,15 +262,13 @@ def evaluate_folders(
     for b in baselines:
         if b not in folders:
             raise UserError(f"baseline '{b}' is not one of the folders' labels ({', '.join(folders)})")
-    state = _processes()
+    state = join_processes()  # otherwise each process would score everything alone and write the report
     measure = None
     if distribution is not None:  # built (and its spec checked) before the scoring, not after it
-        from .toy_distribution import build_distribution
 
         measure = (build_distribution(distribution, device=device if device is not None else state.device)
                    if isinstance(distribution, str) else distribution)
     if out_dir is not None:  # checked on every process, so that all stop together instead of waiting on a gather
-        from ..fsutil import ensure_writable_dir
 
         ensure_writable_dir(out_dir)
     records = [rec for label, path in folders.items() for rec in load_folder(path, label)]
@@ -382,7 +290,5 @@ def evaluate_folders(
     if measure is not None:
         compute_distribution_metrics(result, measure, show_progress=state.is_local_main_process)
     if out_dir is not None and state.is_main_process:
-        from .report import write_report
-
         result.report_path = write_report(result, out_dir, grid_rows=grid_rows)
     return result

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import UserError
-from .evaluate import EvaluationResult
+from .result import EvaluationResult
 
 LABEL_WIDTH = 360
 HEADER_HEIGHT = 40

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import atomic_write_text
-from .evaluate import EvaluationResult
+from .result import EvaluationResult
 
 THUMBNAIL_SIZE = 256  # longest side of the copied images, in pixels
 

@@ -25,9 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..models.source import resolve_model
+from ..rewards import images_to_tensor, parse_reward_spec
 from .distribution import (DEFAULT_K, DEFAULT_SAMPLES, DistributionDifference, DistributionMetrics,
                            distribution_metrics, paired_distribution_difference)
-from .rewards import images_to_tensor, parse_reward_spec
 
 # Options of a `--distribution toy[=JUDGE_DIR][:KEY=VALUE]...` spec, with their defaults.
 SPEC_OPTIONS = {"k": DEFAULT_K, "refs": 1, "ref_seed": 0, "vae": "toy", "bootstrap": DEFAULT_SAMPLES}
@@ -82,9 +83,8 @@ def _load_reference_vae(vae):
         return None
     if isinstance(vae, (str, Path)):
         from ..toy.judge import _load_vae
-        from ..toy.paths import toy_model_path
 
-        return _load_vae(toy_model_path() if str(vae) == "toy" else vae)
+        return _load_vae(resolve_model(vae))
     return vae
 
 

@@ -1,10 +1,10 @@
 """Sampling to folders (`generate_to_folder`) and self-generated preference datasets (`run_pairs`,
-`diffalign pairs`: the prefix, ranked and target recipes, see `pairs.py`)."""
+`diffalign pairs`: the prefix, ranked and target recipes, see `pairs/`)."""
 
-from .pairs import PairsResult, make_pairs, read_pairs, run_pairs
-from .pairs_config import PairsConfig
-from .prompts import read_prompts
-from .sample import GenerationSettings, generate_to_folder, read_manifest
+from ..data.prompts import read_prompts
+from .pairs import PairsConfig, PairsResult, make_pairs, read_pairs, run_pairs
+from .manifest import read_manifest
+from .sample import GenerationSettings, generate_to_folder
 
 __all__ = ["GenerationSettings", "PairsConfig", "PairsResult", "generate_to_folder", "make_pairs", "read_manifest",
            "read_pairs", "read_prompts", "run_pairs"]

@@ -18,20 +18,20 @@ missing images; the manifest then lists each image once. A folder holding images
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..fsutil import atomic_write_text, ensure_writable_dir
+from ..fsutil import ensure_writable_dir
+from ..processes import join_processes
+from .manifest import clear, existing_rows, part_file, read_manifest, write_manifest
 
-MANIFEST = "manifest.jsonl"
-_PART_GLOB = ".manifest-part-*.jsonl"
-
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 @dataclass
 class GenerationSettings:
@@ -71,24 +71,18 @@ class Processes:
 def accelerate_processes() -> Processes:
     """The processes of an `accelerate launch` / `torchrun` job, through accelerate's `PartialState`.
 
-    On a machine without GPUs accelerate joins the processes (gloo) only when told `cpu=True`; without it every
-    process would generate the whole job alone into the same folder, which is refused here.
+    Every launched process joins (`diffalign.processes`); otherwise each would generate the whole job alone into
+    the same folder.
     """
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
-    if launched > 1 and state.num_processes != launched:
-        raise UserError(f"the launcher started {launched} processes but accelerate joined {state.num_processes}: "
-                        "check the accelerate config (distributed_type)")
+    state = join_processes()
     return Processes(state.process_index, state.num_processes, state.wait_for_everyone, state.device)
 
 
-def native_size(pipe) -> int:
+def native_size(pipe: DiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def _settings_record(pipe, settings: GenerationSettings, height: int, width: int) -> dict:
+def _settings_record(pipe: DiffusionPipeline, settings: GenerationSettings, height: int, width: int) -> dict:
     record = {
         "guidance_scale": settings.guidance_scale,
         "num_inference_steps": settings.num_inference_steps,
@@ -100,24 +94,6 @@ def _settings_record(pipe, settings: GenerationSettings, height: int, width: int
         **settings.extra,
     }
     return json.loads(json.dumps(record))  # the form it has when read back (tuples -> lists)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """Rows of a manifest or part file; a torn last line (a killed writer) is ignored."""
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("index"), int):
-            rows.append(row)
-    return rows
-
-
-def _existing_rows(out: Path) -> list[dict]:
-    paths = ([out / MANIFEST] if (out / MANIFEST).is_file() else []) + sorted(out.glob(_PART_GLOB))
-    return [row for path in paths for row in _read_rows(path)]
 
 
 def _mismatch(row: dict, jobs: list[tuple[str, int]], seed: int, record: dict) -> str | None:
@@ -136,17 +112,6 @@ def _mismatch(row: dict, jobs: list[tuple[str, int]], seed: int, record: dict) -
     return None
 
 
-def _clear(out: Path, rows: list[dict]) -> None:
-    """--overwrite: remove the images an earlier job listed, its manifest and its part files."""
-    for row in rows:
-        name = str(row.get("file", ""))
-        if name and Path(name).name == name:  # only plain file names inside the folder
-            (out / name).unlink(missing_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    for part in out.glob(_PART_GLOB):
-        part.unlink(missing_ok=True)
-
-
 def _done(out: Path, rows: list[dict], jobs, seed: int, record: dict) -> set[int]:
     """Indices already made for this job; UserError when the folder holds another job's images."""
     for row in rows:
@@ -159,18 +124,16 @@ def _done(out: Path, rows: list[dict], jobs, seed: int, record: dict) -> set[int
 
 def _merge(out: Path, jobs: list[tuple[str, int]]) -> list[dict]:
     """Main process: every row of this job once, ordered by index, into manifest.jsonl; parts removed."""
-    by_index = {row["index"]: row for row in _existing_rows(out)}
+    by_index = {row["index"]: row for row in existing_rows(out)}
     missing = [i for i in range(len(jobs)) if i not in by_index or not (out / by_index[i]["file"]).is_file()]
     if missing:
         raise RuntimeError(f"generation finished without image(s) {missing[:5]} in {out}")
     rows = [by_index[i] for i in range(len(jobs))]
-    atomic_write_text(out / MANIFEST, "".join(json.dumps(row) + "\n" for row in rows))
-    for part in out.glob(_PART_GLOB):
-        part.unlink(missing_ok=True)
+    write_manifest(out, rows)
     return rows
 
 
-def generate_to_folder(pipe, prompts: list[str], out_dir: str | Path, settings: GenerationSettings, *,
+def generate_to_folder(pipe: DiffusionPipeline, prompts: list[str], out_dir: str | Path, settings: GenerationSettings, *,
                        overwrite: bool = False, processes: Processes | None = None) -> list[GeneratedImage]:
     """Generate `num_images_per_prompt` images per prompt into `out_dir`; returns every row of the manifest.
 
@@ -185,9 +148,9 @@ def generate_to_folder(pipe, prompts: list[str], out_dir: str | Path, settings: 
     record = _settings_record(pipe, settings, height, width)
 
     if overwrite and procs.is_main:
-        _clear(out, _existing_rows(out))
+        clear(out, existing_rows(out))
     procs.barrier()
-    done = _done(out, _existing_rows(out), jobs, settings.seed, record)  # every process reads the same
+    done = _done(out, existing_rows(out), jobs, settings.seed, record)  # every process reads the same
     procs.barrier()  # nobody writes a part file before every process has read the folder
     todo = [i for i in range(len(jobs)) if i not in done]
     mine = todo[procs.index :: procs.count]
@@ -197,7 +160,7 @@ def generate_to_folder(pipe, prompts: list[str], out_dir: str | Path, settings: 
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(mine), desc="generate" + (f" (process 0 of {procs.count})" if procs.count > 1 else ""),
                unit="img", disable=not procs.is_main)
-    with (out / f".manifest-part-{procs.index}.jsonl").open("a", encoding="utf-8") as part:
+    with part_file(out, procs.index).open("a", encoding="utf-8") as part:
         for start in range(0, len(mine), settings.batch_size):
             batch = mine[start : start + settings.batch_size]
             seeds = [settings.seed + index for index in batch]
@@ -226,8 +189,3 @@ def generate_to_folder(pipe, prompts: list[str], out_dir: str | Path, settings: 
         _merge(out, jobs)
     procs.barrier()
     return [GeneratedImage(r["file"], r["prompt"], r["seed"], r["index"]) for r in read_manifest(out)]
-
-
-def read_manifest(folder: str | Path) -> list[dict]:
-    path = Path(folder) / MANIFEST
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

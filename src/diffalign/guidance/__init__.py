@@ -4,7 +4,8 @@
 sample with `eps = eps_neg(x,t,c_neg) + g*(eps_pos(x,t,c) - eps_neg(x,t,c_neg))` where the negative weights are
 `theta_base + alpha*eta + beta*delta`. LoRA offsets run in one batched UNet call per step; full-UNet offsets
 need a second UNet and two calls (`extract_lora` converts them). CogVideoX pipelines (a transformer instead of a
-UNet) are routed to `video.py`, which also saves generated clips as frames plus an mp4 or GIF.
+UNet) get the same `attach.py` with the wrapper of `video.py`, which also saves generated clips as frames plus an
+mp4 or GIF.
 """
 
 from .offsets import (
@@ -17,22 +18,14 @@ from .offsets import (
     read_lora,
     resolve_offset,
 )
-from .unet import (
-    GuidanceInfo,
-    NegativeGuidedUNet,
-    attach_negative_guidance,
-    detach_negative_guidance,
-    export_negative_unet,
-    mixed_adapter_batch,
-    sliced_adapter_batch,
-)
-from .video import (
-    NegativeGuidedTransformer,
-    attach_video_negative_guidance,
-    detach_video_negative_guidance,
-    generate_videos,
-    save_video,
-)
+from .attach import attach_negative_guidance, detach_negative_guidance
+from .denoiser import GuidanceInfo, mixed_adapter_batch, sliced_adapter_batch
+from .unet import NegativeGuidedUNet, export_negative_unet
+from .video import NegativeGuidedTransformer, generate_videos, save_video
+
+# One attach / detach serves every family; the video names stay for code written against them.
+attach_video_negative_guidance = attach_negative_guidance
+detach_video_negative_guidance = detach_negative_guidance
 
 __all__ = [
     "Offset",

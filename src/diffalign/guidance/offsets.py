@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.lora import DEFAULT_TARGET_MODULES, LORA_WEIGHT_NAME, load_lora_into_unet, resolve_lora_file
+from ..models.loading import load_pipeline
+from ..models.lora import DEFAULT_TARGET_MODULES, LORA_WEIGHT_NAME, load_lora_into_unet, resolve_lora_file, save_lora
+from ..models.source import resolve_model
 
 #: module name -> (A weight, B weight, scaling); the module's LoRA delta is `B @ A * scaling` (conv: 1x1 B).
 LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -263,11 +265,7 @@ def extract_lora_factors(base_unet, tuned_unet, rank: int, target_modules=DEFAUL
 
 def extract_lora(base_path: str, tuned_path: str, rank: int, out_dir: str) -> Path:
     """`diffalign extract-lora`: save the rank-`rank` LoRA of `tuned - base` as `out_dir/pytorch_lora_weights.safetensors`."""
-    from ..models.lora import save_lora
-    from ..models.loading import load_pipeline
-    from ..toy.paths import resolve_model
-
-    pipe = load_pipeline(resolve_model(base_path))
+    pipe = load_pipeline(base_path)
     base = pipe.unet
     tuned = load_unet(str(resolve_model(tuned_path)), dtype=base.dtype)
     factors = extract_lora_factors(base, tuned, rank)

@@ -25,14 +25,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from .offsets import add_factor_adapter, as_offset, compose_dense_unet, compose_lora_factors, lora_factors, read_lora
-from .unet import BASE, NEG_ADAPTER, POS_ADAPTER, GuidanceInfo, GuidedDenoiser, sliced_adapter_batch
+from .denoiser import BASE, NEG_ADAPTER, GuidedDenoiser, sliced_adapter_batch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +80,7 @@ class NegativeGuidedTransformer(GuidedDenoiser):
         return (pred,)
 
 
-def _set_transformer(pipe, module) -> None:
-    # Bypass DiffusionPipeline.__setattr__: the wrapper is not a component to record in the pipeline config.
-    object.__setattr__(pipe, "transformer", module)
-
-
-def _watch_cfg(pipe, wrapper: NegativeGuidedTransformer) -> None:
+def _watch_cfg(pipe: DiffusionPipeline, wrapper: NegativeGuidedTransformer) -> None:
     """Record the pipeline's do_classifier_free_guidance from its encode_prompt call (the 3rd argument)."""
     original = type(pipe).encode_prompt.__get__(pipe)
 
@@ -95,70 +92,19 @@ def _watch_cfg(pipe, wrapper: NegativeGuidedTransformer) -> None:
     object.__setattr__(pipe, "encode_prompt", encode_prompt)
 
 
-def attach_video_negative_guidance(pipe, negative=None, positive=None, alpha: float = 1.0, beta: float = 1.0,
-                                   force_two_calls: bool = False) -> GuidanceInfo:
-    """Make a stock CogVideoXPipeline sample with `theta_neg = theta_base + alpha*eta + beta*delta` in the
-    negative branch. `positive` (eta) and `negative` (delta) are LoRA files/folders. Undo with
-    `detach_video_negative_guidance(pipe)`.
-    """
-    from ..models.lora import load_lora_into_pipeline
-
-    base = pipe.transformer
-    if isinstance(base, NegativeGuidedTransformer):
-        raise UserError("negative guidance is already attached to this pipeline; detach it first")
-    if getattr(base, "peft_config", None):
-        raise UserError("the pipeline's transformer already has LoRA adapters; pass the positive LoRA as positive= "
-                        "so both branches are composed from it, or fuse it first (pipe.fuse_lora(); "
-                        "pipe.unload_lora_weights())")
-    eta, delta = as_offset(positive), as_offset(negative)
-    if delta is None and eta is None:
-        raise UserError("negative guidance needs a negative model (delta) or a positive offset (eta)")
-    for offset in (eta, delta):
-        if offset is not None and not offset.is_lora:
-            raise UserError(f"{offset.path!r} is a full model folder; video guidance composes LoRA offsets only "
-                            "(train the negative model with train_mode=lora)")
-    alpha, beta = float(alpha), float(beta)
-    info = GuidanceInfo(fast=not force_two_calls, calls_per_step=2 if force_two_calls else 1,
-                        positive=eta.path if eta else None, negative=delta.path if delta else None,
-                        alpha=alpha, beta=beta)
-    if info.fast:
-        pos_name, terms = BASE, []
-        if eta is not None:
-            pos_name = load_lora_into_pipeline(pipe, eta.path, adapter_name=POS_ADAPTER)
-            terms.append((alpha, lora_factors(base, pos_name)))
-        if delta is not None:
-            terms.append((beta, read_lora(base, type(pipe), delta.path)))
-        factors, info.rank = compose_lora_factors(terms)
-        add_factor_adapter(base, NEG_ADAPTER, factors, info.rank)
-        wrapper = NegativeGuidedTransformer(base.eval(), None, pos_adapter=pos_name)
-    else:
-        negative_model = compose_dense_unet(base, type(pipe), eta, delta, alpha, beta).eval()
-        if eta is not None:
-            load_lora_into_pipeline(pipe, eta.path, adapter_name=POS_ADAPTER)
-        wrapper = NegativeGuidedTransformer(base.eval(), negative_model)
-    _set_transformer(pipe, wrapper)
+def wrap_transformer(pipe: DiffusionPipeline, positive, negative, pos_adapter: str = BASE) -> NegativeGuidedTransformer:
+    """The wrapper `attach_negative_guidance` puts in `pipe.transformer`; the pipeline's encode_prompt tells it
+    whether a call is a CFG call."""
+    wrapper = NegativeGuidedTransformer(positive.eval(), negative, pos_adapter=pos_adapter)
     _watch_cfg(pipe, wrapper)
-    pipe._npo_guidance = info
-    logger.info("NPO guidance for video: %s", info.record()["npo_path"])
-    return info
+    return wrapper
 
 
-def detach_video_negative_guidance(pipe) -> None:
-    """Restore the pipeline's own transformer and encode_prompt; the adapters added for guidance are removed."""
-    wrapper = pipe.transformer
-    if not isinstance(wrapper, NegativeGuidedTransformer):
-        return
-    base = wrapper.positive
-    _set_transformer(pipe, base)
+def unwatch_cfg(pipe: DiffusionPipeline) -> None:
+    """Give the pipeline its own encode_prompt back."""
     pipe.__dict__.pop("encode_prompt", None)
-    if NEG_ADAPTER in (getattr(base, "peft_config", None) or {}):
-        base.delete_adapters([NEG_ADAPTER])
-    if any(POS_ADAPTER in names for names in pipe.get_list_adapters().values()):
-        pipe.delete_adapters([POS_ADAPTER])
-    pipe.__dict__.pop("_npo_guidance", None)
 
 
-# ------------------------------------------------------------------------------------------- saving clips
 def save_video(frames: Any, out_dir: str | os.PathLike, fps: int = 8, name: str = "video") -> dict[str, Any]:
     """Write one clip as PNG frames (`frame_000.png`, ...) plus `name.mp4` when diffusers can export video
     (imageio + imageio-ffmpeg, or OpenCV installed), else an animated `name.gif` (Pillow is always there).
@@ -206,7 +152,7 @@ def mp4_available() -> bool:
     return bool(is_imageio_available() or is_opencv_available())
 
 
-def generate_videos(pipe, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0, fps: int = 8,
+def generate_videos(pipe: DiffusionPipeline, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int = 0, fps: int = 8,
                     **call_kwargs: Any) -> list[dict[str, Any]]:
     """Run `pipe` (guided or not) once per prompt with seeds `seed + i` and save each clip to `out_dir/<i>/`."""
     results = []
@@ -219,9 +165,9 @@ def generate_videos(pipe, prompts: Sequence[str], out_dir: str | os.PathLike, *,
 
 __all__ = [
     "NegativeGuidedTransformer",
-    "attach_video_negative_guidance",
-    "detach_video_negative_guidance",
     "generate_videos",
     "mp4_available",
     "save_video",
+    "unwatch_cfg",
+    "wrap_transformer",
 ]

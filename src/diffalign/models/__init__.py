@@ -22,7 +22,7 @@ from .lora import (
 from .schedule import NoiseSchedule
 from .sd import SDFamily
 from .sdxl import SDXLFamily
-from .source import ModelSource, resolve_source
+from .source import ModelSource, resolve_model, resolve_source
 
 __all__ = [
     "Conditioning",
@@ -38,6 +38,7 @@ __all__ = [
     "load_family",
     "load_pipeline",
     "ModelSource",
+    "resolve_model",
     "resolve_source",
     "DEFAULT_TARGET_MODULES",
     "LORA_WEIGHT_NAME",

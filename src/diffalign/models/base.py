@@ -17,7 +17,7 @@ import abc
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from . import lora as _lora
 from .conditioning import Conditioning
 from .schedule import NoiseSchedule
 from .source import ModelSource, VaeRequest, load_component, resolve_source
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -126,7 +129,7 @@ class ModelFamily(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_pipeline(cls, pipe) -> "ModelFamily":
+    def from_pipeline(cls, pipe: DiffusionPipeline) -> "ModelFamily":
         """Wrap the components of an in-memory diffusers pipeline (modules are shared, not copied)."""
 
     @staticmethod

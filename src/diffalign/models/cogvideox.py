@@ -21,7 +21,7 @@ What differs from the image families, and why the code looks the way it does:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from torch import Tensor
 from ..errors import UserError
 from .base import _HALF, Conditioning, ModelFamily, _as_prompt_list, _scalar_config, weight_dtype
 from .source import ModelSource, load_component
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 #: `CogVideoXPipeline.__call__`'s default T5 length; the transformer was trained on 226-token prompts.
 MAX_SEQUENCE_LENGTH = 226
@@ -112,7 +115,7 @@ class CogVideoXFamily(ModelFamily):
         )
 
     @classmethod
-    def from_pipeline(cls, pipe, **kw) -> "CogVideoXFamily":
+    def from_pipeline(cls, pipe: DiffusionPipeline, **kw) -> "CogVideoXFamily":
         return cls(
             unet=pipe.transformer,
             vae=pipe.vae,
@@ -287,7 +290,7 @@ class CogVideoXFamily(ModelFamily):
     def pipeline_components(self) -> dict[str, Any]:
         return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae, transformer=self.unet)
 
-    def preview_images(self, pipe, prompts: Sequence[str], generators, *, resolution: int | None = None,
+    def preview_images(self, pipe: DiffusionPipeline, prompts: Sequence[str], generators, *, resolution: int | None = None,
                        guidance_scale: float = 6.0, num_inference_steps: int = 50) -> np.ndarray:
         """uint8 (N, H, 3W, 3): first, middle and last frame of each prompt's clip side by side (validation grids)."""
         height, width = (resolution, resolution) if resolution else (self.height, self.width)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from ..errors import UserError
 from .source import first_line, hub_offline
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -185,7 +188,7 @@ def load_lora_into_unet(
     return adapter_name
 
 
-def load_lora_into_pipeline(pipe, path: str | os.PathLike, adapter_name: str | None = None) -> str:
+def load_lora_into_pipeline(pipe: DiffusionPipeline, path: str | os.PathLike, adapter_name: str | None = None) -> str:
     """`pipe.load_lora_weights(path)` for generation, but failing loudly when nothing was loaded.
 
     diffusers only logs a warning when no key of the file matches the pipeline's modules (e.g. a LoRA for another

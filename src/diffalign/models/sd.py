@@ -6,12 +6,15 @@ adapter serves both.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .base import Conditioning, ModelFamily, _as_prompt_list, _scalar_config
 from .source import ModelSource, load_component
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def _tokenize(tokenizer, prompts: list[str]):
@@ -41,7 +44,7 @@ class SDFamily(ModelFamily):
         return cls(text_encoders=[text_encoder], tokenizers=[tokenizer], **common)
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "SDFamily":
+    def from_pipeline(cls, pipe: DiffusionPipeline) -> "SDFamily":
         from diffusers import DDPMScheduler
 
         return cls(

@@ -8,7 +8,7 @@ axis, pooled (projected) embedding from encoder 2 only, no attention mask. Time 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
@@ -16,6 +16,9 @@ from torch import Tensor
 from .base import Conditioning, ModelFamily, _as_prompt_list, _scalar_config
 from .sd import _tokenize
 from .source import ModelSource, load_component
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 Size = tuple[int, int]
 
@@ -45,7 +48,7 @@ class SDXLFamily(ModelFamily):
         return cls(text_encoders=text_encoders, tokenizers=tokenizers, **common)
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "SDXLFamily":
+    def from_pipeline(cls, pipe: DiffusionPipeline) -> "SDXLFamily":
         from diffusers import DDPMScheduler
 
         return cls(

@@ -2,7 +2,8 @@
 
 diffusers and huggingface_hub fail deep inside loading with long, multi-line messages (or a network timeout when
 offline). Every loader in `models/` first resolves its source here, so a user sees one line that names the path
-and says what to do.
+and says what to do. Here too the name `toy` becomes the shipped toy pipeline's folder, for every command and
+config that takes a model (`resolve_model`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
+from ..toy.paths import toy_model_path  # the one place the model alias 'toy' is resolved
+
+TOY_MODEL_ALIAS = "toy"
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -62,6 +66,11 @@ class ModelSource:
         return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
 
 
+def resolve_model(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """`toy` is shorthand for the shipped toy pipeline's folder; anything else is returned as given."""
+    return str(toy_model_path()) if str(name_or_path) == TOY_MODEL_ALIAS else name_or_path
+
+
 def _looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
     return (
@@ -73,12 +82,13 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def resolve_source(path_or_id: str | os.PathLike, what: str = "model") -> ModelSource:
-    """Check that `path_or_id` is a diffusers pipeline folder or a reachable hub repo; read its model_index.json.
+    """Check that `path_or_id` (`toy`: the shipped toy pipeline) is a diffusers pipeline folder or a reachable hub
+    repo; read its model_index.json.
 
     Raises `UserError` for: a missing local path that is not a hub id, a hub id that cannot be fetched (e.g.
     offline and not cached), a file instead of a folder, and a folder without `model_index.json`.
     """
-    text = os.fspath(path_or_id)
+    text = os.fspath(resolve_model(path_or_id))
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -6,7 +6,7 @@ method table (``diffalign.training.methods``) says which method trains with whic
 models, data or accelerate.
 """
 
-from diffalign.objectives._common import ObjectiveError
+from diffalign.objectives._common import ObjectiveError, per_sample_mse
 from diffalign.objectives.dpo import DPO_LOSS_TYPES, dpo_inner, dpo_loss, dpo_metrics, npo_loss
 from diffalign.objectives.mapo import (
     MAPO_PAPER_BETAS,
@@ -18,7 +18,7 @@ from diffalign.objectives.mapo import (
     resolve_mapo_params,
 )
 from diffalign.objectives.pair import PairObjective, dpo_objective, mapo_objective, sft_objective
-from diffalign.objectives.selfnpo import pseudo_huber, renoise
+from diffalign.objectives.selfnpo import SELFNPO_LOSSES, pseudo_huber, renoise, selfnpo_distance
 from diffalign.objectives.sft import sft_loss
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "MAPO_PAPER_BETAS",
     "MAPO_PRESETS",
     "MapoParams",
+    "SELFNPO_LOSSES",
     "PairObjective",
     "ObjectiveError",
     "dpo_inner",
@@ -37,9 +38,11 @@ __all__ = [
     "mapo_metrics",
     "mapo_objective",
     "npo_loss",
+    "per_sample_mse",
     "pseudo_huber",
     "renoise",
     "resolve_mapo_params",
+    "selfnpo_distance",
     "sft_loss",
     "sft_objective",
 ]

@@ -1,4 +1,4 @@
-"""Shared checks for the objectives: errors a user can fix, and per-sample shape checks."""
+"""Shared pieces of the objectives: errors a user can fix, per-sample shape checks and the per-sample error."""
 
 from __future__ import annotations
 
@@ -35,3 +35,8 @@ def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:
     """Share of pairs with a positive margin; exact ties count one half (so chance level is 0.5)."""
     margin = margin.detach()
     return ((margin > 0).double() + 0.5 * (margin == 0).double()).mean().to(margin.dtype)
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """err = mean over every non-batch element of (pred - target)^2, in float32."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)

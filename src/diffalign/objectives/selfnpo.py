@@ -1,4 +1,5 @@
-"""Self-NPO pieces: the pseudo-Huber distance and the forward re-noising of a teacher state.
+"""Self-NPO pieces: the pseudo-Huber distance, the student's distance to the teacher (the method table's
+objective of ``selfnpo``) and the forward re-noising of a teacher state.
 
 Wang et al. 2025, "Self-NPO: Negative Preference Optimization of Diffusion Models by Simply Learning from
 Itself without Explicit Preference Annotation". The student sees ``x_s`` re-noised from the teacher's
@@ -7,7 +8,15 @@ Itself without Explicit Preference Annotation". The student sees ``x_s`` re-nois
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
+from torch import Tensor
+
+from ._common import per_sample_mse
+
+SELFNPO_LOSSES = ("pseudo_huber", "l2")
 
 
 def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
@@ -84,3 +93,11 @@ def renoise(
     coef_x = coef_x.to(device=x_t.device, dtype=x_t.dtype).reshape(shape)
     coef_noise = coef_noise.to(device=x_t.device, dtype=x_t.dtype).reshape(shape)
     return coef_x * x_t + coef_noise * noise
+
+
+def selfnpo_distance(loss: str = "pseudo_huber", *, huber_c: float = 1e-3) -> Callable[[Tensor, Tensor], Tensor]:
+    """The student's per-sample distance to the teacher's target: pseudo-Huber with ``c = huber_c`` (official) or
+    the per-element mean squared error (``l2``); the method table's objective of ``selfnpo``."""
+    if loss not in SELFNPO_LOSSES:
+        raise ValueError(f"loss must be one of {SELFNPO_LOSSES}, got {loss!r}")
+    return functools.partial(pseudo_huber, c=float(huber_c)) if loss == "pseudo_huber" else per_sample_mse

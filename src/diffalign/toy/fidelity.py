@@ -7,12 +7,16 @@ repeated `repeats` times, image i seeded with `seed + i`, the same for every gui
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .world import COLOUR_NAMES, SHAPES, caption
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def fidelity_prompts(repeats: int = 10) -> list[str]:
@@ -35,7 +39,7 @@ class FidelityResult:
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], guidance_scale: float, steps: int = 20, seed: int = 0,
+def sample_images(pipe: DiffusionPipeline, prompts: list[str], guidance_scale: float, steps: int = 20, seed: int = 0,
                   batch_size: int = 120, negative_prompts: list[str] | None = None):
     """Image i (seed + i) for prompts[i], uint8 [N, H, W, 3]; ``negative_prompts`` (one per prompt) go to the
     unconditional branch (default: the empty prompt)."""
@@ -55,7 +59,7 @@ def sample_images(pipe, prompts: list[str], guidance_scale: float, steps: int = 
     return (np.concatenate(out) * 255).round().astype(np.uint8)
 
 
-def measure_fidelity(pipe, reward, guidance_scales=(1.0, 3.0, 7.5), repeats: int = 10, steps: int = 20, seed: int = 0):
+def measure_fidelity(pipe: DiffusionPipeline, reward, guidance_scales=(1.0, 3.0, 7.5), repeats: int = 10, steps: int = 20, seed: int = 0):
     """Judge accuracy of shape, colour and both at each guidance scale. Returns a list of FidelityResult."""
     prompts = fidelity_prompts(repeats)
     results = []

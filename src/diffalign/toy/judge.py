@@ -1,7 +1,7 @@
 """The toy judge: a small CNN that reads a 32x32 toy image and names its shape, colour, style and size.
 
 It plays the part PickScore/HPS play for real models (docs/toy_world.md#the-judge-the-reward-toy): `ToyReward` in
-`diffalign.evaluation.rewards` turns its probabilities into a prompt-fidelity score. It is trained on fresh
+`diffalign.rewards.toy` turns its probabilities into a prompt-fidelity score. It is trained on fresh
 ground-truth renders with light augmentation (noise, blur, colour jitter) so generated images, which are
 never as clean as renders, are read reliably; optionally a share of each batch first goes through a
 pipeline's VAE (encode, decode), the best a generated image can look.

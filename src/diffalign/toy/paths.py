@@ -24,8 +24,3 @@ def toy_pairs_path() -> Path:
         raise UserError(f"the toy pairs are missing at '{TOY_PAIRS}': make them with "
                         f"`diffalign pairs configs/pairs/toy_ranked_fidelity.yaml --output_dir={TOY_PAIRS}`")
     return TOY_PAIRS
-
-
-def resolve_model(name_or_path: str) -> str:
-    """`toy` is shorthand for the shipped toy pipeline; anything else is a folder or hub id."""
-    return str(toy_model_path()) if name_or_path == "toy" else name_or_path

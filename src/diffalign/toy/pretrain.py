@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from .builders import TOY, build_sd_pipeline
 from .pretrain_config import PretrainConfig
 from .render import render, to_tensor
 from .world import random_caption, sample_scenes
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -71,7 +75,7 @@ def encode_pool(vae, cfg: PretrainConfig, rng: np.random.Generator):
     return torch.cat(means), torch.cat(stds), scenes
 
 
-def train_unet(pipe, pool, cfg: PretrainConfig, rng: np.random.Generator, log):
+def train_unet(pipe: DiffusionPipeline, pool, cfg: PretrainConfig, rng: np.random.Generator, log):
     means, stds, scenes = pool
     unet, text_encoder, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     scaling = pipe.vae.config.scaling_factor

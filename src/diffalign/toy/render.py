@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 
@@ -81,3 +83,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float tensor (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """One uint8 (H, W, 3) image as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

@@ -12,15 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .render import render
-from .render_pairs import _png
-from .world import COLOUR_NAMES, SHAPES, STYLE_PRIOR, random_caption, sample_scenes
-
-
-def _is_heldout(scene) -> bool:
-    from ..data.prompts import _toy_heldout_rule
-
-    return _toy_heldout_rule(COLOUR_NAMES.index(scene.colour), SHAPES.index(scene.shape))
+from .prompts import is_heldout
+from .render import png_bytes, render
+from .world import STYLE_PRIOR, random_caption, sample_scenes
 
 
 def scenes_for_captions(n: int, rng: np.random.Generator, exclude_heldout: bool = True,
@@ -31,7 +25,7 @@ def scenes_for_captions(n: int, rng: np.random.Generator, exclude_heldout: bool 
     scenes = []
     while len(scenes) < n:
         batch = sample_scenes(2 * (n - len(scenes)), rng, style_prior=style_prior)
-        scenes += [s for s in batch if not (exclude_heldout and _is_heldout(s))]
+        scenes += [s for s in batch if not (exclude_heldout and is_heldout(s))]
     return scenes[:n]
 
 
@@ -40,7 +34,7 @@ def render_captions(n: int, seed: int = 0, exclude_heldout: bool = True) -> list
     rng = np.random.default_rng(seed)
     scenes = scenes_for_captions(n, rng, exclude_heldout)
     images = render(scenes, rng)
-    return [{"caption": random_caption(s, rng), "image": _png(img)} for s, img in zip(scenes, images)]
+    return [{"caption": random_caption(s, rng), "image": png_bytes(img)} for s, img in zip(scenes, images)]
 
 
 def write_captions_parquet(path: str | Path, n: int, seed: int = 0, exclude_heldout: bool = True) -> Path:

@@ -9,28 +9,18 @@ Which image is jpg_0 is random, so a loader that ignores the labels is caught.
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-from .render import render
+from .render import png_bytes, render
+from .render_captions import scenes_for_captions
 from .world import COLOUR_NAMES, SHAPES, caption, sample_scenes
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def render_pairs(n: int, kind: str = "style", style: str = "striped", seed: int = 0,
                  exclude_heldout: bool = False) -> list[dict]:
     """``exclude_heldout``: no pair shows a held-out (colour, shape) combination (``toy_prompts("heldout")``)."""
-    from .render_captions import scenes_for_captions
-
     rng = np.random.default_rng(seed)
     if exclude_heldout:
         scenes = scenes_for_captions(n, rng, style_prior=(1.0, 0.0, 0.0))
@@ -50,7 +40,7 @@ def render_pairs(n: int, kind: str = "style", style: str = "striped", seed: int 
         text = caption(shape=scene.shape, colour=scene.colour)
         first_is_chosen = bool(rng.integers(2))
         a, b = (images[0], images[1]) if first_is_chosen else (images[1], images[0])
-        rows.append({"caption": text, "jpg_0": _png(a), "jpg_1": _png(b),
+        rows.append({"caption": text, "jpg_0": png_bytes(a), "jpg_1": png_bytes(b),
                      "label_0": 1.0 if first_is_chosen else 0.0, "label_1": 0.0 if first_is_chosen else 1.0})
     return rows
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,6 +17,9 @@ from torch import Tensor
 from ..data import deterministic_rng
 from ..data.pairs import is_skipped
 from ..models import Conditioning
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 
 @dataclass
@@ -162,7 +166,7 @@ def drop_captions(items: list, mask: list[bool], empty: dict | None = None) -> t
     return out, dropped
 
 
-def to_pair_batch(items: list, family, resolution: int, device) -> PairBatch | None:
+def to_pair_batch(items: list, family: ModelFamily, resolution: int, device) -> PairBatch | None:
     """Encode a list of items (pixels or cached latents) into a PairBatch; None if every item was bad."""
     items = [it for it in items if it is not None]
     if not items:

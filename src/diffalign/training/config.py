@@ -247,6 +247,10 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
                 raise UserError(f"{f.name}={value} only applies to {where}; method={row.name} does not read it: "
                                 "remove it")
         row.check(row.keys(self), self)
+        if self.proportion_empty_prompts and not row.pairs:
+            raise UserError(f"proportion_empty_prompts={self.proportion_empty_prompts} applies to the pair methods "
+                            f"({', '.join(_methods.pair_methods())}); method={row.name} trains on its prompts as given "
+                            "(add empty lines to the prompts to train on the empty prompt): remove it")
 
     def _validate_data(self) -> None:
         row = self.method_row()
@@ -345,4 +349,22 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
             raise UserError("validation_prompts has an empty prompt")
 
 
-__all__ = ["LR_SCHEDULERS", "TrainConfig"]
+def register_method(method: _methods.Method, *, replace: bool = False) -> _methods.Method:
+    """Add a row to the method table. Its section's keys must be keys of ``TrainConfig`` with the same defaults
+    (a YAML file sets them flat); a name already in the table is refused unless ``replace``."""
+    if not dataclasses.is_dataclass(method.section):
+        raise TypeError(f"method {method.name!r}: section must be a dataclass, got {method.section!r}")
+    name = method.name
+    if not name or name != name.strip().lower():
+        raise ValueError(f"method names are lower case without spaces, got {name!r}")
+    if name in _methods.method_names() and not replace:
+        raise ValueError(f"method {name!r} is already in the table (pass replace=True to replace it)")
+    flat = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(method.section):
+        if f.name not in flat or flat[f.name].default != f.default:
+            raise ValueError(f"method {name!r}: its section's key {f.name!r} is not a TrainConfig key with the "
+                             "same default: add the section to TrainConfig's bases (training/config.py)")
+    return _methods.add_row(method)
+
+
+__all__ = ["LR_SCHEDULERS", "TrainConfig", "register_method"]

@@ -18,11 +18,17 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UserError
 from ..fsutil import check_free_space, human_bytes
+from .checkpoint import estimate_checkpoint_bytes, list_checkpoints
+from .run_log import log_step, write_train_report
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class TrainingStopped(UserError):
@@ -68,7 +74,7 @@ class StopSignals:
         self._old.clear()
 
 
-def agree(accelerator, *flags: bool) -> list[bool]:
+def agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
     """Each flag true on any process -> true on all (no collective with one process)."""
     if getattr(accelerator, "num_processes", 1) == 1:
         return [bool(f) for f in flags]
@@ -143,8 +149,6 @@ def interrupted_error(signum: int, step: int, max_steps: int, checkpoint) -> Tra
 
 def check_disk_for_checkpoints(out, params, *, ema: bool, cfg, log) -> int:
     """Before the first step: refuse when one checkpoint does not fit; warn when all planned ones may not."""
-    from .checkpoint import estimate_checkpoint_bytes
-
     one = estimate_checkpoint_bytes(params, state_bytes=1 if cfg.use_8bit_adam else 4, ema=ema)
     free = check_free_space(out, one, "one training checkpoint",
                             "the estimate counts the trainable weights, two AdamW states per weight"
@@ -165,7 +169,7 @@ class StepBoundary:
     `report(status)` returns the train_report.json dict for a run ending with `status`.
     """
 
-    def __init__(self, cfg, *, out, accelerator, main: bool, log, what: str, hint: str, save, report):
+    def __init__(self, cfg, *, out, accelerator: Accelerator, main: bool, log, what: str, hint: str, save, report):
         self.cfg, self.out, self.accelerator, self.main, self.log = cfg, out, accelerator, main, log
         self.what, self.hint, self.save, self.report = what, hint, save, report
         self.nonfinite = NonFinite(cfg.max_consecutive_nonfinite)
@@ -175,9 +179,6 @@ class StepBoundary:
         return {"method": self.cfg.method, **self.nonfinite.state(), **more}
 
     def end_step(self, step: int, skipped: str | None, stop: bool, sums: dict, bar) -> None:
-        from .checkpoint import list_checkpoints
-        from .steps import log_step, write_train_report
-
         cfg = self.cfg
         self.nonfinite.record(step, skipped, sums, self.log if self.main else (lambda msg: None))
         log_step(self.accelerator, self.out, self.main, step, sums, bar)

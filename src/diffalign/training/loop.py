@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -24,17 +25,22 @@ from .methods import get_method
 from .pair_data import load_config_pairs
 from .protocol import RunContext
 from .reference import AdaptersOff, FrozenCopy
+from .run_log import open_run_log, write_train_report
 from .setup import make_stream, start_run
-from .steps import (add_count, backward_micro_batch, make_optimizer, open_run_log, optimizer_step,
-                    skip_micro_batch, write_train_report)
+from .steps import add_count, backward_micro_batch, make_optimizer, optimizer_step, skip_micro_batch
 from .validation import validation_grid
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..models import ModelFamily
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
 
 
-def _prepare_network(cfg: TrainConfig, family, needs_reference: bool):
+def _prepare_network(cfg: TrainConfig, family: ModelFamily, needs_reference: bool):
     """LoRA adapters or every UNet weight trainable; the frozen reference when the objective needs one (for a full
     fine-tune copied first, so it keeps the frozen dtype). Returns the reference or None."""
     reference = None
@@ -149,7 +155,7 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def _validate(cfg, family, reference, out: Path, step: int, accelerator) -> None:
+def _validate(cfg, family: ModelFamily, reference, out: Path, step: int, accelerator: Accelerator) -> None:
     """The validation grid of `step` (trained row, base row) into out/validation/ and the tensorboard tracker."""
     try:
         grid = validation_grid(family, cfg, reference=reference)

@@ -3,15 +3,14 @@
 One row per method says which recipe trains it, which config section it reads, which objective it trains with
 (and so whether it needs the frozen reference), and the words the CLI help and the model card use. Config
 validation, the training loop, ``--help-config`` and the model card all read this table; nothing else
-dispatches on the method name. A new method is a new row (:func:`register_method`), with a new recipe only when
-no existing one computes what its objective needs.
+dispatches on the method name. A new method is a new row (``config.register_method``), with a new recipe only
+when no existing one computes what its objective needs.
 
 Importing this module loads no torch: recipes and objectives are imported when a run asks for them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 from dataclasses import dataclass
@@ -104,7 +103,7 @@ def _sft(keys):
 
 
 def _selfnpo(keys):
-    from .selfnpo import selfnpo_distance
+    from ..objectives import selfnpo_distance
 
     return selfnpo_distance(keys.selfnpo_loss, huber_c=keys.huber_c)
 
@@ -122,24 +121,10 @@ _PAIRS = "recipes:PreferenceRecipe.for_run"
 _TABLE: dict[str, Method] = {}
 
 
-def register_method(method: Method, *, replace: bool = False) -> Method:
-    """Add a row. Its section's keys must be keys of ``TrainConfig`` with the same defaults (a YAML file sets
-    them flat); a name already in the table is refused unless ``replace``."""
-    if not dataclasses.is_dataclass(method.section):
-        raise TypeError(f"method {method.name!r}: section must be a dataclass, got {method.section!r}")
-    name = method.name
-    if not name or name != name.strip().lower():
-        raise ValueError(f"method names are lower case without spaces, got {name!r}")
-    if name in _TABLE and not replace:
-        raise ValueError(f"method {name!r} is already in the table (pass replace=True to replace it)")
-    from .config import TrainConfig  # made of the built-in rows' sections: a later row must fit it
-
-    flat = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for f in dataclasses.fields(method.section):
-        if f.name not in flat or flat[f.name].default != f.default:
-            raise ValueError(f"method {name!r}: its section's key {f.name!r} is not a TrainConfig key with the "
-                             "same default: add the section to TrainConfig's bases (training/config.py)")
-    _TABLE[name] = method
+def add_row(method: Method) -> Method:
+    """Put a row in the table, replacing one of the same name. Extensions call ``config.register_method``, which
+    first checks that the row fits ``TrainConfig`` (the config is built from this table, so the check lives there)."""
+    _TABLE[method.name] = method
     return method
 
 
@@ -212,5 +197,5 @@ _TABLE.update((row.name, row) for row in (
 ))
 
 
-__all__ = ["Method", "get_method", "help_text", "lazy", "method_names", "methods", "owners", "pair_methods",
-           "register_method", "sections"]
+__all__ = ["Method", "add_row", "get_method", "help_text", "lazy", "method_names", "methods", "owners",
+           "pair_methods", "sections"]

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models.source import resolve_model
+from .methods import get_method
+
 
 def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summary: str, method=None,
                      keys=None) -> Path:
     """The card of a pair method; ``method`` is its row of the method table (default: ``cfg.method``'s) and
     ``keys`` its config section."""
     if method is None:
-        from .methods import get_method
-
         method = get_method(cfg.method)
     keys = method.keys(cfg) if keys is None else keys
     lora = cfg.train_mode == "lora"
     beta = f"beta = {cfg.beta:g} (Diffusion-DPO convention with the 0.5; the diffusers SD1.5 script's beta is twice this)" \
         if cfg.beta is not None else "no beta"
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
-    base = cfg.pretrained_model_name_or_path
-    if base == "toy":  # the shorthand only means something to diffalign: give diffusers the real folder
-        from ..toy.paths import toy_model_path
-
-        base = str(toy_model_path())
+    base = resolve_model(cfg.pretrained_model_name_or_path)  # 'toy' only means something to diffalign
     usage = (
         f'pipe.load_lora_weights("{out}")  # reads pytorch_lora_weights.safetensors'
         if lora else f'unet = UNet2DConditionModel.from_pretrained("{out}/unet")'
@@ -69,8 +66,6 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
 
 def write_selfnpo_model_card(cfg, out: Path, *, resolution: int, family: str, data_summary: str) -> Path:
     """README.md saying what the weights are: a NEGATIVE model, for the negative branch of CFG only."""
-    from ..toy.paths import resolve_model
-
     lora = cfg.train_mode == "lora"
     base = cfg.pretrained_model_name_or_path
     loadable = resolve_model(base)  # 'toy' -> the shipped folder, so the snippet runs as written

@@ -4,35 +4,35 @@ video clips, and what caption dropout puts in place of a cached caption."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..data import PairTransform, build_cache, fingerprint, load_pairs, open_cache
+from ..data.cache import cached_text
+from ..data.video_pairs import load_video_pairs
 from .batches import CachedItems, PixelPairs
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 
 def load_config_pairs(cfg):
     """The preference pairs a config trains on: one call for `diffalign train` and `diffalign cache`, so a cache
     built ahead of time has the fingerprint the run looks for (every data key is part of it)."""
-    from ..data import load_pairs
-
     return load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
                       image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
                       strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0)
 
 
-def load_pair_items(cfg, family, resolution: int, log):
+def load_pair_items(cfg, family: ModelFamily, resolution: int, log):
     """(pairs, items for the BatchStream): decoded and augmented pixels, the latent cache (built when missing),
     or clips for a video family."""
-    from ..data import PairTransform
-
     if family.is_video:  # pairs of clips (CogVideoX, issue 10): see data/video_pairs.py
-        from ..data.video_pairs import load_video_pairs
 
         return load_video_pairs(cfg, family)
     pairs = load_config_pairs(cfg)
     if cfg.use_cache:
-        from ..data import build_cache, fingerprint, open_cache
-
         cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
         key = fingerprint(pairs, family, resolution=resolution)
         cached = open_cache(cache_dir, key)
@@ -46,12 +46,11 @@ def load_pair_items(cfg, family, resolution: int, log):
     return pairs, PixelPairs(pairs, transform, cfg.seed)
 
 
-def empty_prompt(cfg, family, items) -> dict | None:
+def empty_prompt(cfg, family: ModelFamily, items) -> dict | None:
     """What caption dropout puts in place of a cached pair's embeddings: the encoded "" as the cache stores text
     (None when nothing is dropped, or when items carry captions that are encoded with their batch)."""
     if not cfg.proportion_empty_prompts or not isinstance(items, CachedItems):
         return None
-    from ..data.cache import cached_text
 
     with torch.no_grad():
         return {k: v[0] for k, v in cached_text(family, [""]).items()}

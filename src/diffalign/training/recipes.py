@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..models import Conditioning
+from ..objectives import per_sample_mse
 from .batches import PairBatch, drop_captions, empty_prompt_mask, to_pair_batch
+from .ema import WeightEma
+from .methods import get_method
+from .model_card import write_model_card
+from .pair_data import empty_prompt, load_pair_items
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .reference import AdaptersOff
+from .sections import section_keys
 from .timesteps import UniformTimesteps, sample_noise_and_t
 
-
-def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """err = mean over every non-batch element of (pred - target)^2, in float32."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 
 class PreferenceRecipe(RecipeBase):
@@ -45,17 +50,13 @@ class PreferenceRecipe(RecipeBase):
 
     stability_hint = "lower learning_rate or beta"
 
-    def __init__(self, family, method="dpo", *, keys=None, reference=None, timesteps=None,
+    def __init__(self, family: ModelFamily, method="dpo", *, keys=None, reference=None, timesteps=None,
                  shard: tuple[int, int] = (0, 1), run: RunContext | None = None, **settings):
-        from .methods import get_method
-
         self.method = get_method(method) if isinstance(method, str) else method
         if keys is None:
             try:
                 keys = self.method.section(**settings)
             except TypeError:
-                from .sections import section_keys
-
                 known = list(section_keys(self.method.section))
                 raise TypeError(f"method {self.method.name} takes the settings {known}, "
                                 f"got {sorted(settings)}") from None
@@ -75,8 +76,6 @@ class PreferenceRecipe(RecipeBase):
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> "PreferenceRecipe":
-        from .ema import WeightEma
-
         recipe = cls(ctx.family, ctx.method, keys=ctx.keys, reference=ctx.reference, shard=ctx.shard, run=ctx)
         if ctx.cfg.use_ema:
             recipe.ema = WeightEma(ctx.trainable, ctx.cfg.ema_decay)
@@ -126,8 +125,6 @@ class PreferenceRecipe(RecipeBase):
 
     # ------------------------------------------------------------------------------------------ the run
     def load_data(self) -> TrainData:
-        from .pair_data import empty_prompt, load_pair_items
-
         ctx = self._context()
         pairs, items = load_pair_items(ctx.cfg, ctx.family, ctx.resolution, ctx.log)
         self._empty = empty_prompt(ctx.cfg, ctx.family, items)
@@ -166,8 +163,6 @@ class PreferenceRecipe(RecipeBase):
         unet.save_pretrained(Path(out) / "unet_raw")
 
     def write_model_card(self, out: Path, data_summary: str) -> Path:
-        from .model_card import write_model_card
-
         ctx = self._context()
         return write_model_card(ctx.cfg, out, resolution=ctx.resolution, family=ctx.family.name,
                                 data_summary=data_summary, method=self.method, keys=self.keys)

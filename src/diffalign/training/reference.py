@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 
+from ..models import lora_disabled
+
 
 class FrozenCopy:
     """A frozen copy of a network (no gradient, eval mode): the reference of a full fine-tune."""
@@ -44,8 +46,6 @@ class AdaptersOff:
 
     @contextlib.contextmanager
     def active(self, net) -> Iterator[torch.nn.Module]:
-        from ..models import lora_disabled
-
         with lora_disabled(self.bare):
             yield net
 

@@ -200,12 +200,6 @@ def check_selfnpo(keys: SelfNPOKeys, cfg) -> None:
         raise UserError(f"image_columns needs exactly 1 column for selfnpo_start=images (one image per "
                         f"caption), got {list(cfg.image_columns)}: pass e.g. --image_columns=image "
                         "(or --image_columns=jpg_0 for Pick-a-Pic)")
-    if cfg.proportion_empty_prompts:
-        from .methods import pair_methods
-
-        raise UserError(f"proportion_empty_prompts={cfg.proportion_empty_prompts} applies to the pair methods "
-                        f"({', '.join(pair_methods())}); method=selfnpo trains on its prompts as given (add empty "
-                        "lines to the prompts to train on the empty prompt): remove it")
 
 
 def check_nothing(keys, cfg) -> None:

@@ -49,24 +49,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
 from ..models import Conditioning
-from ..objectives import pseudo_huber, renoise
+from ..objectives import SELFNPO_LOSSES, per_sample_mse, renoise, selfnpo_distance
+from .model_card import write_selfnpo_model_card
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
-from .recipes import per_sample_mse
+from .selfnpo_data import SelfNPOBatch, load_selfnpo_data, make_batch
 from .timesteps import UniformTimesteps, draw_global
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
 
 START_MODES = ("noise", "images")
 START_RANGES = ("official", "interior")
-SELFNPO_LOSSES = ("pseudo_huber", "l2")
 
 
 def ddim_grid(num_train_timesteps: int, steps: int) -> Tensor:
@@ -79,14 +81,6 @@ def ddim_grid(num_train_timesteps: int, steps: int) -> Tensor:
         raise ValueError(f"the DDIM grid needs 1..{num_train_timesteps} steps, got {steps}")
     grid = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps, dtype=torch.float64)) - 1
     return grid.long()[:steps]
-
-
-def selfnpo_distance(loss: str = "pseudo_huber", *, huber_c: float = 1e-3) -> Callable[[Tensor, Tensor], Tensor]:
-    """The student's per-sample distance to the teacher's target: pseudo-Huber with ``c = huber_c`` (official) or
-    the per-element mean squared error (``l2``); the method table's objective of ``selfnpo``."""
-    if loss not in SELFNPO_LOSSES:
-        raise ValueError(f"loss must be one of {SELFNPO_LOSSES}, got {loss!r}")
-    return functools.partial(pseudo_huber, c=float(huber_c)) if loss == "pseudo_huber" else per_sample_mse
 
 
 def extended_grid(grid: Tensor) -> Tensor:
@@ -161,19 +155,6 @@ class EmaTeacher:
 
 
 @dataclass
-class SelfNPOBatch:
-    """Captions' conditioning, the matching unconditional one, and (``start="images"``) clean latents."""
-
-    cond: Conditioning
-    uncond: Conditioning
-    latents: Optional[Tensor] = None
-
-    @property
-    def size(self) -> int:
-        return len(self.cond)
-
-
-@dataclass
 class TeacherResult:
     x_t: Tensor  # the state the teacher reached [B, ...], float32
     t: Tensor  # its timestep [B]
@@ -197,7 +178,7 @@ class SelfNPORecipe(RecipeBase):
     loop with :meth:`for_run`.
     """
 
-    def __init__(self, family, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
+    def __init__(self, family: ModelFamily, teacher: EmaTeacher, *, start: str = "noise", guidance: float = -1.0,
                  grid_steps: int = 25, teacher_steps: int = 5, loss: str = "pseudo_huber", huber_c: float = 1e-3,
                  latent_shape: Optional[tuple[int, ...]] = None, shard: tuple[int, int] = (0, 1),
                  start_range: str = "official", distance: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
@@ -335,8 +316,6 @@ class SelfNPORecipe(RecipeBase):
 
     # ------------------------------------------------------------------------------------------ the run
     def load_data(self) -> TrainData:
-        from .selfnpo_data import load_selfnpo_data
-
         ctx = self._context()
         data = load_selfnpo_data(ctx.cfg, ctx.resolution)
         with torch.no_grad():
@@ -348,8 +327,6 @@ class SelfNPORecipe(RecipeBase):
         return f"{ctx.method.title(ctx.keys)} on {data.summary()}"
 
     def make_batch(self, rows: list, generator: torch.Generator) -> tuple[Optional[SelfNPOBatch], dict]:
-        from .selfnpo_data import make_batch
-
         ctx = self._context()
         return make_batch(rows, self.family, ctx.resolution, self._uncond1, with_latents=self.start == "images"), {}
 
@@ -365,8 +342,6 @@ class SelfNPORecipe(RecipeBase):
                             "selfnpo run")
 
     def write_model_card(self, out: Path, data_summary: str) -> Path:
-        from .model_card import write_selfnpo_model_card
-
         ctx = self._context()
         return write_selfnpo_model_card(ctx.cfg, out, resolution=ctx.resolution, family=self.family.name,
                                         data_summary=data_summary)

@@ -3,9 +3,33 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
+import torch
+from torch import Tensor
+
+from ..data import deterministic_rng
+from ..data.captions import ImageCaptionTransform, ImageCaptions
+from ..data.prompts import read_prompts
+from ..models import Conditioning
 from .protocol import TrainData
+
+if TYPE_CHECKING:
+    from ..models import ModelFamily
+
+
+@dataclass
+class SelfNPOBatch:
+    """Captions' conditioning, the matching unconditional one, and (``start="images"``) clean latents."""
+
+    cond: Conditioning
+    uncond: Conditioning
+    latents: Optional[Tensor] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.cond)
 
 
 class PromptItems:
@@ -29,8 +53,6 @@ class ImageItems:
         return len(self.data)
 
     def item(self, i: int, epoch: int) -> dict | None:
-        from ..data import deterministic_rng
-
         image = self.data.image(i)
         if image is None:
             return None
@@ -39,10 +61,8 @@ class ImageItems:
 
 def load_selfnpo_data(cfg, resolution: int) -> TrainData:
     """Prompts, or image-caption rows, as ``selfnpo_start`` asks; the summary is the one at load time."""
-    from ..data.prompts import ImageCaptions, ImageCaptionTransform, load_prompts
-
     if cfg.selfnpo_start == "noise":
-        prompts = load_prompts(cfg.dataset_name, cfg.caption_column, split=cfg.dataset_split_name,
+        prompts = read_prompts(cfg.dataset_name, cfg.caption_column, split=cfg.dataset_split_name,
                                max_samples=cfg.max_train_samples)
         n_empty = sum(1 for p in prompts if not p.strip())
         summary = f"{len(prompts)} prompts from {cfg.dataset_name!r}" + (f" ({n_empty} empty)" if n_empty else "")
@@ -55,11 +75,9 @@ def load_selfnpo_data(cfg, resolution: int) -> TrainData:
     return TrainData(ImageItems(data, transform, cfg.seed), data.report, lambda: summary)
 
 
-def make_batch(items: list, family, resolution: int, uncond1, with_latents: bool):
+def make_batch(items: list, family: ModelFamily, resolution: int, uncond1, with_latents: bool):
     """Encode captions (and images) of a micro-batch; the unconditional branch shares the SDXL time ids.
     None when no item is usable."""
-    from .selfnpo import SelfNPOBatch
-
     items = [it for it in items if it is not None]
     if not items:
         return None

@@ -9,8 +9,12 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..fsutil import ensure_writable_dir
 from ..models import load_family
+from ..processes import check_joined, cpu_process_group
+from .batches import BatchStream
+from .checkpoint import list_checkpoints, remove_incomplete
 
 
 @dataclass
@@ -38,8 +42,6 @@ def start_run(cfg) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from ..toy.paths import resolve_model
-
     cfg.validate()
     out = ensure_writable_dir(cfg.output_dir, flag="--output_dir")
     check_run_folder(cfg, out)
@@ -48,21 +50,19 @@ def start_run(cfg) -> Run:
         mixed_precision=cfg.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / (cfg.logging_dir or "logs"))),
-        cpu=launched_without_gpus(),
+        cpu=cpu_process_group(),
     )
-    check_processes(accelerator.num_processes)
+    check_joined(accelerator.num_processes, "every process would train alone and write the same folder")
     check_distributed_type(str(accelerator.distributed_type))
     main = accelerator.is_main_process
     if main:
-        from .checkpoint import remove_incomplete
-
         removed, ignored = remove_incomplete(out)  # half-written or half-deleted by a killed run
         for p in removed:
             print(f"removed {p.name}: a checkpoint write or deletion that was interrupted", flush=True)
         for p in ignored:
             print(f"warning: {p} is not a complete checkpoint (a file is missing or truncated): it is ignored; "
                   "delete it or copy it again", flush=True)
-    family = load_family(resolve_model(cfg.pretrained_model_name_or_path),
+    family = load_family(cfg.pretrained_model_name_or_path,
                          pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path,
                          dtype=frozen_weight_dtype(accelerator.mixed_precision))
     family.to(accelerator.device)
@@ -75,9 +75,6 @@ def start_run(cfg) -> Run:
 
 def make_stream(items, cfg, rank: int, world: int, describe: Callable[[], str]):
     """The BatchStream over `items`, or a UserError saying why there is not even one batch of usable rows."""
-    from ..errors import UserError
-    from .batches import BatchStream
-
     try:
         return BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world, workers=cfg.dataloader_num_workers)
     except ValueError as exc:
@@ -88,40 +85,10 @@ def make_stream(items, cfg, rank: int, world: int, describe: Callable[[], str]):
 def check_run_folder(cfg, out: Path) -> None:
     """A fresh run (no resume_from_checkpoint) must not start in a folder holding another run's checkpoints:
     a later `resume_from_checkpoint: latest` would mix the two runs."""
-    from ..errors import UserError
-    from .checkpoint import list_checkpoints
-
     found = list_checkpoints(out)
     if found and not cfg.resume_from_checkpoint:
         raise UserError(f"output_dir '{out}' already holds checkpoints of an earlier run (newest: {found[-1].name}): "
                         "pass --resume_from_checkpoint=latest to continue it, or choose a new output_dir")
-
-
-# --- multi-process launch on machines without GPUs (issue 8) -------------------------------------------------
-def launched_without_gpus() -> bool:
-    """True under torchrun / `accelerate launch --multi_gpu` (WORLD_SIZE > 1) on a machine with no GPU.
-
-    accelerate only starts a CPU process group (gloo) when told `cpu=True`; otherwise every process of such a
-    launch would run as its own single-process job, all writing the same output folder.
-    """
-    import os
-
-    import torch
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def check_processes(num_processes: int) -> None:
-    """Refuse to run when the launcher started several processes but accelerate sees only one."""
-    import os
-
-    from ..errors import UserError
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and num_processes != launched:
-        raise UserError(f"the launcher started {launched} processes but accelerate joined {num_processes}: every "
-                        "process would train alone and write the same folder; check the accelerate config "
-                        "(distributed_type) and that all processes see the same devices")
 
 
 def check_distributed_type(kind: str) -> None:
@@ -131,8 +98,6 @@ def check_distributed_type(kind: str) -> None:
     the EMA/teacher and the exports work on whole tensors; DeepSpeed also takes over accumulation, clipping and
     the optimizer step. Training would run, but checkpoints would hold one process's shard.
     """
-    from ..errors import UserError
-
     name = kind.rsplit(".", 1)[-1]
     if name in ("FSDP", "DEEPSPEED"):
         raise UserError(f"distributed_type {name} (from the accelerate config) is not supported by diffalign train yet: "

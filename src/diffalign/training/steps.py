@@ -1,18 +1,20 @@
 """The parts of one optimizer step, for every method: a micro-batch's forward and backward
 (DDP sync only on the last micro-batch), the optimizer update (skipped on a non-finite loss or gradient, see
-guards.py), and logging the step."""
+guards.py). The step's records are written by run_log.py."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import UserError
+from .guards import agree, grads_finite
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def make_optimizer(cfg, params: list, num_processes: int):
@@ -36,7 +38,7 @@ def make_optimizer(cfg, params: list, num_processes: int):
     return optimizer, lr_scheduler
 
 
-def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga: int, sums: dict):
+def backward_micro_batch(accelerator: Accelerator, unet, forward: Callable, *, micro: int, ga: int, sums: dict):
     """Run `forward()` (-> StepResult) for micro-batch `micro` of `ga`, backpropagate loss/ga, add to `sums`."""
     # DDP: gradients are all-reduced only on the last micro-batch of an optimizer step.
     with (accelerator.no_sync(unet) if micro < ga - 1 else contextlib.nullcontext()):
@@ -55,14 +57,12 @@ def backward_micro_batch(accelerator, unet, forward: Callable, *, micro: int, ga
     return result
 
 
-def skip_micro_batch(accelerator, empty: bool, step: int, micro: int, log) -> bool:
+def skip_micro_batch(accelerator: Accelerator, empty: bool, step: int, micro: int, log) -> bool:
     """True when this micro-batch is to be skipped on every process: some process has no usable row in it (all
     its images failed to decode). The processes must agree: one that skipped alone would leave the others in the
     gradient all-reduce (a hang; gloo aborts the job). The other processes' rows of that micro-batch are dropped
     with it (counted in `skipped_micro_batches`). One tiny collective per micro-batch, with several processes only.
     """
-    from .guards import agree
-
     skip = agree(accelerator, empty)[0]
     if skip and accelerator.num_processes > 1 and accelerator.is_main_process:
         log(f"warning: step {step + 1}, micro-batch {micro}: a process has no usable row (images that failed to "
@@ -70,7 +70,7 @@ def skip_micro_batch(accelerator, empty: bool, step: int, micro: int, log) -> bo
     return skip
 
 
-def sums_to_host(accelerator, sums: dict) -> None:
+def sums_to_host(accelerator: Accelerator, sums: dict) -> None:
     """Replace the step's sums (device tensors or floats) by floats averaged over all processes, in place:
     one host sync and one all-reduce per optimizer step, so the logged loss is the global batch's."""
     keys = sorted(sums)
@@ -90,7 +90,7 @@ def add_count(sums: dict, key: str, count: int, world: int) -> None:
     sums[key] = sums.get(key, 0.0) + float(count * world)
 
 
-def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict,
+def optimizer_step(accelerator: Accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict,
                    stop_requested: bool = False) -> tuple[str | None, bool]:
     """Clip, step, schedule, zero; records lr and grad_norm in `sums`.
 
@@ -98,8 +98,6 @@ def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_
     be skipped (weights, optimizer state and LR schedule untouched), or "fp16_overflow" for GradScaler's own
     skip; `stop` is `stop_requested` agreed over all processes (a signal reached any of them).
     """
-    from .guards import agree, grads_finite
-
     if any(torch.is_tensor(v) for v in sums.values()):  # the last micro-batch was skipped (no usable rows)
         sums_to_host(accelerator, sums)
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
@@ -121,53 +119,3 @@ def optimizer_step(accelerator, params: list, optimizer, lr_scheduler, max_grad_
     if grad_norm is not None:
         sums["grad_norm"] = float(grad_norm)
     return skipped, stop
-
-
-def log_step(accelerator, out: Path, main: bool, step: int, sums: dict, bar) -> None:
-    """Trackers, plus metrics.jsonl in the run folder whatever tracker is configured, and the progress bar."""
-    accelerator.log(sums, step=step)
-    if main:
-        with (out / "metrics.jsonl").open("a") as f:
-            # NaN/inf are not JSON: a skipped step logs null for them.
-            values = {k: round(v, 6) if math.isfinite(v) else None for k, v in sums.items()}
-            f.write(json.dumps({"step": step, **values}) + "\n")
-    bar.update(1)
-    bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4g}")
-
-
-def trim_metrics(out: Path, step: int) -> None:
-    """Keep only whole metrics.jsonl lines of steps <= `step` (the step a run starts or resumes at): a killed run
-    may have logged steps after its last checkpoint, or half a line; those steps are about to be redone."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # the torn last line of a killed run
-    from ..fsutil import atomic_write_text
-
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def write_train_report(out: Path, report: dict) -> None:
-    from ..fsutil import atomic_write_text
-
-    atomic_write_text(Path(out) / "train_report.json", json.dumps(report, indent=2))
-
-
-def open_run_log(cfg, out: Path, accelerator, step: int, running_report: dict) -> None:
-    """Main process, once a run has started or resumed at `step`: drop metrics a killed run logged after its last
-    checkpoint (those steps are redone), mark the report running ("finished" only once every output is
-    written), write the resolved config and start the trackers."""
-    from ..config_loader import dump_config
-
-    trim_metrics(out, step)
-    write_train_report(out, running_report)
-    dump_config(cfg, out / "config.yaml")
-    accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
-                                                  if isinstance(v, (int, float, str, bool))})
-

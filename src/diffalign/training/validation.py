@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image
 
+from ..models import lora_disabled
+from ..models.lora import has_lora
 
-def _sample(family, cfg, resolution: int, net=None) -> np.ndarray:
+if TYPE_CHECKING:
+    from ..models import ModelFamily
+
+
+def _sample(family: ModelFamily, cfg, resolution: int, net=None) -> np.ndarray:
     pipe = family.make_pipeline(net=net)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(cfg.validation_prompts)
@@ -23,13 +31,10 @@ def _sample(family, cfg, resolution: int, net=None) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def validation_grid(family, cfg, reference=None) -> Image.Image:
+def validation_grid(family: ModelFamily, cfg, reference=None) -> Image.Image:
     """Rows: the trained model, then the base model (adapters off, or ``reference``, the frozen reference copy of
     a full fine-tune) when known. The pipelines are built around the network to sample; ``family.unet`` stays the
     trained one."""
-    from ..models import lora_disabled
-    from ..models.lora import has_lora
-
     resolution = cfg.resolution or family.default_resolution
     family.unet.eval()
     rows = [_sample(family, cfg, resolution)]

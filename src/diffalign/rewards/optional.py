@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .rewards import Reward, check_prompts, images_to_pil, register_reward
+from .base import Reward, check_prompts, images_to_pil
+from .registry import register_reward
 
 _WHY_OPTIONAL = ("it is not a core dependency because it pulls torchvision/open_clip and with them a "
                  "multi-GB CUDA build of torch")

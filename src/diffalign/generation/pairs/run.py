@@ -1,6 +1,6 @@
 """Self-generated preference datasets (`diffalign pairs`): a model's own samples made into Pick-a-Pic pairs.
 
-Recipes (`PairsConfig.recipe`; `pairs_recipes.py`): **prefix** (MaPO's Pick-Style / Pick-Safety: chosen and
+Recipes (`PairsConfig.recipe`; `recipes.py`): **prefix** (MaPO's Pick-Style / Pick-Safety: chosen and
 rejected sampled from two prompt templates with one seed), **ranked** (AI feedback: candidates ranked by a
 reward, best against worst when the gap exceeds a margin) and **target** (MaPO's "any fine-tuning set becomes
 pairs": a real image of an image-caption set against the model's sample of its caption).
@@ -11,7 +11,7 @@ image), settings (JSON: guidance, steps, scheduler, size, reward ...), score_0, 
 was used), pair_index (unit x slots per unit + slot: the same pair has the same index in every run of a
 config). Which image is jpg_0 is a per-pair draw from (seed, pair_index), unless `chosen_first`.
 
-Filter and further tries (prefix, target; `pairs_filter.py`, `pairs_tries.py`): `filter_reward` with
+Filter and further tries (prefix, target; `filter.py`, `tries.py`): `filter_reward` with
 `filter_chosen` / `filter_rejected` keeps a pair only if each image passes an absolute check, and `max_tries`
 gives a unit whose pair fails a check (filter or reward margin) further seeds, shard by shard, until one passes.
 The summary counts the kept share, the unit's reasons and the tries used.
@@ -21,7 +21,7 @@ its own generator), images already in the images folder are never sampled again,
 temporary name and renamed, and a shard written by the same config (fingerprint in its footer) is skipped.
 Rewards score each shard in fixed chunks. So an interrupted run re-run with the same config writes the bytes
 one uninterrupted run writes, and the same config and seed give the same data. Folder layout and the config
-check: `pairs_store.py`.
+check: `store.py`.
 """
 
 from __future__ import annotations
@@ -32,18 +32,26 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from .pairs_config import PairsConfig
-from .pairs_filter import Outcome, PairFilter, judge_try
-from .pairs_recipes import Recipe, Unit, build_recipe, pick_pairs
-from .pairs_store import (DATA_DIR, PairsResult, complete_shards, images_root, prepare_output, read_pairs, schema,
+from ...errors import UserError
+from ...fsutil import atomic_write_text
+from ...models import load_lora_into_pipeline, load_pipeline
+from ...rewards import get_reward
+from ..manifest import read_manifest
+from ..sample import GenerationSettings, Processes, generate_to_folder
+from .config import PairsConfig
+from .filter import Outcome, PairFilter, judge_try
+from .recipes import Recipe, Unit, build_recipe, pick_pairs
+from .store import (DATA_DIR, PairsResult, complete_shards, images_root, prepare_output, read_pairs, schema,
                           write_shard, write_summary)
-from .pairs_tries import sample_units
-from .sample import GenerationSettings, Processes, generate_to_folder, read_manifest
+from .tries import sample_units
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 SCORE_CHUNK = 32  # images per reward call; fixed, so scores never depend on how a run was split
 JPEG_QUALITY = 95
@@ -55,11 +63,8 @@ def load_sampler(cfg: PairsConfig, device="cpu"):
     """The pipeline a config samples ('toy' is the shipped toy model), with its LoRA loaded."""
     import torch
 
-    from ..models import load_lora_into_pipeline, load_pipeline
-    from ..toy.paths import resolve_model
-
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
-    pipe = load_pipeline(resolve_model(cfg.pretrained_model_name_or_path), vae_path=cfg.pretrained_vae_model_name_or_path,
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, vae_path=cfg.pretrained_vae_model_name_or_path,
                          dtype=dtype, device=device)
     if cfg.lora:
         load_lora_into_pipeline(pipe, cfg.lora)
@@ -74,7 +79,7 @@ def generation_settings(cfg: PairsConfig, seed: int = 0, per_prompt: int = 1) ->
     )
 
 
-def sample(cfg: PairsConfig, recipe: Recipe, pipe, processes: Processes) -> tuple[dict, dict]:
+def sample(cfg: PairsConfig, recipe: Recipe, pipe: DiffusionPipeline, processes: Processes) -> tuple[dict, dict]:
     """Sample the recipe's jobs (only the images not already there): {folder: {index: image}} and the settings."""
     images, record = {}, {}
     for job in recipe.jobs():
@@ -211,7 +216,7 @@ def _settings_json(cfg: PairsConfig, record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- run
-def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, filter_reward=None,
+def run_pairs(cfg: PairsConfig, *, pipe: DiffusionPipeline | None = None, reward=None, filter_reward=None,
               processes: Processes | None = None) -> PairsResult:
     """Make (or finish) the dataset `cfg` describes; see the module docstring.
 
@@ -224,8 +229,6 @@ def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, filter_reward=None,
     procs = processes or Processes()
     recipe = build_recipe(cfg)
     if reward is None and cfg.reward:
-        from ..evaluation import get_reward
-
         reward = get_reward(cfg.reward)
     if reward is not None:
         check_score_key(reward, cfg.score_key)
@@ -234,8 +237,6 @@ def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, filter_reward=None,
         if filter_reward is None and reward is not None and cfg.filter_reward == cfg.reward:
             filter_reward = reward
         if filter_reward is None:
-            from ..evaluation import get_reward
-
             filter_reward = get_reward(cfg.filter_reward)
         pair_filter = PairFilter.from_config(cfg, filter_reward)
         pair_filter.check_terms()
@@ -264,7 +265,7 @@ def run_pairs(cfg: PairsConfig, *, pipe=None, reward=None, filter_reward=None,
     return result
 
 
-def _write_shards(cfg, recipe, checks, todo, images, record, reused: int, pipe, procs: Processes) -> None:
+def _write_shards(cfg, recipe, checks, todo, images, record, reused: int, pipe: DiffusionPipeline, procs: Processes) -> None:
     """Every process: shard by shard, the units' outcomes (further tries are sampled by all processes); the main
     process writes each shard."""
     reader, settings_json = _Images(recipe, cfg.image_format), _settings_json(cfg, record)
@@ -281,7 +282,7 @@ def _write_shards(cfg, recipe, checks, todo, images, record, reused: int, pipe, 
         (Path(cfg.output_dir) / DATA_DIR / PENDING_FILE).unlink(missing_ok=True)
 
 
-def _outcomes(cfg, recipe, checks, unit_range, images, reader, pipe, procs: Processes) -> list[Outcome] | None:
+def _outcomes(cfg, recipe, checks, unit_range, images, reader, pipe: DiffusionPipeline, procs: Processes) -> list[Outcome] | None:
     """What becomes of units a..b-1 (None in processes other than the main one).
 
     Without filter or further tries: one try, the reward (if any) scores every unit and `recipe.decide` keeps
@@ -335,7 +336,6 @@ def _share(cfg, procs: Processes, pending: list[int]) -> list[int]:
     """The main process's list of units to try again, in every process (through a file when there are several)."""
     if procs.count == 1:
         return pending
-    from ..fsutil import atomic_write_text
 
     path = Path(cfg.output_dir) / DATA_DIR / PENDING_FILE
     if procs.is_main:
@@ -347,7 +347,7 @@ def _share(cfg, procs: Processes, pending: list[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ one file
-def make_pairs(pipe, prompts: list[str], out: str | os.PathLike, settings: GenerationSettings, *,
+def make_pairs(pipe: DiffusionPipeline, prompts: list[str], out: str | os.PathLike, settings: GenerationSettings, *,
                templates: tuple[str, str] | None = None, reward=None, images_dir: str | os.PathLike | None = None,
                overwrite: bool = False, strategy: str = "best-worst", margin: float = 0.0,
                score_key: str = "score") -> PairsResult:

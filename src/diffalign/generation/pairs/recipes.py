@@ -13,99 +13,17 @@ is the job itself. So every image of a run is still a function of its unit, its 
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 
-from ..errors import UserError
-from .pairs_config import PairsConfig, apply_template
+from ...data.captions import open_captions, usable_rows
+from ...errors import UserError
+from .config import PairsConfig, apply_template, resolve_prompts
+from .units import Job, Side, Unit, decide_two, pick_pairs, try_folder
 
-STRATEGIES = ("best-worst", "all")
 REJECTED_SEED_OFFSET = 1_000_000  # prefix with same_seed: false
 TRY_SEED_STRIDE = 10_000_000  # try t adds t x this to every seed of a unit (max_tries)
-
-
-@dataclass(frozen=True)
-class Side:
-    """One image of a unit: a sampled file (its prompt and seed known) or a real image of the source."""
-
-    prompt: str | None
-    seed: int | None
-    file: Path | None = None
-    source_row: int | None = None
-
-
-@dataclass
-class Unit:
-    """A unit's images (one try of them) and the prompts its sides are scored against: `score_prompts` by the
-    `reward` check, `filter_prompts` by the filter (prefix: the chosen prompt, then the context prompt)."""
-
-    index: int
-    caption: str
-    sides: list[Side]
-    score_prompts: list[str]
-    filter_prompts: list[str] | None = None
-    attempt: int = 0  # the try these images come from
-
-
-def try_folder(folder: str, attempt: int) -> str:
-    """The images folder of a job's try: the job's own for try 0, `<job>_try<t>` after it."""
-    return folder if attempt == 0 else f"{folder}_try{attempt}"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One `generate_to_folder` call: image k*per_prompt + j samples prompts[k] with seed + k*per_prompt + j."""
-
-    folder: str
-    prompts: list[str]
-    per_prompt: int
-    seed: int
-
-
-# ------------------------------------------------------------------------------------------- deciding
-def pick_pairs(scores, strategy: str = "best-worst", margin: float = 0.0) -> tuple[list[tuple[int, int, int]], Counter]:
-    """(slot, winner, loser) positions among one group's `scores`, and what was skipped, by reason.
-
-    best-worst: the first highest against the first lowest (slot 0). all: every two candidates, slot c the
-    c-th pair of `itertools.combinations`. A pair is kept only when the winner's score exceeds the loser's by
-    more than `margin` (equal scores never win); NaN scores take no part (`unscored`).
-    """
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown pair strategy '{strategy}': use one of {', '.join(STRATEGIES)}")
-    scores = [float(s) for s in scores]
-    skipped: Counter = Counter()
-    if strategy == "best-worst":
-        ok = [i for i, s in enumerate(scores) if not math.isnan(s)]
-        if len(ok) < 2:
-            skipped["unscored"] += 1
-            return [], skipped
-        looked = [(0, max(ok, key=scores.__getitem__), min(ok, key=scores.__getitem__))]
-    else:
-        looked = []
-        for slot, (i, j) in enumerate(combinations(range(len(scores)), 2)):
-            if math.isnan(scores[i]) or math.isnan(scores[j]):
-                skipped["unscored"] += 1
-            else:
-                looked.append((slot, i, j) if scores[i] >= scores[j] else (slot, j, i))
-    kept = [(slot, w, l) for slot, w, l in looked if scores[w] - scores[l] > margin]
-    if len(kept) < len(looked):
-        skipped["gap_below_margin"] += len(looked) - len(kept)
-    return kept, skipped
-
-
-def decide_two(scores, margin: float) -> tuple[list[tuple[int, int, int]], Counter]:
-    """Side 0 (chosen) against side 1 (rejected); with scores, kept only if the chosen wins by more than margin."""
-    if scores is None:
-        return [(0, 0, 1)], Counter()
-    gap = float(scores[0]) - float(scores[1])
-    if math.isnan(gap):
-        return [], Counter(unscored=1)
-    if gap > margin:
-        return [(0, 0, 1)], Counter()
-    return [], Counter({"reversed" if gap < -margin else "gap_below_margin": 1})
 
 
 # -------------------------------------------------------------------------------------------- recipes
@@ -238,11 +156,8 @@ RECIPES = {r.name: r for r in (PrefixRecipe, RankedRecipe, TargetRecipe)}
 def build_recipe(cfg: PairsConfig) -> Recipe:
     """The recipe of a validated config with its prompts read (or its source opened and checked)."""
     if cfg.recipe == "target":
-        from .pairs_sources import open_source, usable_rows
-
-        source = open_source(cfg.image_caption_source, image_column=cfg.image_column, caption_column=cfg.caption_column,
+        source = open_captions(cfg.image_caption_source, image_column=cfg.image_column, caption_column=cfg.caption_column,
                              split=cfg.source_split, strict=cfg.strict_data)
         return TargetRecipe(cfg, source=source, rows=usable_rows(source, cfg.num_pairs))
-    from .pairs_config import resolve_prompts
 
     return RECIPES[cfg.recipe](cfg, prompts=resolve_prompts(cfg))

@@ -25,8 +25,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ..errors import UserError
-from .pairs_recipes import Unit, decide_two
+from ...errors import UserError
+from .units import Unit, decide_two
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|>|<)\s*(\S+)\s*$")

@@ -22,9 +22,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..fsutil import atomic_write_text, ensure_writable_dir
-from .pairs_config import PairsConfig, changed_keys
+from ...config_loader import dump_config, load_config
+from ...errors import UserError
+from ...fsutil import atomic_write_text, ensure_writable_dir
+from .config import PairsConfig, changed_keys
 
 CONFIG_FILE = "pairs_config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -99,8 +100,6 @@ def prepare_output(cfg: PairsConfig) -> None:
     run made nothing yet is taken over without it. A non-empty folder without pairs_config.yaml is never
     touched. Temporary shards of a killed run are removed.
     """
-    from ..config_loader import dump_config, load_config
-
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file; give a folder")

@@ -1,8 +1,8 @@
 """The images of further tries (`max_tries` > 1): one folder per job and try, holding only the units that needed it.
 
-Try t >= 1 of job `chosen` is the folder `chosen_try<t>` (`pairs_recipes.try_folder`); unit i's image there
+Try t >= 1 of job `chosen` is the folder `chosen_try<t>` (`units.try_folder`); unit i's image there
 is `{i:05d}.png`, sampled from the job's prompt of unit i with seed `RetryItems(i)` (the job's seed
-+ t x 10000000 + i, see `pairs_recipes`) by its own generator, as in `generate_to_folder`, so it does not
++ t x 10000000 + i, see `recipes.py`) by its own generator, as in `generate_to_folder`, so it does not
 depend on which other units were tried with it. `manifest.jsonl` has the rows `generate_to_folder` writes
 (file, prompt, seed, settings), with `index` the unit. A try folder is asked for a few units at a time (those
 of one shard that failed the try before), so unlike a `generate_to_folder` job it need not hold every unit:
@@ -19,14 +19,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import UserError
-from ..fsutil import atomic_write_text, ensure_writable_dir
-from .pairs_recipes import RetryItems
-from .sample import (_PART_GLOB, MANIFEST, GeneratedImage, GenerationSettings, Processes, _clear, _existing_rows,
-                     _settings_record, native_size)
+from ...errors import UserError
+from ...fsutil import ensure_writable_dir
+from .recipes import RetryItems
+from ..manifest import clear, existing_rows, part_file, write_manifest
+from ..sample import GeneratedImage, GenerationSettings, Processes, _settings_record, native_size
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def _mismatch(row: dict, items: RetryItems, record: dict) -> str | None:
@@ -46,16 +50,14 @@ def _mismatch(row: dict, items: RetryItems, record: dict) -> str | None:
 
 def _merge(out: Path, wanted: list[int]) -> None:
     """Main process: every row once (the last written wins), ordered by unit, into manifest.jsonl; parts removed."""
-    by_index = {row["index"]: row for row in _existing_rows(out) if (out / str(row.get("file", ""))).is_file()}
+    by_index = {row["index"]: row for row in existing_rows(out) if (out / str(row.get("file", ""))).is_file()}
     missing = [i for i in wanted if i not in by_index]
     if missing:
         raise RuntimeError(f"sampling finished without the image(s) of unit(s) {missing[:5]} in {out}")
-    atomic_write_text(out / MANIFEST, "".join(json.dumps(by_index[i]) + "\n" for i in sorted(by_index)))
-    for part in out.glob(_PART_GLOB):
-        part.unlink(missing_ok=True)
+    write_manifest(out, [by_index[i] for i in sorted(by_index)])
 
 
-def sample_units(pipe, folder: str | Path, units: list[int], items: RetryItems, settings: GenerationSettings, *,
+def sample_units(pipe: DiffusionPipeline, folder: str | Path, units: list[int], items: RetryItems, settings: GenerationSettings, *,
                  overwrite: bool = False, processes: Processes | None = None) -> dict[int, GeneratedImage]:
     """Make the images of `units` (unit i: `items(i)`) in `folder` unless they are there; {unit: image}.
 
@@ -68,7 +70,7 @@ def sample_units(pipe, folder: str | Path, units: list[int], items: RetryItems, 
     record = _settings_record(pipe, GenerationSettings(**{**asdict(settings), "num_images_per_prompt": 1}), height, width)
 
     procs.barrier()
-    rows = _existing_rows(out)
+    rows = existing_rows(out)
     why = next((w for w in (_mismatch(row, items, record) for row in rows) if w), None)
     procs.barrier()  # every process has read the folder before anything in it changes
     if why is not None:
@@ -77,14 +79,14 @@ def sample_units(pipe, folder: str | Path, units: list[int], items: RetryItems, 
                             "set overwrite: true to replace them")
         if procs.is_main:
             print(f"overwrite: replacing the candidate images of other settings in {out}", flush=True)
-            _clear(out, rows)
+            clear(out, rows)
         procs.barrier()
         rows = []
     done = {row["index"] for row in rows if (out / str(row.get("file", ""))).is_file()}
     todo = [i for i in units if i not in done]
     mine = todo[procs.index :: procs.count]
     pipe.set_progress_bar_config(disable=True)
-    with (out / f".manifest-part-{procs.index}.jsonl").open("a", encoding="utf-8") as part:
+    with part_file(out, procs.index).open("a", encoding="utf-8") as part:
         for start in range(0, len(mine), settings.batch_size):
             batch = mine[start : start + settings.batch_size]
             prompts, seeds = zip(*(items(i) for i in batch))
@@ -106,7 +108,7 @@ def sample_units(pipe, folder: str | Path, units: list[int], items: RetryItems, 
     if procs.is_main:
         _merge(out, units)
     procs.barrier()
-    by_index = {row["index"]: row for row in _existing_rows(out)}
+    by_index = {row["index"]: row for row in existing_rows(out)}
     return {i: GeneratedImage(by_index[i]["file"], by_index[i]["prompt"], by_index[i]["seed"], i) for i in units}
 
 

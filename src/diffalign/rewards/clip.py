@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .rewards import Reward, check_prompts, images_to_pil, register_reward
+from .base import Reward, check_prompts, images_to_pil
+from .registry import register_reward
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -2,7 +2,7 @@
 
 Load with :func:`diffalign.config_loader.load_config` (``configs/pairs/*.yaml`` are ready recipes), then
 :meth:`PairsConfig.validate` runs before anything is read or loaded. The recipes and the output layout are
-described in ``generation/pairs.py`` and ``docs/pairs.md``.
+described in ``generation/pairs/run.py`` and ``docs/pairs.md``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from ..config_loader import check_types, config_to_dict
-from ..errors import UserError
+from ...config_loader import check_types, config_to_dict
+from ...data.prompts import read_prompts
+from ...errors import UserError
+from .filter import parse_conditions
 
 PROMPT_FIELD = "{prompt}"
 TOY_PROMPT_SETS = ("toy:train", "toy:heldout")
@@ -228,8 +230,6 @@ class PairsConfig:
                                 f"got {self.num_samples_per_prompt}")
 
     def _validate_filter(self) -> None:
-        from .pairs_filter import parse_conditions
-
         if self.recipe == "ranked":
             for key in ("filter_reward", "filter_chosen", "filter_rejected"):
                 if getattr(self, key):
@@ -291,13 +291,7 @@ def resolve_prompts(cfg: PairsConfig) -> list[str]:
     """The prompt list of a prefix / ranked config (reads the prompt file); UserError when it is empty."""
     if cfg.prompt_list:
         prompts, shown = list(cfg.prompt_list), "prompt_list"
-    elif cfg.prompts in TOY_PROMPT_SETS:
-        from ..data.prompts import toy_prompts
-
-        prompts, shown = toy_prompts(cfg.prompts.split(":", 1)[1]), cfg.prompts
     else:
-        from .prompts import read_prompts
-
         prompts, shown = read_prompts(cfg.prompts), f"prompts {cfg.prompts!r}"
     if not prompts:
         raise UserError(f"{shown} holds no prompts")

@@ -1,0 +1,18 @@
+"""`diffalign demo`: the whole loop on the toy model (pairs, MaPO/DPO, Self-NPO, guidance, report)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole loop on the toy model: pairs, MaPO/DPO, Self-NPO, guidance, report")
+    p.add_argument("--out", default="demo_out", help="output folder; finished stages in it are reused")
+    p.add_argument("--pairs", default=None, help="a pairs folder written by `diffalign pairs` to train MaPO and DPO "
+                   "on, instead of the shipped judge-ranked toy pairs")
+    p.set_defaults(func=cmd)
+
+
+def cmd(args) -> int:
+    from ..demo import run_demo
+
+    run_demo(args.out, pairs=args.pairs)
+    return 0
