@@ -213,31 +213,34 @@ def paired_difference(result, reward: str, label: str, base: str):
 
 
 def headlines(result, versus_mapo) -> dict[str, dict]:
-    """Per model: the effect it is for, and that effect measured with its 95% CI (and win rates, if per image)."""
+    """Per model: the effect it is for ("aim"), that effect measured with its 95% CI and the flips against its
+    baseline ("measured"), and the same figures in two short lines for the overview picture ("short")."""
     fid = result.rewards[0]  # shape+colour correctness (REWARDS[0])
 
-    def fidelity(label: str, base: str = "base", against=result) -> str:
+    def fidelity(label: str, base: str = "base", against=result) -> tuple[str, str]:
         d, wr = paired_difference(against, fid, label, base), against.win_rates[fid][(label, base)]
-        return (f"fidelity {against.means[fid][base].estimate:.1%} -> {against.means[fid][label].estimate:.1%}, "
-                f"{100 * d.estimate:+.1f} points [{100 * d.low:+.1f}, {100 * d.high:+.1f}] (of {wr.pairs} images "
-                f"on the same prompt and seed: {wr.wins} right that {base} got wrong, {wr.losses} wrong that it got right)")
+        short = (f"fidelity {against.means[fid][base].estimate:.1%} -> {against.means[fid][label].estimate:.1%} "
+                 f"({100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}])")
+        return short, (f"{short} points; of {wr.pairs} images on the same prompt and seed, {wr.wins} right that "
+                       f"{base} got wrong, {wr.losses} wrong that it got right")
 
     def fd(diffs, label: str, base: str) -> str:
         d = diffs[(label, base)]
         return f"FD {d.fd.estimate:+.1f} [{d.fd.low:+.1f}, {d.fd.high:+.1f}] vs {base}"
 
-    rows = {"base": {"aim": "the reference point",
-                     "measured": f"fidelity {result.means[fid]['base'].estimate:.1%}, "
-                                 f"FD {result.distribution['base'].fd.estimate:.0f}"}}
+    def row(aim: str, first: tuple[str, str], second: tuple[str, str]) -> dict:
+        return {"aim": aim, "measured": f"{first[1]}; {second[1]}", "short": f"{first[0]}\n{second[0]}"}
+
+    base = f"fidelity {result.means[fid]['base'].estimate:.1%}, FD {result.distribution['base'].fd.estimate:.0f}"
+    rows = {"base": {"aim": "the reference point", "measured": base, "short": base}}
     for name in ("mapo", "dpo"):
-        rows[name] = {"aim": "the judge's preference (shape and colour right) on unseen prompts",
-                      "measured": f"{fidelity(name)}; {fd(result.distribution_differences, name, 'base')}"}
-    rows["base+selfnpo"] = {"aim": "quality (FD to ground truth, lower is better)",
-                            "measured": f"{fd(result.distribution_differences, 'base+selfnpo', 'base')}; "
-                                        f"{fidelity('base+selfnpo')}"}
-    rows["mapo+selfnpo"] = {"aim": "quality of the tuned model",
-                            "measured": f"{fd(versus_mapo.distribution_differences, 'mapo+selfnpo', 'mapo')}; "
-                                        f"{fidelity('mapo+selfnpo', 'mapo', versus_mapo)}"}
+        diff = fd(result.distribution_differences, name, "base")
+        rows[name] = row("the judge's preference (shape and colour right) on unseen prompts", fidelity(name),
+                         (diff, diff))
+    diff = fd(result.distribution_differences, "base+selfnpo", "base")
+    rows["base+selfnpo"] = row("quality (FD to ground truth, lower is better)", (diff, diff), fidelity("base+selfnpo"))
+    diff = fd(versus_mapo.distribution_differences, "mapo+selfnpo", "mapo")
+    rows["mapo+selfnpo"] = row("quality of the tuned model", (diff, diff), fidelity("mapo+selfnpo", "mapo", versus_mapo))
     return rows
 
 
@@ -253,7 +256,7 @@ def _report(out: Path) -> Callable[[Path], dict]:
                                        baseline=VERSUS_TUNED[1], distribution=DISTRIBUTION)
         heads = headlines(result, versus_mapo)
         keys = matched_keys(result, list(MODELS), limit=8, one_per_prompt=True)
-        overview_grid(result, list(MODELS), keys, {m: h["measured"].replace("; ", "\n") for m, h in heads.items()},
+        overview_grid(result, list(MODELS), keys, {m: h["short"] for m, h in heads.items()},
                       folder / "overview.png")
         write_report(result, folder, lead=("overview.png", "The same held-out prompts and seeds (columns) for every "
                                            "model (rows), with each model's headline figure (95% CIs)."))
