@@ -329,3 +329,51 @@ def test_paired_mean_difference_matches_by_key_and_ignores_unmatched():
     assert -1.0 <= d.low <= d.estimate <= d.high <= 1.0
     constant = paired_mean_difference([x + 0.25 for x in b], keys_b, b, keys_b)
     assert (constant.estimate, constant.low, constant.high) == pytest.approx((0.25, 0.25, 0.25))
+
+
+def test_win_rate_decisive_and_tie_split_forms_golden():
+    # 2 wins, 9 losses, 53 ties: the strict rate (2/64) reads as a rout against a 0.5 line; the two labelled forms
+    # say what happened: of the 11 pairs that differ, 2 were won; with ties halved the folder is near parity.
+    a = [1.0] * 2 + [0.0] * 9 + [0.5] * 53
+    b = [0.0] * 2 + [1.0] * 9 + [0.5] * 53
+    wr = win_rate(a, b, samples=1000, seed=0)
+    assert (wr.wins, wr.ties, wr.losses, wr.pairs) == (2, 53, 9, 64)
+    assert wr.rate == pytest.approx(2 / 64)
+    assert wr.decisive == pytest.approx(2 / 11)
+    assert wr.tie_split == pytest.approx((2 + 53 / 2) / 64)
+    assert wr.decisive_low <= wr.decisive <= wr.decisive_high and wr.tie_split_low <= wr.tie_split <= wr.tie_split_high
+    assert wr.tie_split_high < 0.5  # 9 losses against 2 wins: below parity, but not at 0.03
+    every_tie = win_rate([1.0, 1.0], [1.0, 1.0])
+    assert np.isnan(every_tie.decisive) and every_tie.tie_split == 0.5
+
+
+def test_report_labels_win_rates_flags_small_n_and_says_what_made_each_folder(tmp_path):
+    from diffalign.evaluation.report import format_table, write_report
+
+    a, b, _ = _ab_folders(tmp_path)  # 6 images each: fewer than SMALL_N
+    manifest = a / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["settings"].update(model="toy", lora="runs/mapo", negative_model="runs/neg", num_inference_steps=20)
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate_folders({"A": a, "B": b}, [Brightness()], baseline="B", bootstrap=200, seed=0)
+    table = format_table(result)
+    assert "wins/(wins+losses)" in table and "ties split" in table
+    assert "fewer than 10 images or pairs for A, B, A vs B" in table
+    write_report(result, tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "model toy, LoRA runs/mapo, negative runs/neg, guidance 7.5, steps 20" in page
+    assert "guidance 7.5" in page.split("<th>B")[1].split("</th>")[0]  # B's manifest records only its guidance
+    assert "6 images scored (fewer than 10" in page
+
+
+def test_grid_keys_spread_over_prompts():
+    from diffalign.evaluation.report import grid_keys
+    from diffalign.evaluation.result import EvaluationResult, ImageRecord
+
+    records = [ImageRecord(label, "f", f"{i:03d}.png", prompt, seed, i)
+               for label in ("x", "y") for i, (prompt, seed) in enumerate((p, s) for p in "abc" for s in range(4))]
+    result = EvaluationResult(folders={"x": "f", "y": "f"}, rewards=[], reward_specs={}, records=records,
+                              scores=np.zeros((len(records), 0)), baselines=[])
+    assert grid_keys(result, 3) == [("a", 0), ("b", 0), ("c", 0)]
+    assert grid_keys(result, 5) == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1)]

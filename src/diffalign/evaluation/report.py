@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import atomic_write_text
+from .provenance import folder_provenance
 from .result import EvaluationResult
+from .stats import SMALL_N
 
 THUMBNAIL_SIZE = 256  # longest side of the copied images, in pixels
 
@@ -38,17 +40,30 @@ def format_table(result: EvaluationResult) -> str:
             rows.append([f"{reward} / {label}", str(iv.n), f"{iv.estimate:.4f}", f"[{iv.low:.4f}, {iv.high:.4f}]"])
     lines = _align(rows)
     if result.win_rates:
-        rows = [["reward / folder vs baseline", "win rate", ci, "wins", "ties", "losses", "pairs", "unmatched"]]
+        rows = [["reward / folder vs baseline", "wins/(wins+losses)", ci, "ties split", ci, "wins", "ties", "losses",
+                 "pairs", "unmatched"]]
         for reward, per in result.win_rates.items():
             for (label, base), wr in per.items():
-                rows.append([f"{reward} / {label} vs {base}", f"{wr.rate:.3f}", f"[{wr.low:.3f}, {wr.high:.3f}]",
-                             str(wr.wins), str(wr.ties), str(wr.losses), str(wr.pairs),
-                             f"{wr.unmatched_a}+{wr.unmatched_b}"])
+                rows.append([f"{reward} / {label} vs {base}", f"{wr.decisive:.3f}",
+                             f"[{wr.decisive_low:.3f}, {wr.decisive_high:.3f}]", f"{wr.tie_split:.3f}",
+                             f"[{wr.tie_split_low:.3f}, {wr.tie_split_high:.3f}]", str(wr.wins), str(wr.ties),
+                             str(wr.losses), str(wr.pairs), f"{wr.unmatched_a}+{wr.unmatched_b}"])
         lines += [""] + _align(rows)
     lines += _distribution_lines(result, ci)
+    small = small_samples(result)
+    if small:
+        lines += ["", f"note: fewer than {SMALL_N} images or pairs for {', '.join(small)}: their intervals mean little"]
     if result.skipped:
         lines += ["", f"skipped {len(result.skipped)} unreadable image(s) (--lenient): listed in metrics.json"]
     return "\n".join(lines)
+
+
+def small_samples(result: EvaluationResult) -> list[str]:
+    """The folders and comparisons measured on fewer than SMALL_N images or pairs."""
+    small = [label for label in result.labels if len(result.rows_of(label)) < SMALL_N]
+    small += [f"{a} vs {b}" for per in list(result.win_rates.values())[:1] for (a, b), wr in per.items()
+              if wr.pairs < SMALL_N]
+    return small
 
 
 def _distribution_lines(result: EvaluationResult, ci: str) -> list[str]:
@@ -118,21 +133,23 @@ def plot_means(result: EvaluationResult, path: Path) -> None:
 
 
 def plot_win_rates(result: EvaluationResult, path: Path) -> None:
-    """One panel per reward: win rate of each folder against each baseline, CI bars, 0.5 = parity."""
+    """One panel per reward: the win rate with ties split (0.5 = parity whatever the share of ties) of each folder
+    against each baseline, CI bars, and wins / ties / losses written beside each bar."""
     fig, axes = _figure(len(result.win_rates))
     for ax, (reward, per) in zip(axes, result.win_rates.items()):
         names = [f"{a} vs {b}" for a, b in per]
-        rates = np.array([wr.rate for wr in per.values()])
-        err = np.array([[wr.rate - wr.low for wr in per.values()], [wr.high - wr.rate for wr in per.values()]])
+        rates = np.array([wr.tie_split for wr in per.values()])
+        err = np.array([[wr.tie_split - wr.tie_split_low for wr in per.values()],
+                        [wr.tie_split_high - wr.tie_split for wr in per.values()]])
         ax.barh(range(len(names)), rates, xerr=err, capsize=5, height=0.5, color="#f58518")
         for y, wr in enumerate(per.values()):  # the numbers too: a rate of 0 draws no bar at all
-            ax.text(0.02, y + 0.3, f"{wr.rate:.2f}" + (f"  ({wr.ties} ties)" if wr.ties else ""), fontsize=8)
+            ax.text(0.02, y + 0.3, f"{wr.tie_split:.2f}  ({wr.wins} W / {wr.ties} T / {wr.losses} L)", fontsize=8)
         ax.set_ylim(-0.6, len(names) - 0.2)
         ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
         ax.set_yticks(range(len(names)), names)
         ax.set_xlim(0, 1)
         ax.set_title(reward)
-        ax.set_xlabel("win rate (strict >)")
+        ax.set_xlabel("win rate, ties split (0.5 = parity)")
     fig.savefig(path, dpi=110)
 
 
@@ -141,13 +158,20 @@ def _slug(text: str) -> str:
 
 
 def grid_keys(result: EvaluationResult, rows: int) -> list[tuple]:
-    """(prompt, seed) keys for the image grid: those most folders share first, then in first-seen order."""
+    """(prompt, seed) keys for the image grid, spread over the prompts: among the keys most folders share, the
+    first key of each prompt (in first-seen order), then the second of each, and so on."""
     first_seen: dict[tuple, int] = {}
     present: dict[tuple, set] = {}
     for i, rec in enumerate(result.records):
         first_seen.setdefault(rec.key, i)
         present.setdefault(rec.key, set()).add(rec.label)
-    keys = sorted(first_seen, key=lambda k: (-len(present[k]), first_seen[k]))
+    rank: dict[tuple, int] = {}  # how many keys of the same prompt (and coverage) come before this one
+    seen: dict[tuple, int] = {}
+    for key in sorted(first_seen, key=first_seen.get):
+        group = (len(present[key]), key[0])
+        rank[key] = seen.get(group, 0)
+        seen[group] = rank[key] + 1
+    keys = sorted(first_seen, key=lambda k: (-len(present[k]), rank[k], first_seen[k]))
     return keys[:rows]
 
 
@@ -215,8 +239,12 @@ def _means_table(result: EvaluationResult) -> str:
             for iv in (result.means[r][label] for r in result.rewards))
         n = result.means[result.rewards[0]][label].n
         role = " (baseline)" if label in result.baselines else ""
-        rows.append(f"<tr><th>{_e(label)}{role}<br><span class='note'>{n} images</span></th>{cells}</tr>")
-    return (f"<h2>Mean reward ({pct}% bootstrap CI)</h2><table><tr><th>folder</th>{head}</tr>{''.join(rows)}</table>")
+        made = folder_provenance(result.folders[label])
+        small = f" (fewer than {SMALL_N}: the interval means little)" if n < SMALL_N else ""
+        rows.append(f"<tr><th>{_e(label)}{role}<br><span class='note'>{n} images scored{small}</span>"
+                    + (f"<br><span class='note'>{_e(made)}</span>" if made else "") + f"</th>{cells}</tr>")
+    return (f"<h2>Mean reward ({pct}% bootstrap CI)</h2><table><tr><th>folder (what made it)</th>{head}</tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _win_table(result: EvaluationResult) -> str:
@@ -225,14 +253,19 @@ def _win_table(result: EvaluationResult) -> str:
     rows = []
     for reward, per in result.win_rates.items():
         for (label, base), wr in per.items():
+            small = " <span class='note'>(few pairs)</span>" if wr.pairs < SMALL_N else ""
             rows.append(
-                f"<tr><td>{_e(reward)}</td><td>{_e(label)} vs {_e(base)}</td><td class='num'>{wr.rate:.3f}</td>"
-                f"<td class='num'>[{wr.low:.3f}, {wr.high:.3f}]</td><td class='num'>{wr.wins}</td>"
-                f"<td class='num'>{wr.ties}</td><td class='num'>{wr.losses}</td><td class='num'>{wr.pairs}</td>"
-                f"<td class='num'>{wr.unmatched_a} / {wr.unmatched_b}</td></tr>")
-    return ("<h2>Win rate against baseline</h2><table><tr><th>reward</th><th>comparison</th><th>win rate</th>"
-            f"<th>{round(result.level * 100)}% CI</th><th>wins</th><th>ties</th><th>losses</th><th>pairs</th>"
-            f"<th>unmatched (folder / baseline)</th></tr>{''.join(rows)}</table>")
+                f"<tr><td>{_e(reward)}</td><td>{_e(label)} vs {_e(base)}{small}</td>"
+                f"<td class='num'>{wr.decisive:.3f} <span class='note'>[{wr.decisive_low:.3f}, {wr.decisive_high:.3f}]</span></td>"
+                f"<td class='num'>{wr.tie_split:.3f} <span class='note'>[{wr.tie_split_low:.3f}, {wr.tie_split_high:.3f}]</span></td>"
+                f"<td class='num'>{wr.wins}</td><td class='num'>{wr.ties}</td><td class='num'>{wr.losses}</td>"
+                f"<td class='num'>{wr.pairs}</td><td class='num'>{wr.unmatched_a} / {wr.unmatched_b}</td></tr>")
+    pct = round(result.level * 100)
+    return ("<h2>Win rate against baseline</h2><p class='note'>Pairs are the same prompt and seed in both folders. "
+            "wins/(wins+losses): the share of the pairs that differ which the folder wins; ties split: a tie counts "
+            "half to each side. For both, 0.5 is parity.</p><table><tr><th>reward</th><th>comparison</th>"
+            f"<th>wins/(wins+losses) ({pct}% CI)</th><th>ties split ({pct}% CI)</th><th>wins</th><th>ties</th>"
+            f"<th>losses</th><th>pairs</th><th>unmatched (folder / baseline)</th></tr>{''.join(rows)}</table>")
 
 
 def _interval_cell(iv, digits: int, sign: str = "") -> str:

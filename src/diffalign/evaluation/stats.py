@@ -33,10 +33,16 @@ class Interval:
 
 @dataclass(frozen=True)
 class WinRate:
-    """Paired comparison of `a` against `b` on matched pairs.
+    """Paired comparison of `a` against `b` on matched pairs, in three forms:
 
-    `rate` = wins / pairs (a strictly above b); ties are neither wins nor losses and are reported on their
-    own, so `wins + ties + losses == pairs`. `low`/`high` bound `rate` (bootstrap over pairs).
+    - `rate` = wins / pairs (a strictly above b), `low`/`high` its interval: ties count against a;
+    - `decisive` = wins / (wins + losses), the share of the pairs that differ which a wins (NaN when every pair
+      ties), `decisive_low`/`decisive_high` its interval;
+    - `tie_split` = (wins + ties / 2) / pairs, a tie counting half to each side, `tie_split_low`/`tie_split_high`
+      its interval. For the last two, 0.5 is parity whatever the share of ties; `rate` is only read against 0.5
+      when there are no ties.
+
+    `wins + ties + losses == pairs`; all intervals are bootstrap intervals over pairs.
     `unmatched_a`/`unmatched_b` count images without a partner on the other side.
     """
 
@@ -49,6 +55,12 @@ class WinRate:
     pairs: int
     unmatched_a: int = 0
     unmatched_b: int = 0
+    decisive: float = float("nan")
+    decisive_low: float = float("nan")
+    decisive_high: float = float("nan")
+    tie_split: float = float("nan")
+    tie_split_low: float = float("nan")
+    tie_split_high: float = float("nan")
 
     @property
     def tie_rate(self) -> float:
@@ -56,6 +68,10 @@ class WinRate:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "tie_rate": self.tie_rate}
+
+
+# Below this many images (or pairs) an interval says little: reports flag such rows.
+SMALL_N = 10
 
 
 def _as_1d(values, what: str) -> np.ndarray:
@@ -115,11 +131,30 @@ def win_rate(a, b, samples: int = 2000, seed: int = 0, level: float = 0.95,
     if n == 0:
         nan = float("nan")
         return WinRate(nan, nan, nan, 0, 0, 0, 0, unmatched_a, unmatched_b)
-    won = (x > y).astype(np.float64)
-    rates = _bootstrap_means(won, samples, seed)
+    won, lost = (x > y).astype(np.float64), (x < y).astype(np.float64)
+    rng = np.random.default_rng(seed)
     alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(rates, [alpha, 1.0 - alpha])
-    return WinRate(wins / n, float(low), float(high), wins, ties, n - wins - ties, n, unmatched_a, unmatched_b)
+    rates, decisive, split = np.empty(samples), np.empty(samples), np.empty(samples)
+    for start in range(0, samples, _CHUNK):  # one set of resamples for all three forms
+        stop = min(start + _CHUNK, samples)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        w, lo = won[idx].sum(axis=1), lost[idx].sum(axis=1)
+        rates[start:stop] = w / n
+        split[start:stop] = (w + (n - w - lo) / 2.0) / n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            decisive[start:stop] = w / (w + lo)
+
+    def interval(values):
+        values = values[np.isfinite(values)]
+        return tuple(float(v) for v in np.quantile(values, [alpha, 1.0 - alpha])) if values.size else (np.nan, np.nan)
+
+    losses = n - wins - ties
+    low, high = interval(rates)
+    d_low, d_high = interval(decisive)
+    s_low, s_high = interval(split)
+    return WinRate(wins / n, low, high, wins, ties, losses, n, unmatched_a, unmatched_b,
+                   wins / (wins + losses) if wins + losses else float("nan"), d_low, d_high,
+                   (wins + ties / 2.0) / n, s_low, s_high)
 
 
 def match_pairs(keys_a, keys_b) -> tuple[list[tuple[int, int]], int, int]:
