@@ -293,7 +293,12 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     if overrides:
         bool_keys = {k for k, tp in types_.items() if _is_optional(tp)[1] is bool}
         sources.append((f"on {COMMAND_LINE}", parse_overrides(overrides, bool_keys)))
-    for source, pairs in sources:
+    translate = getattr(cls, "translate_key", None)  # keys of other tools a config class maps to its own
+    for source, given in sources:
+        pairs = []
+        for key, raw in given:
+            translated = translate(key, raw, source) if translate is not None and key not in types_ else None
+            pairs += translated if translated is not None else [(key, raw)]
         for key, raw in pairs:
             if key not in types_:
                 raise _unknown_key(key, types_, source)

@@ -150,6 +150,10 @@ class _Run:
         "train_report.json); this many in a row stop the run, naming the step and the last good checkpoint.")
     seed: int = _f(0, "Random seed for noise, timesteps, data order and initialisation.")
     report_to: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "Tracker for metrics and images.")
+    tracker_project_name: str = _f("diffalign", "Project name the tracker files the run under (wandb project, "
+                                   "tensorboard run folder), as in the diffusers scripts.")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster, slightly less exact), as "
+                          "the diffusers scripts' --allow_tf32; no effect on CPU.")
     validation_prompts: tuple[str, ...] = _f(
         (), "Prompts sampled every validation_steps. On the command line: comma-separated, or a YAML list "
         "such as '[\"a cat, sitting\", \"a dog\"]' when prompts contain commas.")
@@ -203,6 +207,13 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
         return dataclasses.asdict(self)
 
     # --- checks -----------------------------------------------------------------------------------------
+    @staticmethod
+    def translate_key(key: str, raw, source: str):
+        """Keys of the diffusers training scripts (ported.py): their equivalents here, or a refusal."""
+        from .ported import translate_ported_key
+
+        return translate_ported_key(key, raw, source)
+
     def validate(self) -> "TrainConfig":
         """Raise :class:`UserError` naming the key for a missing or impossible setting; return self.
 

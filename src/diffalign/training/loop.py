@@ -111,6 +111,9 @@ def train(cfg: TrainConfig) -> Path:
         open_run_log(cfg, out, accelerator, step, report("running"))
         log(f"{recipe.describe(data)}; {world} process(es) x batch {cfg.train_batch_size} x accumulation "
             f"{cfg.gradient_accumulation_steps} = global batch {cfg.global_batch_size(world)}")
+        if cfg.beta_dpo is not None:
+            log(f"beta_dpo {cfg.beta_dpo:g} (the diffusers script's convention, no 0.5 in the logit) trains as beta "
+                f"{cfg.beta:g} here")
 
     ga = cfg.gradient_accumulation_steps
     validation_net = reference.module if isinstance(reference, FrozenCopy) else None

@@ -54,6 +54,6 @@ def open_run_log(cfg, out: Path, accelerator: Accelerator, step: int, running_re
     trim_metrics(out, step)
     write_train_report(out, running_report)
     dump_config(cfg, out / "config.yaml")
-    accelerator.init_trackers("diffalign", config={k: v for k, v in vars(cfg).items()
+    accelerator.init_trackers(cfg.tracker_project_name, config={k: v for k, v in vars(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
 

@@ -66,6 +66,8 @@ class DPOKeys:
 
     beta: Optional[float] = _beta()
     loss_type: Literal["sigmoid", "hinge", "ipo"] = _loss_type()
+    beta_dpo: Optional[float] = key(None, "beta as the diffusers SD1.5 DPO script means it (no 0.5 in the logit): "
+                                    "beta_dpo B trains as beta 2B here; both are recorded in config.yaml.")
 
 
 @dataclass
@@ -147,6 +149,15 @@ def _check_mapo(preset: str, beta) -> None:
 
 
 def check_dpo(keys: DPOKeys, cfg) -> None:
+    if keys.beta_dpo is not None:
+        if not keys.beta_dpo > 0:
+            raise UserError(f"beta_dpo must be > 0, got {keys.beta_dpo}")
+        converted = 2.0 * keys.beta_dpo
+        if keys.beta is not None and keys.beta != converted:
+            raise UserError(f"beta={keys.beta} and beta_dpo={keys.beta_dpo} disagree: beta_dpo (the diffusers "
+                            f"script's convention) is beta / 2 here, so beta_dpo={keys.beta_dpo} is beta={converted}; "
+                            "give one of them")
+        cfg.beta = keys.beta = converted  # the run's resolved config records both
     _check_beta_positive(keys.beta)
     _check_reference_beta(keys.beta, "DPO", "2000 SD1.5, 5000 SDXL")
 

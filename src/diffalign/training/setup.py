@@ -38,6 +38,23 @@ def frozen_weight_dtype(mixed_precision: str | None) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(mixed_precision), torch.float32)
 
 
+# The package each tracker needs, and how to install it.
+_TRACKER_PACKAGES = {"wandb": ("wandb", "pip install wandb"), "tensorboard": ("tensorboard", "pip install tensorboard")}
+
+
+def check_tracker(report_to: str | None) -> None:
+    """Stop before the model loads when the chosen tracker's package is missing (accelerate would log nothing
+    and say nothing)."""
+    import importlib.util
+
+    if report_to is None:
+        return
+    module, install = _TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"report_to: {report_to} needs the {module} package, which is not installed: {install} "
+                        "(or set report_to: tensorboard / none)")
+
+
 def start_run(cfg) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -46,6 +63,10 @@ def start_run(cfg) -> Run:
     out = ensure_writable_dir(cfg.output_dir, flag="--output_dir")
     check_run_folder(cfg, out)
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
+    check_tracker(report_to)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=report_to,
