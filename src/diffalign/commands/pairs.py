@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
 
 def cmd(args) -> int:
     from ..config_loader import config_help, load_config
+    from ..shipped_configs import resolve_config
     from ..generation.pairs import PairsConfig, run_pairs
 
     if args.help_config:
@@ -38,7 +39,7 @@ def cmd(args) -> int:
         return 0
     if args.config is None and not args.overrides:
         raise UserError("give a config file (see configs/pairs/) and/or --key=value overrides; --help-config lists the keys")
-    cfg = load_config(PairsConfig, args.config, args.overrides).validate()
+    cfg = load_config(PairsConfig, resolve_config(args.config), args.overrides).validate()
     from ..generation.sample import accelerate_processes
 
     processes = accelerate_processes()  # one, or the processes of `accelerate launch` / torchrun

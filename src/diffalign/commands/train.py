@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("train", help=f"training: {', '.join(method_names())} (works under `accelerate launch`)", allow_abbrev=False,
                        description="diffalign train CONFIG.yaml [--key=value ...]; `--help-config` lists every key.")
-    p.add_argument("config", nargs="?", default=None, help="YAML recipe (see configs/); keys can be overridden")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe: a file, or the name of a shipped one (toy_mapo; `diffalign configs` lists them); keys can be overridden")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
     p.set_defaults(func=cmd, accepts_overrides=True)
 
@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
 def train_config(args):
     """The TrainConfig of a config file plus `--key=value` overrides (not validated yet)."""
     from ..config_loader import load_config
+    from ..shipped_configs import resolve_config
     from ..training.config import TrainConfig
 
-    return load_config(TrainConfig, args.config, args.overrides)
+    return load_config(TrainConfig, resolve_config(args.config), args.overrides)
 
 
 def cmd(args) -> int:
