@@ -122,3 +122,31 @@ def test_generate_toy_shorthand(tmp_path):
                  "--steps", "3", "--num-images-per-prompt", "2"]) == 0
     rows, imgs = _pixels(tmp_path / "t")
     assert len(rows) == 2 and imgs[0].shape == (32, 32, 3)
+
+
+def _manifest(folder):
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_generate_dtype_scheduler_and_device_are_used_and_recorded(tiny_pipelines, tmp_path):
+    base = ["generate", "--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--steps", "3",
+            "--num-images-per-prompt", "2"]
+    assert main([*base, "--out", str(tmp_path / "ddim")]) == 0
+    assert main([*base, "--out", str(tmp_path / "euler"), "--scheduler", "euler", "--device", "cpu"]) == 0
+    assert main([*base, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    ddim, euler, bf16 = (_manifest(tmp_path / name) for name in ("ddim", "euler", "bf16"))
+    assert euler[0]["settings"]["scheduler"] == "EulerDiscreteScheduler" != ddim[0]["settings"]["scheduler"]
+    assert (bf16[0]["settings"]["dtype"], ddim[0]["settings"]["dtype"]) == ("bfloat16", "float32")
+    pixels = {name: np.asarray(Image.open(tmp_path / name / "00000.png"), dtype=np.int16) for name in ("ddim", "euler", "bf16")}
+    assert np.abs(pixels["euler"] - pixels["ddim"]).max() > 0  # another sampler, other images
+    assert np.abs(pixels["bf16"] - pixels["ddim"]).max() > 0  # bfloat16 arithmetic: close, not identical
+    assert np.abs(pixels["bf16"] - pixels["ddim"]).mean() < 40
+
+
+@pytest.mark.parametrize("extra,expected", [(["--scheduler", "warp9"], "unknown scheduler 'warp9'"),
+                                            (["--variant", "fp16"], "cannot load pipeline")])
+def test_generate_bad_scheduler_or_missing_variant_is_one_line(tiny_pipelines, tmp_path, capsys, extra, expected):
+    argv = ["generate", "--model", str(tiny_pipelines["sd"]), "--prompt", "x", "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err

@@ -32,6 +32,15 @@ def add_parser(sub) -> None:
     p.add_argument("--npo-alpha", type=float, default=1.0,
                    help="weight of the positive offset (--lora) in the negative model base + alpha*eta + beta*delta")
     p.add_argument("--npo-beta", type=float, default=1.0, help="weight of the negative offset delta (--negative-model)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="weights and sampling dtype (float16 / bfloat16 halve memory on a GPU; SDXL in float32 needs "
+                        "about 10 GB)")
+    p.add_argument("--variant", default=None, help="load the weight files of this variant, e.g. fp16 (the hub's "
+                   "*.fp16.safetensors)")
+    p.add_argument("--scheduler", default=None, help="sampler: ddim, ddpm, pndm, lms, euler, euler_a, dpm++, dpm++_sde, "
+                   "unipc, heun, or a diffusers scheduler class name (default: the model's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: the process's device; "
+                   "under accelerate launch each process uses its own)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the images of other settings already in --out (without it: an error; images of the "
                         "same settings are always kept and only missing ones are made)")
@@ -52,7 +61,13 @@ def cmd(args) -> int:
     prompts = prompts_of(args)
     ensure_writable_dir(args.out)
     processes = accelerate_processes()  # one, or the processes of `accelerate launch` / torchrun
-    pipe = load_pipeline(args.model, vae_path=args.vae, device=processes.device)
+    if args.device is not None and processes.count > 1:
+        raise UserError("--device picks one device, and under accelerate launch / torchrun each process uses its own: "
+                        "drop --device")
+    from ..models.loading import DTYPES
+
+    pipe = load_pipeline(args.model, vae_path=args.vae, device=args.device or processes.device,
+                         dtype=DTYPES[args.dtype], variant=args.variant, scheduler=args.scheduler)
     npo_record = {}
     if args.negative_model:
         from ..guidance import attach_negative_guidance
@@ -73,7 +88,8 @@ def cmd(args) -> int:
         batch_size=args.batch_size,
         num_images_per_prompt=args.num_images_per_prompt,
         negative_prompt=args.negative_prompt,
-        extra={"model": args.model, "lora": args.lora, "vae": args.vae, **npo_record},
+        extra={"model": args.model, "lora": args.lora, "vae": args.vae, "dtype": args.dtype, "variant": args.variant,
+               **npo_record},
     )
     rows = generate_to_folder(pipe, prompts, args.out, settings, overwrite=args.overwrite, processes=processes)
     if processes.is_main:

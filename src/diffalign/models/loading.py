@@ -62,21 +62,51 @@ def load_family(
     return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
+# Short scheduler names users type, and the diffusers class each stands for (any class name works too).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "dpm++_sde": "DPMSolverSDEScheduler", "unipc": "UniPCMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler for `name` (a short name of SCHEDULERS or a diffusers scheduler class name),
+    built from the current scheduler's config as diffusers recommends."""
+    import diffusers
+
+    cls_name = SCHEDULERS.get(name.lower(), name)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not cls_name.endswith("Scheduler"):
+        raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)} or a diffusers scheduler "
+                        "class name (e.g. DPMSolverMultistepScheduler)")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
 def load_pipeline(
     pretrained_model_name_or_path: str | os.PathLike,
     vae_path: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    variant: str | None = None,
+    scheduler: str | None = None,
 ):
-    """A stock diffusers pipeline for generation (`DiffusionPipeline.from_pretrained`, no remote code)."""
+    """A stock diffusers pipeline for generation (`DiffusionPipeline.from_pretrained`, no remote code), in
+    `dtype` on `device`, from the weight files of `variant` (e.g. fp16) if given, with `scheduler` if given."""
     from diffusers import DiffusionPipeline
 
     source = resolve_source(pretrained_model_name_or_path)
     kwargs = dict(dtype=dtype, local_files_only=source.local_files_only)
+    if variant is not None:
+        kwargs["variant"] = variant
     if vae_path is not None:
         kwargs["vae"] = VaeRequest(vae_path).load(dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load pipeline {source.path!r}: {first_line(exc)}") from exc
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
     return pipe.to(device)
