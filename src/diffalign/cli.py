@@ -20,7 +20,8 @@ def _add_generate(sub) -> None:
                                    "makes only the images still missing.")
     p.add_argument("--model", required=True, help="pipeline folder or hub id; 'toy' for the shipped toy model")
     p.add_argument("--vae", default=None, help="optional separate VAE folder or hub id")
-    p.add_argument("--lora", default=None, help="a LoRA folder or .safetensors file for pipe.load_lora_weights")
+    p.add_argument("--lora", default=None, help="a LoRA folder or .safetensors file for pipe.load_lora_weights "
+                   "(a run folder or any of its checkpoint-N folders)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="file: one prompt a line, or JSONL with a 'prompt' field; or a dataset "
@@ -51,6 +52,7 @@ def cmd_generate(args) -> int:
     from .generation.sample import accelerate_processes
     from .fsutil import ensure_writable_dir
     from .models import load_lora_into_pipeline, load_pipeline
+    from .models.lora import step_record
     from .toy.paths import resolve_model
 
     if (args.height is None) != (args.width is None):
@@ -82,7 +84,8 @@ def cmd_generate(args) -> int:
         batch_size=args.batch_size,
         num_images_per_prompt=args.num_images_per_prompt,
         negative_prompt=args.negative_prompt,
-        extra={"model": args.model, "lora": args.lora, "vae": args.vae, **npo_record},
+        extra={"model": args.model, "lora": args.lora, "vae": args.vae, **npo_record,
+               **step_record(lora=args.lora, negative_model=args.negative_model)},
     )
     rows = generate_to_folder(pipe, prompts, args.out, settings, overwrite=args.overwrite, processes=processes)
     if processes.is_main:

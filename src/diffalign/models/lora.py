@@ -110,8 +110,48 @@ def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike,
     return out / LORA_WEIGHT_NAME
 
 
+def _is_checkpoint(p: Path) -> bool:
+    return (p / "state.json").is_file() and (p / "trainable.safetensors").is_file()
+
+
+def _checkpoint_without_lora(p: Path, text: str) -> UserError:
+    if (p / "unet" / "config.json").is_file():
+        return UserError(f"{text!r} is a checkpoint of a full fine-tune: its weights are the UNet in {p / 'unet'} "
+                         "(give it to --negative-model, extract-lora --tuned, or UNet2DConditionModel.from_pretrained), "
+                         "not a LoRA")
+    return UserError(f"{text!r} is a training checkpoint that holds only the resume state (trainable.safetensors, "
+                     f"written before checkpoints also held {LORA_WEIGHT_NAME}): it can only be resumed from "
+                     "(--resume_from_checkpoint), not loaded; pick a checkpoint written by this version")
+
+
+def weights_step(path: str | os.PathLike | None) -> int | None:
+    """The training step of weights from a diffalign run: N for `RUN/checkpoint-N` (or a file in it), the last step
+    for a finished `RUN` folder (or a file in it); None for anything else."""
+    import json
+
+    if path is None:
+        return None
+    p = Path(os.fspath(path)).expanduser()
+    folder = p.parent if p.is_file() else p
+    for name, key in (("state.json", "global_step"), ("train_report.json", "steps")):
+        try:
+            value = json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def step_record(**paths) -> dict[str, int]:
+    """`{"lora_step": N, ...}` for the given weights paths that come from a diffalign run (a manifest records which
+    step of a run made the images)."""
+    return {f"{k}_step": step for k, path in paths.items() if (step := weights_step(path)) is not None}
+
+
 def resolve_lora_file(path: str | os.PathLike) -> str:
-    """A local LoRA file, or the one LoRA file in a folder; hub ids pass through when online."""
+    """A local LoRA file, or the one LoRA file in a folder (a run folder or any of its `checkpoint-N` folders);
+    hub ids pass through when online."""
     text = os.fspath(path)
     p = Path(text).expanduser()
     if p.is_file():
@@ -119,6 +159,11 @@ def resolve_lora_file(path: str | os.PathLike) -> str:
     if p.is_dir():
         if (p / LORA_WEIGHT_NAME).is_file():
             return str(p / LORA_WEIGHT_NAME)
+        if _is_checkpoint(p):
+            raise _checkpoint_without_lora(p, text)
+        if (p / "unet" / "config.json").is_file() and (p / "train_report.json").is_file():
+            raise UserError(f"{text!r} is the run folder of a full fine-tune: its weights are the UNet in "
+                            f"{p / 'unet'}, not a LoRA")
         candidates = sorted(f.name for f in p.glob("*.safetensors"))
         if len(candidates) == 1:
             return str(p / candidates[0])

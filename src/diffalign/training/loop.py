@@ -25,7 +25,7 @@ from .pair_data import load_config_pairs
 from .protocol import RunContext
 from .reference import AdaptersOff, FrozenCopy
 from .setup import make_stream, start_run
-from .steps import (add_count, backward_micro_batch, make_optimizer, open_run_log, optimizer_step,
+from .steps import (add_count, backward_micro_batch, make_optimizer, open_run_log, optimizer_step, run_finished,
                     skip_micro_batch, write_train_report)
 from .validation import validation_grid
 
@@ -86,8 +86,10 @@ def train(cfg: TrainConfig) -> Path:
 
     def save(at: int) -> Path:
         return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts),
-                               total_limit=cfg.checkpoints_total_limit)
+                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts, **notes),
+                               total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
+
+    notes = {"weights": recipe.weights_note()} if recipe.weights_note() else {}
 
     boundary = StepBoundary(cfg, out=out, accelerator=accelerator, main=main, log=log, what=cfg.method,
                             hint=recipe.stability_hint, save=save, report=report)
@@ -101,6 +103,11 @@ def train(cfg: TrainConfig) -> Path:
         boundary.nonfinite.restore(state)
         counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
         log(f"resumed from {resume} at step {step}")
+        if step >= cfg.max_train_steps and run_finished(out, step):
+            log(f"nothing to do: the run finished at step {step} (max_train_steps={cfg.max_train_steps}) and its "
+                f"outputs are in {out}; raise max_train_steps to train further")
+            accelerator.end_training()
+            return out
     if main:
         open_run_log(cfg, out, accelerator, step, report("running"))
         log(f"{recipe.describe(data)}; {world} process(es) x batch {cfg.train_batch_size} x accumulation "

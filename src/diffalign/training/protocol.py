@@ -132,6 +132,11 @@ class RecipeBase:
     def check_checkpoint(self, path: Path) -> None:
         """Any checkpoint of the same method resumes."""
 
+    def weights_note(self) -> dict[str, str]:
+        """What each folder written by :meth:`save_outputs` holds, when a name alone does not say it (state.json of
+        every checkpoint records it)."""
+        return {}
+
     def save_outputs(self, out: Path) -> None:
         """The trained weights: the LoRA (pytorch_lora_weights.safetensors) or the whole network (unet/)."""
         ctx = self._context()

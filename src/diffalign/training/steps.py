@@ -159,6 +159,15 @@ def write_train_report(out: Path, report: dict) -> None:
     atomic_write_text(Path(out) / "train_report.json", json.dumps(report, indent=2))
 
 
+def run_finished(out: Path, step: int) -> bool:
+    """True when out/train_report.json says the run finished at `step` (its outputs were all written then)."""
+    try:
+        report = json.loads((Path(out) / "train_report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("status") == "finished" and report.get("steps") == step
+
+
 def open_run_log(cfg, out: Path, accelerator, step: int, running_report: dict) -> None:
     """Main process, once a run has started or resumed at `step`: drop metrics a killed run logged after its last
     checkpoint (those steps are redone), mark the report running ("finished" only once every output is
