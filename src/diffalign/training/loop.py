@@ -27,7 +27,7 @@ from .reference import AdaptersOff, FrozenCopy
 from .setup import make_stream, start_run
 from .steps import (add_count, backward_micro_batch, make_optimizer, open_run_log, optimizer_step, run_finished,
                     skip_micro_batch, write_train_report)
-from .validation import validation_grid
+from .validation import ValidationGrids, save_grid
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -114,7 +114,8 @@ def train(cfg: TrainConfig) -> Path:
             f"{cfg.gradient_accumulation_steps} = global batch {cfg.global_batch_size(world)}")
 
     ga = cfg.gradient_accumulation_steps
-    validation_net = reference.module if isinstance(reference, FrozenCopy) else None
+    grids = ValidationGrids(family, cfg, reference.module if isinstance(reference, FrozenCopy) else None)
+    validated = None  # the step of the last grid
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
     with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
         while step < cfg.max_train_steps:
@@ -140,14 +141,14 @@ def train(cfg: TrainConfig) -> Path:
             step += 1
             boundary.end_step(step, skipped, stop, sums, bar)
             if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
-                _validate(cfg, family, validation_net, out, step, accelerator)
+                validated = _validate(grids, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
 
     if main:
         recipe.save_outputs(out)
-        if cfg.validation_prompts:
-            _validate(cfg, family, validation_net, out, step, accelerator)
+        if cfg.validation_prompts and validated != step:
+            _validate(grids, out, step, accelerator)
         recipe.write_model_card(out, data.summary())
         write_train_report(out, report("finished"))
         log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
@@ -156,20 +157,21 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def _validate(cfg, family, reference, out: Path, step: int, accelerator) -> None:
-    """The validation grid of `step` (trained row, base row) into out/validation/ and the tensorboard tracker."""
+def _validate(grids: ValidationGrids, out: Path, step: int, accelerator) -> int:
+    """The validation grid of `step` (base row, trained row) into out/validation/ and the tensorboard tracker."""
     try:
-        grid = validation_grid(family, cfg, reference=reference)
+        grid = grids.grid(step)
     finally:
-        family.unet.train()
+        grids.family.unet.train()
     folder = out / "validation"
     folder.mkdir(exist_ok=True)
-    grid.save(folder / f"step-{step:06d}.png")
+    save_grid(grid, folder / f"step-{step:06d}.png")
     tb = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
     if tb is not None:
         import numpy as np
 
         tb.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    return step
 
 
 __all__ = ["load_config_pairs", "train"]  # load_config_pairs: `diffalign cache` builds the cache a run will find
