@@ -94,9 +94,14 @@ def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike,
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     component = denoiser_component(pipeline_class)
     # UNet LoRAs use diffusers' `lora.down/up` names (the SD scripts' format); transformer LoRAs keep peft's
-    # `lora_A/B`, the format diffusers' CogVideoX LoRA script writes and hub CogVideoX LoRAs use.
+    # `lora_A/B`, the format diffusers' CogVideoX LoRA script writes and hub CogVideoX LoRAs use. diffusers renames
+    # only the attention projections: a LoRA that also touches other layers (convs, feed-forward, embeddings) would
+    # come out half renamed, and the loader, seeing peft keys, would then drop every renamed one without a word. So
+    # such a LoRA keeps peft's names throughout, which `pipe.load_lora_weights` reads as they are.
     if component == "unet":
-        state = convert_state_dict_to_diffusers(state)
+        converted = convert_state_dict_to_diffusers(state)
+        if not any(".lora_A." in k or ".lora_B." in k for k in converted):
+            state = converted
     layers = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
