@@ -74,6 +74,14 @@ def test_generate_takes_a_checkpoint_folder_and_records_its_step(lora_runs, tiny
     _, base = _images(tmp_path / "base")
     assert np.array_equal(ck2, at_two) and not np.array_equal(ck2, base)
     assert rows[0]["settings"]["lora_step"] == 2  # the manifest says which step made the images
+    # The guidance commands and export take it too.
+    assert main(["generate", *common, "--negative-model", str(run / "checkpoint-2"),
+                 "--out", str(tmp_path / "npo")]) == 0
+    rows, _ = _images(tmp_path / "npo")
+    assert rows[0]["settings"]["negative_model_step"] == 2
+    assert main(["export", "--lora", str(run / "checkpoint-2"), "--out", str(tmp_path / "k.safetensors")]) == 0
+    kohya = load_file(str(tmp_path / "k.safetensors"))
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
 
 
 def test_stock_diffusers_loads_a_checkpoint_folder(lora_runs, tiny_pipelines):
@@ -134,6 +142,10 @@ def test_full_finetune_checkpoints_hold_a_loadable_unet_and_the_ema_named(tiny_p
         _same_tensors(run / "checkpoint-2" / sub / "diffusion_pytorch_model.safetensors",
                       run / sub / "diffusion_pytorch_model.safetensors")
     capsys.readouterr()
+    assert main(["extract-lora", "--base", str(tiny_pipelines["sd"]), "--tuned", str(run / "checkpoint-1"),
+                 "--rank", "2", "--out", str(tmp_path / "extracted")]) == 0
+    assert "LoRA keeps" in capsys.readouterr().out
+    assert (tmp_path / "extracted" / "pytorch_lora_weights.safetensors").is_file()
     assert main(["generate", "--model", str(tiny_pipelines["sd"]), "--prompt", "x", "--lora",
                  str(run / "checkpoint-1"), "--out", str(tmp_path / "g")]) == 2
     assert "is a checkpoint of a full fine-tune: its weights are the UNet in" in capsys.readouterr().err

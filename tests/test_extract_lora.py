@@ -91,8 +91,8 @@ def test_shares_per_layer_group_are_right(tiny_pipelines):
         d = float((tuned_params[key].detach().double() - p.detach().double()).pow(2).sum())
         owner, leaf = key.rsplit(".", 1)
         module = modules[owner]
-        group = (layer_group(owner, module) if leaf == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-                 else NOT_LORA)
+        layer = leaf == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        group = layer_group(owner, module) if layer else NOT_LORA
         held[group] = held.get(group, 0.0) + d
     total = sum(held.values())
     assert held["conv: resnets"] > 0 and held["linear: attention to_q/k/v/out"] > 0 and held[NOT_LORA] > 0

@@ -122,8 +122,8 @@ def _is_checkpoint(p: Path) -> bool:
 def _checkpoint_without_lora(p: Path, text: str) -> UserError:
     if (p / "unet" / "config.json").is_file():
         return UserError(f"{text!r} is a checkpoint of a full fine-tune: its weights are the UNet in {p / 'unet'} "
-                         "(give it to --negative-model, extract-lora --tuned, or UNet2DConditionModel.from_pretrained), "
-                         "not a LoRA")
+                         "(give it to --negative-model, extract-lora --tuned, or "
+                         "UNet2DConditionModel.from_pretrained), not a LoRA")
     return UserError(f"{text!r} is a training checkpoint that holds only the resume state (trainable.safetensors, "
                      f"written before checkpoints also held {LORA_WEIGHT_NAME}): it can only be resumed from "
                      "(--resume_from_checkpoint), not loaded; pick a checkpoint written by this version")

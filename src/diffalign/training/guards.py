@@ -147,8 +147,8 @@ def check_disk_for_checkpoints(out, params, *, ema: bool, cfg, log) -> int:
 
     one = estimate_checkpoint_bytes(params, state_bytes=1 if cfg.use_8bit_adam else 4, ema=ema)
     free = check_free_space(out, one, "one training checkpoint",
-                            "the estimate counts the trainable weights twice (the resume copy and the loadable one), two "
-                            "AdamW states per weight"
+                            "the estimate counts the trainable weights twice (the resume copy and the loadable "
+                            "one), two AdamW states per weight"
                             + (" and an EMA copy" if ema else ""))
     planned = max(cfg.max_train_steps - 1, 0) // cfg.checkpointing_steps + 1  # + the one at the last step
     kept = min(planned, cfg.checkpoints_total_limit or planned)
