@@ -140,11 +140,13 @@ def weights_step(path: str | os.PathLike | None) -> int | None:
     folder = p.parent if p.is_file() else p
     for name, key in (("state.json", "global_step"), ("train_report.json", "steps")):
         try:
-            value = json.loads((folder / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
+            info = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
             continue
-        if isinstance(value, int):
-            return value
+        if not isinstance(info, dict) or (name == "train_report.json" and info.get("status") != "finished"):
+            continue
+        if isinstance(info.get(key), int):
+            return info[key]
     return None
 
 
