@@ -152,12 +152,13 @@ def test_two_processes_train_like_one_process_at_the_same_global_batch(tiny_pipe
 
     if method != "dpo":  # resume runs the same code for every method; one 2-process resume keeps the file short
         return
-    # Resume the 2-process run from its step-2 checkpoint: it must reach the same weights and log step 3 once.
-    assert (two / "checkpoint-2").is_dir()
+    # Resume the 2-process run from its step-2 checkpoint (by name: `latest` is the final checkpoint-3 now, and a
+    # finished run has nothing to do): it must reach the same weights and log step 3 once.
+    assert (two / "checkpoint-2").is_dir() and (two / "checkpoint-3").is_dir()
     finished = tmp_path / "finished.safetensors"
     shutil.copy(two / "pytorch_lora_weights.safetensors", finished)
     stdout = _finish(_accelerate_launch(_as_args({**kw, "train_batch_size": 2, "output_dir": two,
-                                                   "resume_from_checkpoint": "latest"})))
+                                                   "resume_from_checkpoint": str(two / "checkpoint-2")})))
     assert "resumed from" in stdout and "checkpoint-2" in stdout
     _assert_logged_once(two, stdout)
     a, b = load_file(finished), load_file(two / "pytorch_lora_weights.safetensors")

@@ -285,8 +285,8 @@ def test_checkpoints_we_write_hold_no_pickle(tiny_pipelines, pairs, tmp_path):
 
     out = train(_cfg(tiny_pipelines["sd"], pairs, tmp_path / "run", max_train_steps=2, checkpointing_steps=1))
     files = sorted(p.name for p in (out / "checkpoint-1").iterdir())
-    assert files == ["optimizer.json", "optimizer.safetensors", "scheduler.json", "scheduler.safetensors",
-                     "state.json", "trainable.safetensors"]
+    assert files == ["optimizer.json", "optimizer.safetensors", "pytorch_lora_weights.safetensors", "scheduler.json",
+                     "scheduler.safetensors", "state.json", "trainable.safetensors"]
     state = json.loads((out / "checkpoint-1" / "state.json").read_text())
     assert set(state["files"]) == set(files) - {"state.json"}  # what makes a checkpoint "complete"
     assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt")]

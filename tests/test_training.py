@@ -212,10 +212,10 @@ def test_resume_latest_and_checkpoint_limit(tiny_pipelines, style_pairs, tmp_pat
     out = tmp_path / "run"
     kw = dict(method="sft", checkpointing_steps=1, checkpoints_total_limit=2)
     train(_cfg(tiny_pipelines["sd"], style_pairs, out, max_train_steps=4, **kw))
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]  # the last step gets one too
     capsys.readouterr()
     train(_cfg(tiny_pipelines["sd"], style_pairs, out, max_train_steps=5, resume_from_checkpoint="latest", **kw))
-    assert "resumed from" in capsys.readouterr().out and "checkpoint-3" in str(list_checkpoints(out))
+    assert "resumed from" in capsys.readouterr().out and "checkpoint-5" in str(list_checkpoints(out))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [4, 5]
 

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
                                    "makes only the images still missing.")
     p.add_argument("--model", required=True, help="pipeline folder or hub id; 'toy' for the shipped toy model")
     p.add_argument("--vae", default=None, help="optional separate VAE folder or hub id")
-    p.add_argument("--lora", default=None, help="a LoRA folder or .safetensors file for pipe.load_lora_weights")
+    p.add_argument("--lora", default=None, help="a LoRA folder or .safetensors file for pipe.load_lora_weights "
+                   "(a run folder or any of its checkpoint-N folders)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="file: one prompt a line, or JSONL with a 'prompt' field; or a dataset "
@@ -52,6 +53,7 @@ def cmd(args) -> int:
     from ..generation import GenerationSettings, generate_to_folder
     from ..generation.sample import accelerate_processes
     from ..models import load_lora_into_pipeline, load_pipeline
+    from ..models.lora import step_record
 
     if (args.height is None) != (args.width is None):
         raise UserError("give both --height and --width, or neither (the model's native size)")
@@ -89,7 +91,7 @@ def cmd(args) -> int:
         num_images_per_prompt=args.num_images_per_prompt,
         negative_prompt=args.negative_prompt,
         extra={"model": args.model, "lora": args.lora, "vae": args.vae, "dtype": args.dtype, "variant": args.variant,
-               **npo_record},
+               **npo_record, **step_record(lora=args.lora, negative_model=args.negative_model)},
     )
     rows = generate_to_folder(pipe, prompts, args.out, settings, overwrite=args.overwrite, processes=processes)
     if processes.is_main:

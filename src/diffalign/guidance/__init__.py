@@ -8,12 +8,11 @@ UNet) get the same `attach.py` with the wrapper of `video.py`, which also saves 
 mp4 or GIF.
 """
 
+from .extract import extract_lora, extract_lora_factors
 from .offsets import (
     Offset,
     compose_dense_unet,
     compose_lora_factors,
-    extract_lora,
-    extract_lora_factors,
     lora_factors,
     read_lora,
     resolve_offset,

@@ -12,8 +12,8 @@ difference to the base UNet. Two ways to turn offsets into a negative model:
 * `compose_dense_unet`: a merged copy of the base UNet (a second UNet in memory), needed when an offset is a
   full UNet, and what `diffalign export-negative` writes.
 
-`extract_lora` goes the other way: a truncated SVD of a full fine-tune's difference on the attention projections,
-so a full-UNet offset can use the fast path at a chosen rank.
+`extract_lora` (extract.py) goes the other way: a truncated SVD of a full fine-tune's difference on every Linear
+and Conv layer, so a full-UNet offset can use the fast path at a chosen rank.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.loading import load_pipeline
-from ..models.lora import DEFAULT_TARGET_MODULES, LORA_WEIGHT_NAME, load_lora_into_unet, resolve_lora_file, save_lora
-from ..models.source import resolve_model
+from ..models.lora import LORA_WEIGHT_NAME, load_lora_into_unet, resolve_lora_file
 
 #: module name -> (A weight, B weight, scaling); the module's LoRA delta is `B @ A * scaling` (conv: 1x1 B).
 LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -232,42 +230,3 @@ def compose_dense_unet(base_unet, pipeline_class, positive=None, negative=None, 
                 param = state[key]
                 param.copy_((param.float() + float(coef) * delta.to(param.device)).to(param.dtype))
     return out
-
-
-def extract_lora_factors(base_unet, tuned_unet, rank: int, target_modules=DEFAULT_TARGET_MODULES) -> LoraFactors:
-    """Truncated SVD of `tuned - base` on the attention projections: `B = U_r S_r`, `A = V_r^T`, scaling 1.
-
-    Exact when `rank` is at least the rank of each difference; zero-padded where a layer is smaller than `rank`.
-    """
-    if rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
-    tuned_modules = dict(tuned_unet.named_modules())
-    out: LoraFactors = {}
-    for name, module in base_unet.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not any(name == t or name.endswith("." + t) for t in target_modules):
-            continue
-        other = tuned_modules.get(name)
-        if other is None or other.weight.shape != module.weight.shape:
-            raise UserError(f"the tuned UNet does not match the base at {name!r}")
-        diff = other.weight.detach().double() - module.weight.detach().double()
-        u, s, vh = torch.linalg.svd(diff, full_matrices=False)
-        r = min(rank, s.shape[0])
-        b = (u[:, :r] * s[:r]).float()
-        a = vh[:r].float()
-        if r < rank:
-            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
-        out[name] = (a, b, 1.0)
-    if not out:
-        raise UserError(f"no attention projection ({', '.join(target_modules)}) found in the UNet")
-    return out
-
-
-def extract_lora(base_path: str, tuned_path: str, rank: int, out_dir: str) -> Path:
-    """`diffalign extract-lora`: save the rank-`rank` LoRA of `tuned - base` as `out_dir/pytorch_lora_weights.safetensors`."""
-    pipe = load_pipeline(base_path)
-    base = pipe.unet
-    tuned = load_unet(str(resolve_model(tuned_path)), dtype=base.dtype)
-    factors = extract_lora_factors(base, tuned, rank)
-    add_factor_adapter(base, "default", factors, rank)
-    return save_lora(base, type(pipe), out_dir, adapter_name="default")

@@ -97,9 +97,14 @@ def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike,
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     component = denoiser_component(pipeline_class)
     # UNet LoRAs use diffusers' `lora.down/up` names (the SD scripts' format); transformer LoRAs keep peft's
-    # `lora_A/B`, the format diffusers' CogVideoX LoRA script writes and hub CogVideoX LoRAs use.
+    # `lora_A/B`, the format diffusers' CogVideoX LoRA script writes and hub CogVideoX LoRAs use. diffusers renames
+    # only the attention projections: a LoRA that also touches other layers (convs, feed-forward, embeddings) would
+    # come out half renamed, and the loader, seeing peft keys, would then drop every renamed one without a word. So
+    # such a LoRA keeps peft's names throughout, which `pipe.load_lora_weights` reads as they are.
     if component == "unet":
-        state = convert_state_dict_to_diffusers(state)
+        converted = convert_state_dict_to_diffusers(state)
+        if not any(".lora_A." in k or ".lora_B." in k for k in converted):
+            state = converted
     layers = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,8 +118,50 @@ def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike,
     return out / LORA_WEIGHT_NAME
 
 
+def _is_checkpoint(p: Path) -> bool:
+    return (p / "state.json").is_file() and (p / "trainable.safetensors").is_file()
+
+
+def _checkpoint_without_lora(p: Path, text: str) -> UserError:
+    if (p / "unet" / "config.json").is_file():
+        return UserError(f"{text!r} is a checkpoint of a full fine-tune: its weights are the UNet in {p / 'unet'} "
+                         "(give it to --negative-model, extract-lora --tuned, or "
+                         "UNet2DConditionModel.from_pretrained), not a LoRA")
+    return UserError(f"{text!r} is a training checkpoint that holds only the resume state (trainable.safetensors, "
+                     f"written before checkpoints also held {LORA_WEIGHT_NAME}): it can only be resumed from "
+                     "(--resume_from_checkpoint), not loaded; pick a checkpoint written by this version")
+
+
+def weights_step(path: str | os.PathLike | None) -> int | None:
+    """The training step of weights from a diffalign run: N for `RUN/checkpoint-N` (or a file in it), the last step
+    for a finished `RUN` folder (or a file in it); None for anything else."""
+    import json
+
+    if path is None:
+        return None
+    p = Path(os.fspath(path)).expanduser()
+    folder = p.parent if p.is_file() else p
+    for name, key in (("state.json", "global_step"), ("train_report.json", "steps")):
+        try:
+            info = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or (name == "train_report.json" and info.get("status") != "finished"):
+            continue
+        if isinstance(info.get(key), int):
+            return info[key]
+    return None
+
+
+def step_record(**paths) -> dict[str, int]:
+    """`{"lora_step": N, ...}` for the given weights paths that come from a diffalign run (a manifest records which
+    step of a run made the images)."""
+    return {f"{k}_step": step for k, path in paths.items() if (step := weights_step(path)) is not None}
+
+
 def resolve_lora_file(path: str | os.PathLike) -> str:
-    """A local LoRA file, or the one LoRA file in a folder; hub ids pass through when online."""
+    """A local LoRA file, or the one LoRA file in a folder (a run folder or any of its `checkpoint-N` folders);
+    hub ids pass through when online."""
     text = os.fspath(path)
     p = Path(text).expanduser()
     if p.is_file():
@@ -122,6 +169,11 @@ def resolve_lora_file(path: str | os.PathLike) -> str:
     if p.is_dir():
         if (p / LORA_WEIGHT_NAME).is_file():
             return str(p / LORA_WEIGHT_NAME)
+        if _is_checkpoint(p):
+            raise _checkpoint_without_lora(p, text)
+        if (p / "unet" / "config.json").is_file() and (p / "train_report.json").is_file():
+            raise UserError(f"{text!r} is the run folder of a full fine-tune: its weights are the UNet in "
+                            f"{p / 'unet'}, not a LoRA")
         candidates = sorted(f.name for f in p.glob("*.safetensors"))
         if len(candidates) == 1:
             return str(p / candidates[0])

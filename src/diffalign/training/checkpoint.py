@@ -8,6 +8,13 @@ folder renamed to `checkpoint-N` (a rename is atomic). `state.json`, written las
 size; a folder is *complete* only if that list checks out, so a half-written or half-deleted folder is never
 taken as `latest`. Old checkpoints are renamed to `.trash-*` before they are deleted for the same reason.
 
+Loadable weights. Besides the resume state (`trainable.safetensors`, whose peft keys no loader reads), each
+checkpoint holds the weights in the form the run folder holds them, written by the same code
+(`write_weights`, the recipe's `save_outputs`): `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`,
+or `unet/` for `UNet2DConditionModel.from_pretrained` (with use_ema: `unet/` the EMA weights, `unet_raw/` the
+trained ones, as `state.json`'s `weights` says). So `generate --lora RUN/checkpoint-N` and every command that
+takes a run folder take any of its checkpoints.
+
 No pickle. Weights and every tensor of the optimizer/scheduler state are safetensors; the rest of those states
 (param groups, step counts) is JSON. Older checkpoints with `optimizer.pt`/`scheduler.pt` still load, through
 `torch.load(weights_only=True)`: a file holding anything but tensors and plain containers is refused, and the
@@ -182,17 +189,20 @@ def _test_pause(step: int) -> None:
 
 
 def estimate_checkpoint_bytes(params, *, optimizer_states: int = 2, state_bytes: int = 4, ema: bool = False) -> int:
-    """Bytes of one checkpoint: the trainable weights, `optimizer_states` state tensors per weight (AdamW: 2, at
-    `state_bytes` each: 4 for fp32, ~1 for 8-bit Adam) and an fp32 EMA copy if any; plus 1% and 1 MB for metadata."""
+    """Bytes of one checkpoint: the trainable weights twice (the resume copy and the loadable one), `optimizer_states`
+    state tensors per weight (AdamW: 2, at `state_bytes` each: 4 for fp32, ~1 for 8-bit Adam) and an fp32 EMA copy
+    if any (twice too: a full fine-tune with EMA also writes it loadable); plus 1% and 1 MB for metadata."""
     total = 0
     for p in params:
         n = p.numel()
-        total += n * p.element_size() + n * optimizer_states * state_bytes + (n * 4 if ema else 0)
+        total += 2 * n * p.element_size() + n * optimizer_states * state_bytes + (2 * n * 4 if ema else 0)
     return int(total * 1.01) + (1 << 20)
 
 
 def save_checkpoint(output_dir, step: int, *, weights: dict, optimizer, lr_scheduler, ema: dict | None = None,
-                    extra: dict | None = None, total_limit: int | None = None) -> Path:
+                    extra: dict | None = None, total_limit: int | None = None, write_weights=None) -> Path:
+    """Write `checkpoint-{step}` atomically (see the module doc). `write_weights(folder)`, when given, writes the
+    loadable weights into the folder (every file it writes is listed in state.json like the rest)."""
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
@@ -206,6 +216,10 @@ def save_checkpoint(output_dir, step: int, *, weights: dict, optimizer, lr_sched
         files.append("ema.safetensors")
     files += _save_state(optimizer.state_dict(), tmp, "optimizer")
     files += _save_state(lr_scheduler.state_dict(), tmp, "scheduler")
+    if write_weights is not None:
+        write_weights(tmp)
+        files += sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                        if p.is_file() and p.relative_to(tmp).as_posix() not in files)
     for name in files:
         _fsync(tmp / name)
     state = {"global_step": step, "format": FORMAT, **(extra or {}),

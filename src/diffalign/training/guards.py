@@ -151,9 +151,10 @@ def check_disk_for_checkpoints(out, params, *, ema: bool, cfg, log) -> int:
     """Before the first step: refuse when one checkpoint does not fit; warn when all planned ones may not."""
     one = estimate_checkpoint_bytes(params, state_bytes=1 if cfg.use_8bit_adam else 4, ema=ema)
     free = check_free_space(out, one, "one training checkpoint",
-                            "the estimate counts the trainable weights, two AdamW states per weight"
+                            "the estimate counts the trainable weights twice (the resume copy and the loadable "
+                            "one), two AdamW states per weight"
                             + (" and an EMA copy" if ema else ""))
-    planned = max(cfg.max_train_steps - 1, 0) // cfg.checkpointing_steps
+    planned = max(cfg.max_train_steps - 1, 0) // cfg.checkpointing_steps + 1  # + the one at the last step
     kept = min(planned, cfg.checkpoints_total_limit or planned)
     if kept > 1 and free < one * kept:
         log(f"warning: {kept} checkpoints of ~{human_bytes(one)} each may not fit in the {human_bytes(free)} free "
@@ -184,7 +185,8 @@ class StepBoundary:
         log_step(self.accelerator, self.out, self.main, step, sums, bar)
         saved = None
         # No checkpoint after a skipped update: the newest checkpoint stays one taken before a bad stretch.
-        if self.main and not skipped and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
+        # The last step always gets one: a finished run's newest checkpoint is its final weights.
+        if self.main and not skipped and (step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps):
             saved = self.save(step)
         error = None
         if self.nonfinite.exhausted():

@@ -25,10 +25,10 @@ from .methods import get_method
 from .pair_data import load_config_pairs
 from .protocol import RunContext
 from .reference import AdaptersOff, FrozenCopy
-from .run_log import open_run_log, write_train_report
+from .run_log import open_run_log, run_finished, write_train_report
 from .setup import make_stream, start_run
 from .steps import add_count, backward_micro_batch, make_optimizer, optimizer_step, skip_micro_batch
-from .validation import validation_grid
+from .validation import ValidationGrids, save_grid
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -92,8 +92,10 @@ def train(cfg: TrainConfig) -> Path:
 
     def save(at: int) -> Path:
         return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts),
-                               total_limit=cfg.checkpoints_total_limit)
+                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts, **notes),
+                               total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
+
+    notes = {"weights": recipe.weights_note()} if recipe.weights_note() else {}
 
     boundary = StepBoundary(cfg, out=out, accelerator=accelerator, main=main, log=log, what=cfg.method,
                             hint=recipe.stability_hint, save=save, report=report)
@@ -107,6 +109,11 @@ def train(cfg: TrainConfig) -> Path:
         boundary.nonfinite.restore(state)
         counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
         log(f"resumed from {resume} at step {step}")
+        if step >= cfg.max_train_steps and run_finished(out, step):
+            log(f"nothing to do: the run finished at step {step} (max_train_steps={cfg.max_train_steps}) and its "
+                f"outputs are in {out}; raise max_train_steps to train further")
+            accelerator.end_training()
+            return out
     if main:
         open_run_log(cfg, out, accelerator, step, report("running"))
         log(f"{recipe.describe(data)}; {world} process(es) x batch {cfg.train_batch_size} x accumulation "
@@ -116,7 +123,8 @@ def train(cfg: TrainConfig) -> Path:
                 f"{cfg.beta:g} here")
 
     ga = cfg.gradient_accumulation_steps
-    validation_net = reference.module if isinstance(reference, FrozenCopy) else None
+    grids = ValidationGrids(family, cfg, reference.module if isinstance(reference, FrozenCopy) else None)
+    validated = None  # the step of the last grid
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
     with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
         while step < cfg.max_train_steps:
@@ -142,14 +150,14 @@ def train(cfg: TrainConfig) -> Path:
             step += 1
             boundary.end_step(step, skipped, stop, sums, bar)
             if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
-                _validate(cfg, family, validation_net, out, step, accelerator)
+                validated = _validate(grids, out, step, accelerator)
             accelerator.wait_for_everyone()
     bar.close()
 
     if main:
         recipe.save_outputs(out)
-        if cfg.validation_prompts:
-            _validate(cfg, family, validation_net, out, step, accelerator)
+        if cfg.validation_prompts and validated != step:
+            _validate(grids, out, step, accelerator)
         recipe.write_model_card(out, data.summary())
         write_train_report(out, report("finished"))
         log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
@@ -158,20 +166,21 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def _validate(cfg, family: ModelFamily, reference, out: Path, step: int, accelerator: Accelerator) -> None:
-    """The validation grid of `step` (trained row, base row) into out/validation/ and the tensorboard tracker."""
+def _validate(grids: ValidationGrids, out: Path, step: int, accelerator: Accelerator) -> int:
+    """The validation grid of `step` (base row, trained row) into out/validation/ and the tensorboard tracker."""
     try:
-        grid = validation_grid(family, cfg, reference=reference)
+        grid = grids.grid(step)
     finally:
-        family.unet.train()
+        grids.family.unet.train()
     folder = out / "validation"
     folder.mkdir(exist_ok=True)
-    grid.save(folder / f"step-{step:06d}.png")
+    save_grid(grid, folder / f"step-{step:06d}.png")
     tb = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
     if tb is not None:
         import numpy as np
 
         tb.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    return step
 
 
 __all__ = ["load_config_pairs", "train"]  # load_config_pairs: `diffalign cache` builds the cache a run will find

@@ -15,7 +15,9 @@ One recipe instance serves one run. In the loop's order:
    this process keeps its rows (timesteps.py), which is what makes resume exact and N processes equal 1;
 5. ``after_update()`` after every optimizer update that was applied (not after a skipped one);
 6. ``checkpoint_state()``: tensors saved in every checkpoint beside the trainable weights and restored on resume
-   (``check_checkpoint(path)`` first refuses a checkpoint the recipe cannot resume from);
+   (``check_checkpoint(path)`` first refuses a checkpoint the recipe cannot resume from); every checkpoint also
+   holds the loadable weights, written by ``save_outputs(folder)`` (``weights_note()`` says what each holds when
+   a name alone does not);
 7. at the end (main process): ``save_outputs(out)``, the last validation grid, ``write_model_card(out, summary)``.
 
 :class:`RecipeBase` gives the defaults of the optional parts (no after-update hook, no extra state, the trained
@@ -96,6 +98,8 @@ class Recipe(Protocol):
 
     def check_checkpoint(self, path: Path) -> None: ...
 
+    def weights_note(self) -> dict[str, str]: ...
+
     def save_outputs(self, out: Path) -> None: ...
 
     def write_model_card(self, out: Path, data_summary: str) -> Path: ...
@@ -131,6 +135,11 @@ class RecipeBase:
 
     def check_checkpoint(self, path: Path) -> None:
         """Any checkpoint of the same method resumes."""
+
+    def weights_note(self) -> dict[str, str]:
+        """What each folder written by :meth:`save_outputs` holds, when a name alone does not say it (state.json of
+        every checkpoint records it)."""
+        return {}
 
     def save_outputs(self, out: Path) -> None:
         """The trained weights: the LoRA (pytorch_lora_weights.safetensors) or the whole network (unet/)."""

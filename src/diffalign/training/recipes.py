@@ -153,6 +153,11 @@ class PreferenceRecipe(RecipeBase):
     def checkpoint_state(self):
         return self.ema.state_dict() if self.ema is not None else None
 
+    def weights_note(self) -> dict[str, str]:
+        if self.ema is None or self._context().cfg.train_mode == "lora":
+            return {}
+        return {"unet": "EMA of the trained weights (use_ema)", "unet_raw": "the trained weights"}
+
     def save_outputs(self, out: Path) -> None:
         """The LoRA, or the UNet; with use_ema the EMA weights in unet/ and the trained ones in unet_raw/."""
         if self.ema is None or self._context().cfg.train_mode == "lora":

@@ -57,3 +57,11 @@ def open_run_log(cfg, out: Path, accelerator: Accelerator, step: int, running_re
     accelerator.init_trackers(cfg.tracker_project_name, config={k: v for k, v in vars(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
 
+
+def run_finished(out: Path, step: int) -> bool:
+    """True when out/train_report.json says the run finished at `step` (its outputs were all written then)."""
+    try:
+        report = json.loads((Path(out) / "train_report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("status") == "finished" and report.get("steps") == step
