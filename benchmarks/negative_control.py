@@ -75,7 +75,8 @@ def sample(pipe, neg_unet, prompts: list[str], g: float, mode: str, seed: int = 
         batch = prompts[start : start + batch_size]
         B = len(batch)
         c, u = encode(pipe, batch), encode(pipe, [""] * B)
-        x = torch.cat([torch.randn((1, unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed + start + i))
+        x = torch.cat([torch.randn((1, unet.config.in_channels, size, size),
+                                   generator=torch.Generator().manual_seed(seed + start + i))
                        for i in range(B)]) * sched.init_noise_sigma
         sched.set_timesteps(steps)
         for t in sched.timesteps:

@@ -48,9 +48,11 @@ def main():
         own = measure.metrics_of_features(feats, prompts)
         diff = measure.compare_features(feats, base_features, prompts)
         rows[path] = {"metrics": own.as_dict(), "difference": diff.as_dict()}
-        print(f"{Path(path).name}: FD {own.fd.estimate:.3f} (diff {diff.fd.estimate:+.3f} [{diff.fd.low:+.3f}, {diff.fd.high:+.3f}])  "
-              f"precision {own.precision.estimate:.3f} ({diff.precision.estimate:+.3f} [{diff.precision.low:+.3f}, {diff.precision.high:+.3f}])  "
-              f"recall {own.recall.estimate:.3f} ({diff.recall.estimate:+.3f} [{diff.recall.low:+.3f}, {diff.recall.high:+.3f}])", flush=True)
+        p, r = diff.precision, diff.recall
+        print(f"{Path(path).name}: FD {own.fd.estimate:.3f} (diff {diff.fd.estimate:+.3f} [{diff.fd.low:+.3f}, "
+              f"{diff.fd.high:+.3f}])  precision {own.precision.estimate:.3f} ({p.estimate:+.3f} [{p.low:+.3f}, "
+              f"{p.high:+.3f}])  recall {own.recall.estimate:.3f} ({r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}])",
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
 

@@ -72,7 +72,8 @@ class PlainDPO:
         noisy_w = self.scheduler.add_noise(latents_w, noise, t)
         noisy_l = self.scheduler.add_noise(latents_l, noise, t)
         if self.scheduler.config.prediction_type == "v_prediction":
-            target_w, target_l = self.scheduler.get_velocity(latents_w, noise, t), self.scheduler.get_velocity(latents_l, noise, t)
+            target_w = self.scheduler.get_velocity(latents_w, noise, t)
+            target_l = self.scheduler.get_velocity(latents_l, noise, t)
         else:
             target_w = target_l = noise
 

@@ -118,7 +118,9 @@ def main():
               f"[{seconds:.0f} s]", flush=True)
     print("\n| run | striped | fidelity (diff ± s.e.) | clarity |\n|---|---|---|---|")
     for r in rows:
-        fid = f"{r['fidelity']:.3f}" + (f" ({r['fidelity_diff']:+.3f} ± {r['fidelity_diff_se']:.3f})" if "fidelity_diff" in r else "")
+        fid = f"{r['fidelity']:.3f}"
+        if "fidelity_diff" in r:
+            fid += f" ({r['fidelity_diff']:+.3f} ± {r['fidelity_diff_se']:.3f})"
         print(f"| {r['run']} | {r['striped']:.3f} | {fid} | {r['clarity']:.3f} |")
 
 

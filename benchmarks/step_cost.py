@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import import_module
 import os
 import re
 import statistics
@@ -35,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from importlib import import_module
 from pathlib import Path
 
 import torch

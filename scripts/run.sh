@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (once) a local virtual environment in .venv, then run `demo` or `test`.
-# Usage: scripts/run.sh demo [diffalign demo options] | scripts/run.sh test [pytest options]
+# Usage: scripts/run.sh demo [diffalign demo options] | scripts/run.sh test [pytest options] | scripts/run.sh lint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,5 +27,6 @@ shift || true
 case "$cmd" in
   demo) exec "$VENV/bin/diffalign" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
-  *) echo "usage: scripts/run.sh demo|test [options]" >&2; exit 2 ;;
+  lint) exec "$VENV/bin/ruff" check src tests benchmarks scripts "$@" ;;
+  *) echo "usage: scripts/run.sh demo|test|lint [options]" >&2; exit 2 ;;
 esac

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
 
-from diffalign.demo import (DISTRIBUTION, LORA, MODELS, REWARDS, TRAIN, Stage, build_stages, run_stages,
-                            split_prompts)
+from diffalign.demo import DISTRIBUTION, LORA, MODELS, REWARDS, TRAIN, Stage, build_stages, run_stages, split_prompts
 from diffalign.toy.paths import toy_pairs_path
 
 

@@ -173,6 +173,7 @@ def test_a_process_without_usable_rows_in_a_micro_batch_does_not_hang_the_others
     counted (`skipped_micro_batches`), and the run finishes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from diffalign.toy.render_captions import render_captions
     from diffalign.toy.render_pairs import render_pairs
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from test_evaluation import Brightness, write_folder
 
 from diffalign.cli import main
 from diffalign.errors import UserError
@@ -30,8 +31,6 @@ from diffalign.evaluation import (
 from diffalign.evaluation.distribution import centred_interval
 from diffalign.evaluation.toy_distribution import caption_style_weights, reference_renders
 from diffalign.toy.world import P_STYLE, STYLE_PRIOR, STYLES
-
-from test_evaluation import Brightness, write_folder
 
 # Three held-out prompts (unseen in Self-NPO training) x 8 seeds: small, but enough for k = 3.
 PROMPTS = ["a red circle", "a green square", "a blue triangle"]

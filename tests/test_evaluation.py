@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_rewards import build_tiny_clip
 
 from diffalign.cli import main
+from diffalign.data.prompts import read_prompts
 from diffalign.errors import UserError
 from diffalign.evaluation import Reward, bootstrap_ci, images_to_tensor, win_rate
 from diffalign.evaluation.evaluate import evaluate_folders, parse_folder_args
 from diffalign.evaluation.stats import match_pairs
-from diffalign.data.prompts import read_prompts
-
-from test_rewards import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -53,9 +53,9 @@ def test_generate_jsonl_prompts_sdxl_and_images_per_prompt(tiny_pipelines, tmp_p
 def test_generate_with_lora_changes_images(tiny_pipelines, tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipelines["sd"])
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -80,13 +80,14 @@ def test_generate_with_lora_changes_images(tiny_pipelines, tmp_path):
         (["generate", "--model", "{tmp}", "--prompt", "x", "--out", "{tmp}/o"], "model_index.json"),
         (["generate", "--model", "{sd}", "--prompts", "{tmp}/missing.txt", "--out", "{tmp}/o"], "missing.txt"),
         (["generate", "--model", "{sd}", "--prompt", "x", "--out", "{sd}/model_index.json/sub"], "not writable"),
-        (["generate", "--model", "{sd}", "--prompt", "x", "--out", "{tmp}/o", "--lora", "{tmp}/bad_lora.safetensors"], "bad_lora"),
+        (["generate", "--model", "{sd}", "--prompt", "x", "--out", "{tmp}/o", "--lora", "{tmp}/bad_lora.safetensors"],
+         "bad_lora"),
         (["generate", "--model", "{sd}", "--prompt", "x", "--out", "{tmp}/o", "--height", "32"], "--width"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tiny_pipelines, tmp_path, capsys, args, expected):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"text_model.foo.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "bad_lora.safetensors")
     fill = lambda s: s.replace("{tmp}", str(tmp_path)).replace("{sd}", str(tiny_pipelines["sd"]))

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from test_evaluation import Brightness, write_folder
 
 from diffalign.errors import UserError
 from diffalign.evaluation.evaluate import evaluate_folders
 from diffalign.evaluation.overview import HEADER_HEIGHT, LABEL_WIDTH, PAD, matched_keys, overview_grid
 from diffalign.evaluation.report import write_report
-
-from test_evaluation import Brightness, write_folder
 
 
 def _folders(tmp_path):

@@ -188,7 +188,8 @@ def test_ranked_pairs_are_best_against_worst_by_the_judge(tmp_path, pipe, judge)
                num_samples_per_prompt=3, reward="toy", seed=7)
     run_pairs(cfg, pipe=pipe, reward=judge)
     manifest = read_manifest(out / "images/candidates")
-    assert [m["seed"] for m in manifest] == list(range(7, 13)) and [m["prompt"] for m in manifest] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert [m["seed"] for m in manifest] == list(range(7, 13))
+    assert [m["prompt"] for m in manifest] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
     pil = [Image.open(out / "images/candidates" / m["file"]).convert("RGB") for m in manifest]
     scores = judge.details(pil, [m["prompt"] for m in manifest])["score"].tolist()
     rows = _rows(out)
@@ -311,7 +312,8 @@ def test_resume_after_interrupts_equals_one_uninterrupted_run(tmp_path, pipe, mo
     stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
     (cut / "data/.train-00001.parquet.tmp").write_bytes(b"half a shard")  # what a killed writer leaves
 
-    monkeypatch.setattr(pairs_module, "write_shard", lambda cfg, s, rows, info: written.append(s) or real_write(cfg, s, rows, info))
+    monkeypatch.setattr(pairs_module, "write_shard",
+                        lambda cfg, s, rows, info: written.append(s) or real_write(cfg, s, rows, info))
     result = run_pairs(_cfg(cut, **kw), pipe=StopAfter(pipe, 0))  # nothing left to sample
     assert written == [0, 1, 2] and (first.stat().st_ino, first.stat().st_mtime_ns) == stamp  # shard 0 kept as it was
     assert result.reused_shards == 1 and result.pairs == 8

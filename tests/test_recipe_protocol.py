@@ -15,8 +15,8 @@ from diffalign.errors import UserError
 from diffalign.models import NoiseSchedule, load_family
 from diffalign.toy.render_pairs import write_pairs_parquet
 from diffalign.training import methods
-from diffalign.training.config import register_method
 from diffalign.training.batches import PairBatch
+from diffalign.training.config import register_method
 from diffalign.training.protocol import StepResult
 from diffalign.training.recipes import PreferenceRecipe
 from diffalign.training.reference import AdaptersOff, FrozenCopy

@@ -8,8 +8,15 @@ import json
 import random
 import signal
 
-from reliability_helpers import (REPO, assert_same_tensors, finish, kill_after_progress,
-                                 kill_inside_checkpoint_write, metric_steps, start)
+from reliability_helpers import (
+    REPO,
+    assert_same_tensors,
+    finish,
+    kill_after_progress,
+    kill_inside_checkpoint_write,
+    metric_steps,
+    start,
+)
 
 from diffalign.toy.render_pairs import write_pairs_parquet
 from diffalign.training.checkpoint import incomplete_checkpoints, list_checkpoints, resolve_resume

@@ -7,8 +7,15 @@ from __future__ import annotations
 import random
 import signal
 
-from reliability_helpers import (REPO, assert_same_tensors, finish, kill_after_progress,
-                                 kill_inside_checkpoint_write, metric_steps, start)
+from reliability_helpers import (
+    REPO,
+    assert_same_tensors,
+    finish,
+    kill_after_progress,
+    kill_inside_checkpoint_write,
+    metric_steps,
+    start,
+)
 
 from diffalign.training.checkpoint import incomplete_checkpoints, list_checkpoints
 

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from lora_checks import assert_every_lora_weight_changed
 import torch
+from lora_checks import assert_every_lora_weight_changed
 from safetensors.torch import load_file
 
 from diffalign.errors import UserError

@@ -3,8 +3,8 @@ import math
 
 import numpy as np
 import pytest
-from lora_checks import assert_every_lora_weight_changed
 import torch
+from lora_checks import assert_every_lora_weight_changed
 from safetensors.torch import load_file
 
 from diffalign.models import load_family
@@ -91,7 +91,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipelines, s
     interrupted = tmp_path / "resumed"
     train(_cfg(tiny_pipelines["sd"], style_pairs, interrupted, **{**kw, "max_train_steps": 3, "checkpointing_steps": 2}))
     assert (interrupted / "checkpoint-2").is_dir()
-    resumed = train(_cfg(tiny_pipelines["sd"], style_pairs, interrupted, resume_from_checkpoint=str(interrupted / "checkpoint-2"), **kw))
+    resumed = train(_cfg(tiny_pipelines["sd"], style_pairs, interrupted,
+                         resume_from_checkpoint=str(interrupted / "checkpoint-2"), **kw))
     a = load_file(straight / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()

@@ -19,7 +19,8 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder", flag: str
             pass
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise UserError(f"{what} '{path}' is not writable ({reason}): choose another folder with {flag} or fix its permissions") from None
+        raise UserError(f"{what} '{path}' is not writable ({reason}): choose another folder with {flag} or fix its "
+                        "permissions") from None
     return path
 
 
@@ -52,5 +53,6 @@ def check_free_space(path: str | Path, needed: int, what: str, hint: str = "") -
     free = free_bytes(path)
     if free < needed:
         raise UserError(f"not enough disk space in '{path}' for {what}: about {human_bytes(needed)} needed, "
-                        f"{human_bytes(free)} free; free some space or choose another output_dir" + (f" ({hint})" if hint else ""))
+                        f"{human_bytes(free)} free; free some space or choose another output_dir"
+                        + (f" ({hint})" if hint else ""))
     return free

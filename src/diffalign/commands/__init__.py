@@ -2,4 +2,5 @@
 `func` to a function `(args) -> int`. `cli.build_parser` adds every module named in `COMMANDS`."""
 
 #: Module names, in the order `diffalign --help` lists the commands.
-COMMANDS = ("generate", "toy", "train", "cache", "export", "demo", "extract_lora", "export_negative", "pairs", "evaluate", "configs")
+COMMANDS = ("generate", "toy", "train", "cache", "export", "demo", "extract_lora", "export_negative", "pairs", "evaluate",
+            "configs")

@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
 
 def cmd(args) -> int:
     from ..config_loader import config_help, load_config
-    from ..shipped_configs import resolve_config
     from ..generation.pairs import PairsConfig, run_pairs
+    from ..shipped_configs import resolve_config
 
     if args.help_config:
         print(config_help(PairsConfig))

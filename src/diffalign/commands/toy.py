@@ -29,13 +29,15 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="default: the judge module's default")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-path", default=None, help="pipeline folder whose VAE round-trips part of each batch; 'toy' for the shipped one")
+    p.add_argument("--vae-path", default=None,
+                   help="pipeline folder whose VAE round-trips part of each batch; 'toy' for the shipped one")
     p.set_defaults(func=cmd_toy_train_judge)
 
     p = tsub.add_parser("render-pairs", help="write Pick-a-Pic-schema pairs rendered from ground truth (parquet)")
     p.add_argument("--out", required=True, help="output .parquet file")
     p.add_argument("--kind", choices=["style", "fidelity"], default="style",
-                   help="style: chosen = the same scene in --style, rejected plain; fidelity: rejected has another colour and shape")
+                   help="style: chosen = the same scene in --style, rejected plain; fidelity: rejected has another "
+                        "colour and shape")
     p.add_argument("--style", default="striped", choices=["outlined", "striped"])
     p.add_argument("-n", "--num-pairs", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)

@@ -9,9 +9,11 @@ from ..errors import UserError
 def add_parser(sub) -> None:
     from ..training.methods import method_names  # the method table (no torch import)
 
-    p = sub.add_parser("train", help=f"training: {', '.join(method_names())} (works under `accelerate launch`)", allow_abbrev=False,
+    p = sub.add_parser("train", help=f"training: {', '.join(method_names())} (works under `accelerate launch`)",
+                       allow_abbrev=False,
                        description="diffalign train CONFIG.yaml [--key=value ...]; `--help-config` lists every key.")
-    p.add_argument("config", nargs="?", default=None, help="YAML recipe: a file, or the name of a shipped one (toy_mapo; `diffalign configs` lists them); keys can be overridden")
+    p.add_argument("config", nargs="?", default=None, help="YAML recipe: a file, or the name of a shipped one "
+                   "(toy_mapo; `diffalign configs` lists them); keys can be overridden")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
     p.set_defaults(func=cmd, accepts_overrides=True)
 

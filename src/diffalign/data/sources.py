@@ -18,8 +18,9 @@ Image-folder layout (winner in `w/`, loser in `l/`, same relative file name)::
       (or captions.csv  with a header row: file_name,caption)
 
 The captions file is the index: one row per entry (non-blank line), in file order; the entry number (from 0)
-is the row index in messages, and a malformed line is a row counted as `bad_caption`. `caption_column` names the caption key when it is not `caption`. Image files no entry names are not
-used and are counted as `unlisted_file` (strict mode refuses them).
+is the row index in messages, and a malformed line is a row counted as `bad_caption`. `caption_column` names the
+caption key when it is not `caption`. Image files no entry names are not used and are counted as `unlisted_file`
+(strict mode refuses them).
 """
 
 from __future__ import annotations
@@ -396,6 +397,7 @@ def _image_folder(root: Path, shown: str, caption_column: str, strict: bool) -> 
     l_paths = [str(root / "l" / n) if n in l_files else None for n, _ in entries]
     stats = _stat_files([root / "w" / n for n in w_files] + [root / "l" / n for n in l_files] + caption_files, root)
     identity = {"kind": "folder", "path": str(root.resolve()), "files_digest": _digest(stats), "files": len(stats)}
-    src = Source("folder", f"image folder {shown!r}", FolderTable(caption_column, captions, w_paths, l_paths, [n for n, _ in entries]), identity)
+    table = FolderTable(caption_column, captions, w_paths, l_paths, [n for n, _ in entries])
+    src = Source("folder", f"image folder {shown!r}", table, identity)
     src.extra_counts["unlisted_file"] = len(unlisted)
     return src

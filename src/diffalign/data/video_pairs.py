@@ -167,7 +167,8 @@ class VideoPairItems:
     """Items for the training loop's BatchStream: winner/loser pixels (F, 3, H, W) of one pair, seeded flips."""
 
     def __init__(self, pairs: VideoPairs, *, num_frames: int, height: int, width: int, random_flip: bool, seed: int):
-        self.pairs, self.num_frames, self.size, self.random_flip, self.seed = pairs, num_frames, (height, width), random_flip, seed
+        self.pairs, self.num_frames, self.size = pairs, num_frames, (height, width)
+        self.random_flip, self.seed = random_flip, seed
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -26,7 +26,6 @@ from .result import EvaluationResult, ImageRecord
 from .stats import WinRate, bootstrap_ci, check_bootstrap_options, match_pairs, paired_win_rate
 from .toy_distribution import build_distribution
 
-
 # ---------------------------------------------------------------------------------------------- inputs
 
 

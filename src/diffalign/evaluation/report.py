@@ -256,8 +256,9 @@ def _win_table(result: EvaluationResult) -> str:
             small = " <span class='note'>(few pairs)</span>" if wr.pairs < SMALL_N else ""
             rows.append(
                 f"<tr><td>{_e(reward)}</td><td>{_e(label)} vs {_e(base)}{small}</td>"
-                f"<td class='num'>{wr.decisive:.3f} <span class='note'>[{wr.decisive_low:.3f}, {wr.decisive_high:.3f}]</span></td>"
-                f"<td class='num'>{wr.tie_split:.3f} <span class='note'>[{wr.tie_split_low:.3f}, {wr.tie_split_high:.3f}]</span></td>"
+                f"<td class='num'>{wr.decisive:.3f} <span class='note'>[{wr.decisive_low:.3f}, "
+                f"{wr.decisive_high:.3f}]</span></td><td class='num'>{wr.tie_split:.3f} <span class='note'>"
+                f"[{wr.tie_split_low:.3f}, {wr.tie_split_high:.3f}]</span></td>"
                 f"<td class='num'>{wr.wins}</td><td class='num'>{wr.ties}</td><td class='num'>{wr.losses}</td>"
                 f"<td class='num'>{wr.pairs}</td><td class='num'>{wr.unmatched_a} / {wr.unmatched_b}</td></tr>")
     pct = round(result.level * 100)

@@ -27,8 +27,14 @@ import numpy as np
 from ..errors import UserError
 from ..models.source import resolve_model
 from ..rewards import images_to_tensor, parse_reward_spec
-from .distribution import (DEFAULT_K, DEFAULT_SAMPLES, DistributionDifference, DistributionMetrics,
-                           distribution_metrics, paired_distribution_difference)
+from .distribution import (
+    DEFAULT_K,
+    DEFAULT_SAMPLES,
+    DistributionDifference,
+    DistributionMetrics,
+    distribution_metrics,
+    paired_distribution_difference,
+)
 
 # Options of a `--distribution toy[=JUDGE_DIR][:KEY=VALUE]...` spec, with their defaults.
 SPEC_OPTIONS = {"k": DEFAULT_K, "refs": 1, "ref_seed": 0, "vae": "toy", "bootstrap": DEFAULT_SAMPLES}

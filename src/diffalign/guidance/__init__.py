@@ -8,6 +8,8 @@ UNet) get the same `attach.py` with the wrapper of `video.py`, which also saves 
 mp4 or GIF.
 """
 
+from .attach import attach_negative_guidance, detach_negative_guidance
+from .denoiser import GuidanceInfo, mixed_adapter_batch, sliced_adapter_batch
 from .extract import extract_lora, extract_lora_factors
 from .offsets import (
     Offset,
@@ -17,8 +19,6 @@ from .offsets import (
     read_lora,
     resolve_offset,
 )
-from .attach import attach_negative_guidance, detach_negative_guidance
-from .denoiser import GuidanceInfo, mixed_adapter_batch, sliced_adapter_batch
 from .unet import NegativeGuidedUNet, export_negative_unet
 from .video import NegativeGuidedTransformer, generate_videos, save_video
 

@@ -36,7 +36,8 @@ class SDFamily(ModelFamily):
 
         common = cls._load_common(source, vae, dtype, variant)
         kw = dict(local_files_only=source.local_files_only)
-        tokenizer = load_component(CLIPTokenizer.from_pretrained, "tokenizer", source.path, source.path, subfolder="tokenizer", **kw)
+        tokenizer = load_component(CLIPTokenizer.from_pretrained, "tokenizer", source.path, source.path,
+                                   subfolder="tokenizer", **kw)
         text_encoder = load_component(
             CLIPTextModel.from_pretrained, "text_encoder", source.path, source.path, subfolder="text_encoder", variant=variant,
             dtype=dtype, **kw,

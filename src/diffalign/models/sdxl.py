@@ -95,7 +95,8 @@ class SDXLFamily(ModelFamily):
         """Zeros when the pipeline has `force_zeros_for_empty_prompt` (SDXL base does), else the encoded ''."""
         cond = self.encode_prompts([""] * n)
         if self.pipeline_config.get("force_zeros_for_empty_prompt", True):
-            cond = cond.replace(prompt_embeds=torch.zeros_like(cond.prompt_embeds), text_embeds=torch.zeros_like(cond.text_embeds))
+            cond = cond.replace(prompt_embeds=torch.zeros_like(cond.prompt_embeds),
+                                text_embeds=torch.zeros_like(cond.text_embeds))
         return cond
 
     def time_ids(

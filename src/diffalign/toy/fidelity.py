@@ -59,7 +59,8 @@ def sample_images(pipe: DiffusionPipeline, prompts: list[str], guidance_scale: f
     return (np.concatenate(out) * 255).round().astype(np.uint8)
 
 
-def measure_fidelity(pipe: DiffusionPipeline, reward, guidance_scales=(1.0, 3.0, 7.5), repeats: int = 10, steps: int = 20, seed: int = 0):
+def measure_fidelity(pipe: DiffusionPipeline, reward, guidance_scales=(1.0, 3.0, 7.5), repeats: int = 10,
+                     steps: int = 20, seed: int = 0):
     """Judge accuracy of shape, colour and both at each guidance scale. Returns a list of FidelityResult."""
     prompts = fidelity_prompts(repeats)
     results = []

@@ -168,7 +168,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     summary = {**asdict(cfg), "minutes": round(minutes, 2), "vae_psnr_db": round(psnr, 2), "scaling_factor": scaling}
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
     (out / "README.md").write_text(
-        MODEL_CARD.format(minutes=minutes, vae_steps=cfg.vae_steps, psnr=psnr, unet_steps=cfg.unet_steps, unet_batch=cfg.unet_batch_size, path=out.name)
+        MODEL_CARD.format(minutes=minutes, vae_steps=cfg.vae_steps, psnr=psnr, unet_steps=cfg.unet_steps,
+                          unet_batch=cfg.unet_batch_size, path=out.name)
     )
     log_file.close()
     return out

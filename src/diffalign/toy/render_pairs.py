@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
 from .render import png_bytes, render
 from .render_captions import scenes_for_captions
 from .world import COLOUR_NAMES, SHAPES, caption, sample_scenes
@@ -32,7 +33,8 @@ def render_pairs(n: int, kind: str = "style", style: str = "striped", seed: int 
             chosen, rejected = replace(scene, style=style), scene
         elif kind == "fidelity":
             other_shape = SHAPES[(SHAPES.index(scene.shape) + 1 + rng.integers(len(SHAPES) - 1)) % len(SHAPES)]
-            other_colour = COLOUR_NAMES[(COLOUR_NAMES.index(scene.colour) + 1 + rng.integers(len(COLOUR_NAMES) - 1)) % len(COLOUR_NAMES)]
+            shift = 1 + rng.integers(len(COLOUR_NAMES) - 1)
+            other_colour = COLOUR_NAMES[(COLOUR_NAMES.index(scene.colour) + shift) % len(COLOUR_NAMES)]
             chosen, rejected = scene, replace(scene, shape=other_shape, colour=other_colour)
         else:
             raise ValueError(f"unknown pair kind {kind!r}: use 'style' or 'fidelity'")

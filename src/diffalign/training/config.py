@@ -299,15 +299,15 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
                             f"prompt; 0 = none, 0.2 = the original Diffusion-DPO code), got {p}")
 
     def _validate_optimisation(self) -> None:
-        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lr_num_cycles"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("learning_rate", "adam_epsilon", "lr_power"):
-            if not getattr(self, key) > 0:
-                raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise UserError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lr_num_cycles"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "adam_epsilon", "lr_power"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.adam_weight_decay < 0:
             raise UserError(f"adam_weight_decay must be >= 0, got {self.adam_weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -351,9 +351,9 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
         if resume not in (None, "", "latest") and self.resolve_resume_path() is None:
             raise UserError(f"resume_from_checkpoint '{resume}' is not an existing checkpoint folder (nor one "
                             f"inside output_dir '{self.output_dir}'): pass a checkpoint-N folder, or 'latest'")
-        for key in ("validation_steps", "validation_num_inference_steps"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for name in ("validation_steps", "validation_num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.validation_guidance_scale < 0:
             raise UserError(f"validation_guidance_scale must be >= 0, got {self.validation_guidance_scale}")
         if any(not p.strip() for p in self.validation_prompts):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..data import deterministic_rng
-from ..data.captions import ImageCaptionTransform, ImageCaptions
+from ..data.captions import ImageCaptions, ImageCaptionTransform
 from ..data.prompts import read_prompts
 from ..models import Conditioning
 from .protocol import TrainData

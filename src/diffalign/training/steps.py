@@ -28,7 +28,8 @@ def make_optimizer(cfg, params: list, num_processes: int):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise UserError("use_8bit_adam needs bitsandbytes: pip install 'diffalign[bnb]' (or set use_8bit_adam=false)") from None
+            raise UserError("use_8bit_adam needs bitsandbytes: pip install 'diffalign[bnb]' (or set "
+                            "use_8bit_adam=false)") from None
         optimizer = bnb.optim.AdamW8bit(params, **kwargs)
     else:
         optimizer = torch.optim.AdamW(params, **kwargs)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...data.captions import open_captions, usable_rows
-from ...errors import UserError
 from .config import PairsConfig, apply_template, resolve_prompts
 from .units import Job, Side, Unit, decide_two, pick_pairs, try_folder
 

@@ -46,8 +46,17 @@ from ..sample import GenerationSettings, Processes, generate_to_folder
 from .config import PairsConfig
 from .filter import Outcome, PairFilter, judge_try
 from .recipes import Recipe, Unit, build_recipe, pick_pairs
-from .store import (DATA_DIR, PairsResult, complete_shards, images_root, prepare_output, read_pairs, schema,
-                          write_shard, write_summary)
+from .store import (
+    DATA_DIR,
+    PairsResult,
+    complete_shards,
+    images_root,
+    prepare_output,
+    read_pairs,
+    schema,
+    write_shard,
+    write_summary,
+)
 from .tries import sample_units
 
 if TYPE_CHECKING:

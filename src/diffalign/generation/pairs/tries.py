@@ -25,9 +25,9 @@ import torch
 
 from ...errors import UserError
 from ...fsutil import ensure_writable_dir
-from .recipes import RetryItems
 from ..manifest import clear, existing_rows, part_file, write_manifest
 from ..sample import GeneratedImage, GenerationSettings, Processes, _settings_record, native_size
+from .recipes import RetryItems
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -57,7 +57,8 @@ def _merge(out: Path, wanted: list[int]) -> None:
     write_manifest(out, [by_index[i] for i in sorted(by_index)])
 
 
-def sample_units(pipe: DiffusionPipeline, folder: str | Path, units: list[int], items: RetryItems, settings: GenerationSettings, *,
+def sample_units(pipe: DiffusionPipeline, folder: str | Path, units: list[int], items: RetryItems,
+                 settings: GenerationSettings, *,
                  overwrite: bool = False, processes: Processes | None = None) -> dict[int, GeneratedImage]:
     """Make the images of `units` (unit i: `items(i)`) in `folder` unless they are there; {unit: image}.
 
