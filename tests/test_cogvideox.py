@@ -1,6 +1,6 @@
 """CogVideoX (issue 10): the family against the stock CogVideoXPipeline, training end to end, LoRA round trip,
 negative-branch guidance with dynamic CFG, video pairs and saved clips. All on tiny random-init models built
-offline (diffalign.toy.video_builders): '2b' (sinusoidal positions, SNR shift 3) and '5b' (rotary, shift 1)."""
+offline (tests/video_builders.py): '2b' (sinusoidal positions, SNR shift 3) and '5b' (rotary, shift 1)."""
 
 import io
 import json
@@ -23,7 +23,7 @@ LATENT = (3, 16, 2, 4)  # (F', C, H/8, W/8) of the tiny model's native 9 x 16 x 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffalign.toy.video_builders import save_tiny_cogvideox
+    from video_builders import save_tiny_cogvideox
 
     return save_tiny_cogvideox(tmp_path_factory.mktemp("cogvideox"))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .world import WORDS
+from diffalign.toy.world import WORDS
 
 VARIANTS = ("2b", "5b")
 #: Pixels of the tiny model's native clip: 9 frames of 16x32 (latents 3 x 16 x 2 x 4, the real layout
