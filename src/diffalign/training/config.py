@@ -90,6 +90,10 @@ class _Data:
     cache_dir: Optional[str] = _f(
         None, "Folder of the latent/embedding cache (use_cache). none: a 'cache' folder inside output_dir. "
         "Not the hub download cache (set HF_HOME for that).")
+    max_skipped_share: float = _f(
+        1.0, "Images that fail when fetched (undecodable, too small) are skipped and counted; when they reach this "
+        "share of an epoch's rows (or, at the end of a shorter run, of the rows fetched) the run stops with an "
+        "error instead of finishing on data it could not read. In (0, 1]; 1.0: only a whole epoch of failures.")
     dataloader_num_workers: int = _f(
         0, "Threads that decode and augment the next micro-batches while one trains (images only; a latent cache "
         "needs none); 0 loads in the main thread. The batches are the same for any value.")
@@ -278,6 +282,9 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
             raise UserError(f"resolution must be a positive multiple of 8 (or none for native), got {self.resolution}")
         if self.dataloader_num_workers < 0:
             raise UserError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        if not 0 < self.max_skipped_share <= 1:
+            raise UserError(f"max_skipped_share must be in (0, 1] (the share of an epoch's rows whose images may "
+                            f"fail to load before the run stops), got {self.max_skipped_share}")
         p = self.proportion_empty_prompts
         if not 0 <= p <= 1:
             raise UserError(f"proportion_empty_prompts must be in [0, 1] (the share of captions replaced by the empty "

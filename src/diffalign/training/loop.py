@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
+from .fetch_guard import FetchFailures, add_fetch_failures
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .methods import get_method
 from .pair_data import load_config_pairs
@@ -79,14 +80,16 @@ def train(cfg: TrainConfig) -> Path:
     recipe.attach(net)
 
     started, counts = time.time(), {"skipped_micro_batches": 0}
+    ga = cfg.gradient_accumulation_steps
+    fetch = FetchFailures(cfg.max_skipped_share, cfg.train_batch_size * world, stream.per_epoch, ga, data.summary)
 
     def report(status: str) -> dict:
         return {"status": status, "steps": step, "seconds": round(time.time() - started, 1), **counts,
-                **boundary.nonfinite.state(), "data": data.report()}
+                **boundary.nonfinite.state(), **fetch.state(), "data": data.report()}
 
     def save(at: int) -> Path:
         return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts),
+                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts, **fetch.state()),
                                total_limit=cfg.checkpoints_total_limit)
 
     boundary = StepBoundary(cfg, out=out, accelerator=accelerator, main=main, log=log, what=cfg.method,
@@ -100,13 +103,13 @@ def train(cfg: TrainConfig) -> Path:
         step = state["global_step"]
         boundary.nonfinite.restore(state)
         counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
+        fetch.restore(state)
         log(f"resumed from {resume} at step {step}")
     if main:
         open_run_log(cfg, out, accelerator, step, report("running"))
         log(f"{recipe.describe(data)}; {world} process(es) x batch {cfg.train_batch_size} x accumulation "
             f"{cfg.gradient_accumulation_steps} = global batch {cfg.global_batch_size(world)}")
 
-    ga = cfg.gradient_accumulation_steps
     validation_net = reference.module if isinstance(reference, FrozenCopy) else None
     bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
     with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
@@ -117,8 +120,10 @@ def train(cfg: TrainConfig) -> Path:
                 # drawn for the global batch, this process's rows kept: the same weights with 1 process x batch 2B
                 # as with 2 processes x batch B, and after a resume.
                 gen = _step_generator(cfg.seed, step, micro, 0)
+                items = stream.get(step * ga + micro)
+                add_fetch_failures(sums, items, world)  # counted over all processes with the step's metrics
                 with torch.no_grad():
-                    batch, batch_counts = recipe.make_batch(stream.get(step * ga + micro), gen)
+                    batch, batch_counts = recipe.make_batch(items, gen)
                 if skip_micro_batch(accelerator, batch is None, step, micro, log):
                     counts["skipped_micro_batches"] += 1
                     continue
@@ -130,8 +135,10 @@ def train(cfg: TrainConfig) -> Path:
                                            cfg.max_grad_norm, sums, stop_requested=boundary.signals.received is not None)
             if skipped is None:  # a skipped update leaves an EMA or a teacher where it was too
                 recipe.after_update()
+            fetch.record(step, sums)
             step += 1
             boundary.end_step(step, skipped, stop, sums, bar)
+            boundary.stop_with(fetch.check(step, last=step >= cfg.max_train_steps))
             if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
                 _validate(cfg, family, validation_net, out, step, accelerator)
             accelerator.wait_for_everyone()

@@ -1,0 +1,141 @@
+"""The hostile-input corpus (issue 22): every case builds its inputs in a fresh folder and names the command
+that must meet them, and the outcome class the command must reach.
+
+Outcome classes (what `test_hostile.py` asserts, and what RELIABILITY.md's table shows):
+
+- ``error``: exit code 2 (or the case's own code), one line on stderr starting ``diffalign CMD: error:``, no
+  traceback, containing the case's expected text;
+- ``refused``: the same, and every input file the case lists is byte-identical afterwards;
+- ``skip``: exit code 0 and the case's check finds the bad input counted (never dropped silently).
+
+Every case's inputs are also checked byte-identical afterwards (never a changed input). A case builds its files
+with `build(ctx)` and returns the command line; `ctx` holds the folder, the tiny model and pytest's monkeypatch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    model: str  # a tiny SD pipeline folder
+    monkeypatch: object
+    inputs: list = field(default_factory=list)  # files that must be unchanged afterwards
+
+    def file(self, name: str, data: bytes | str) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+        self.inputs.append(path)
+        return path
+
+
+@dataclass
+class Case:
+    id: str
+    defect: int
+    input: str  # what is hostile, for the table
+    outcome: str  # error | refused | skip
+    expect: str  # text the one-line error contains (error/refused), or what is counted (skip)
+    build: Callable[[Ctx], list[str]]
+    check: Callable[[Ctx, str], None] | None = None  # extra assertion after the command (stderr given)
+    exit_code: int = 2
+    slow: bool = False
+
+
+def png(side: int = 32, colour=(200, 30, 30), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (side, side), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def parquet(ctx: Ctx, name: str, rows: list[tuple], columns=("caption", "jpg_0", "jpg_1", "label_0", "label_1")):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = ctx.tmp / name
+    pq.write_table(pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}), path)
+    ctx.inputs.append(path)
+    return path
+
+
+def train_args(ctx: Ctx, data, *extra: str, out: str = "run") -> list[str]:
+    return ["train", "--method=mapo", f"--pretrained_model_name_or_path={ctx.model}", f"--dataset_name={data}",
+            f"--output_dir={ctx.tmp / out}", "--report_to=none", "--resolution=32", "--train_batch_size=2",
+            "--max_train_steps=2", "--rank=4", "--learning_rate=1e-3", "--checkpointing_steps=1000", *extra]
+
+
+def report(ctx: Ctx, out: str = "run") -> dict:
+    return json.loads((ctx.tmp / out / "train_report.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ cases
+CASES: list[Case] = []
+
+
+def case(**kw):
+    def register(build):
+        CASES.append(Case(build=build, **kw))
+        return build
+    return register
+
+
+def _half_images(ctx):
+    good = png()
+    data = parquet(ctx, "half.parquet", [("x", good[: len(good) // 2], png(colour=(1, 2, 3)), 1.0, 0.0)] * 16)
+    return train_args(ctx, data, "--max_train_steps=3")
+
+
+def _check_not_finished(ctx, err):
+    r = report(ctx)
+    assert r["status"] == "stopped: no usable data" and r["fetch_failures"] == r["fetched_rows"] == 6, r
+
+
+case(id="truncated_images_every_row", defect=1, input="parquet whose jpg_0 bytes are cut in half in every row "
+     "(a run shorter than an epoch)", outcome="error", expect="had images that could not be used",
+     check=_check_not_finished)(_half_images)
+
+
+def _half_images_epoch(ctx):
+    good = png()
+    data = parquet(ctx, "half.parquet", [("x", good[: len(good) // 2], png(colour=(1, 2, 3)), 1.0, 0.0)] * 4)
+    return train_args(ctx, data, "--max_train_steps=6")
+
+
+case(id="truncated_images_whole_epoch", defect=1, input="parquet whose every image fails for a whole epoch",
+     outcome="error", expect="in epoch 1 had images that could not be used")(_half_images_epoch)
+
+
+def _some_bad_over_limit(ctx):
+    good, bad = png(), png()[:40]
+    rows = [("x", bad, good, 1.0, 0.0)] * 3 + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 5
+    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=8", "--max_skipped_share=0.25",
+                      "--seed=1")
+
+
+case(id="skipped_share_over_user_limit", defect=1, input="3 of 8 rows undecodable, max_skipped_share=0.25",
+     outcome="error", expect="max_skipped_share=0.25")(_some_bad_over_limit)
+
+
+def _some_bad_counted(ctx):
+    good, bad = png(), png()[:40]
+    rows = [("x", bad, good, 1.0, 0.0)] + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 3
+    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=2")
+
+
+def _check_counted(ctx, err):
+    r = report(ctx)
+    assert r["status"] == "finished" and r["fetch_failures"] == 1 and r["data"]["undecodable_image"] == 1, r
+
+
+case(id="one_undecodable_row", defect=1, input="1 of 4 rows undecodable (default limit)", outcome="skip",
+     expect="fetch_failures=1, undecodable_image=1 in train_report.json", check=_check_counted,
+     exit_code=0)(_some_bad_counted)

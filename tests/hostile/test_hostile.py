@@ -1,0 +1,71 @@
+"""Issue 22: every case of the hostile corpus through the real command (in process, `diffalign.cli.main`):
+a clear one-line error, a refusal that leaves the input alone, or a counted skip; never a traceback (main would
+raise), never exit 0 with nothing learned, never a changed input. RELIABILITY.md's table is generated from the
+same corpus (`python tests/hostile/table.py --write`)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hostile_corpus import CASES, Ctx  # noqa: E402
+from table import RELIABILITY, render_table, table_in_document  # noqa: E402
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"d{c.defect:02d}-{c.id}",
+                                               marks=[pytest.mark.slow] if c.slow else [])
+                                  for c in CASES])
+def test_hostile_case(case, tiny_pipelines, tmp_path, monkeypatch, capsys, one_thread):
+    from diffalign.cli import main
+
+    ctx = Ctx(tmp=tmp_path, model=str(tiny_pipelines["sd"]), monkeypatch=monkeypatch)
+    argv = case.build(ctx)
+    before = {p: _digest(p) for p in ctx.inputs}
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if case.outcome in ("error", "refused"):
+        assert code == case.exit_code, err
+        head = f"diffalign {argv[0]}: error: "
+        assert err.count(head) == 1 and err.endswith("\n"), err  # progress bars may precede it on stderr
+        line = head + err.split(head, 1)[1]
+        assert line.count("\n") == 1, line  # one line
+        assert case.expect in line, line
+    else:
+        assert code == case.exit_code, err
+    after = {p: _digest(p) for p in ctx.inputs}
+    assert after == before, "an input file was changed"
+    if case.check is not None:
+        case.check(ctx, err)
+
+
+def test_reliability_table_is_generated_from_the_corpus():
+    assert table_in_document(RELIABILITY.read_text()) == render_table(), \
+        "RELIABILITY.md's hostile-input table differs from the corpus: run python tests/hostile/table.py --write"
+
+
+def test_the_corpus_covers_all_fourteen_defects():
+    assert {c.defect for c in CASES} == set(range(1, 15))
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert all(c.outcome in ("error", "refused", "skip") for c in CASES)
