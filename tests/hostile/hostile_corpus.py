@@ -139,3 +139,60 @@ def _check_counted(ctx, err):
 case(id="one_undecodable_row", defect=1, input="1 of 4 rows undecodable (default limit)", outcome="skip",
      expect="fetch_failures=1, undecodable_image=1 in train_report.json", check=_check_counted,
      exit_code=0)(_some_bad_counted)
+
+
+# ------------------------------------------------------------------------------------------------ 2: LoRA files
+def make_lora(ctx: Ctx, edit=None, name: str = "lora.safetensors") -> Path:
+    """A complete LoRA of the tiny model with non-zero weights, optionally edited ({key: tensor} -> same)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from diffalign.models import load_pipeline
+    from diffalign.models.lora import add_lora, save_lora
+
+    pipe = load_pipeline(ctx.model)
+    add_lora(pipe.unet, 4)
+    gen = torch.Generator().manual_seed(0)
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=gen) * 0.01
+    src = save_lora(pipe.unet, type(pipe), ctx.tmp / "lora_src")
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(src))
+    path = ctx.tmp / name
+    save_file(edit(state) if edit else state, str(path), metadata=metadata)
+    ctx.inputs.append(path)
+    return path
+
+
+def generate_args(ctx: Ctx, *extra: str, out: str = "gen") -> list[str]:
+    return ["generate", "--model", ctx.model, "--prompt", "a red square", "--out", str(ctx.tmp / out), "--steps", "1",
+            "--height", "32", "--width", "32", *extra]
+
+
+def _drop_fifth_of_ups(state):
+    ups = sorted(k for k in state if "lora.up" in k)
+    return {k: v for k, v in state.items() if k not in ups[: len(ups) // 5]}
+
+
+def _rename_most(state):
+    return {(k.replace("unet.", "unet.renamed_", 1) if i % 4 else k): v for i, (k, v) in enumerate(sorted(state.items()))}
+
+
+def _extra_module(state):
+    any_down = next(k for k in state if "lora.down" in k)
+    any_up = any_down.replace("lora.down", "lora.up")
+    return {**state, "unet.no_such_block.to_q.lora.down.weight": state[any_down].clone(),
+            "unet.no_such_block.to_q.lora.up.weight": state[any_up].clone()}
+
+
+case(id="lora_fifth_of_up_weights_removed", defect=2, input="LoRA file with a fifth of its lora.up weights removed",
+     outcome="refused", expect="have no value in the file")(
+    lambda ctx: generate_args(ctx, "--lora", str(make_lora(ctx, _drop_fifth_of_ups))))
+case(id="lora_keys_renamed", defect=2, input="LoRA file with most keys renamed", outcome="refused",
+     expect="have no value in the file")(lambda ctx: generate_args(ctx, "--lora", str(make_lora(ctx, _rename_most))))
+case(id="lora_key_for_no_module", defect=2, input="LoRA file with weights for a module the model does not have",
+     outcome="refused", expect="match no module of the model (unet.no_such_block.to_q)")(
+    lambda ctx: generate_args(ctx, "--lora", str(make_lora(ctx, _extra_module))))
