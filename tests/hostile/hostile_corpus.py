@@ -6,7 +6,8 @@ Outcome classes (what `test_hostile.py` asserts, and what RELIABILITY.md's table
 - ``error``: exit code 2 (or the case's own code), one line on stderr starting ``diffalign CMD: error:``, no
   traceback, containing the case's expected text;
 - ``refused``: the same, and every input file the case lists is byte-identical afterwards;
-- ``skip``: exit code 0 and the case's check finds the bad input counted (never dropped silently).
+- ``skip``: exit code 0 and the case's check finds the bad input counted (never dropped silently);
+- ``ok``: exit code 0 and the case's check finds the result right (an odd but valid input, such as a large seed).
 
 Every case's inputs are also checked byte-identical afterwards (never a changed input). A case builds its files
 with `build(ctx)` and returns the command line; `ctx` holds the folder, the tiny model and pytest's monkeypatch.
@@ -196,3 +197,29 @@ case(id="lora_keys_renamed", defect=2, input="LoRA file with most keys renamed",
 case(id="lora_key_for_no_module", defect=2, input="LoRA file with weights for a module the model does not have",
      outcome="refused", expect="match no module of the model (unet.no_such_block.to_q)")(
     lambda ctx: generate_args(ctx, "--lora", str(make_lora(ctx, _extra_module))))
+
+
+# ------------------------------------------------------------------------------------------------ 3: seeds
+def _good_parquet(ctx, n=4, name="good.parquet"):
+    return parquet(ctx, name, [("a red square", png(), png(colour=(1, 2, 3)), 1.0, 0.0)] * n)
+
+
+def _check_learned(ctx, err):
+    from safetensors.torch import load_file
+
+    r = report(ctx)
+    assert r["status"] == "finished", r
+    weights = load_file(str(ctx.tmp / "run" / "pytorch_lora_weights.safetensors"))
+    assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora.up" in k)
+
+
+case(id="seed_1234567890", defect=3, input="train --seed=1234567890 (above the old 1.8e8 overflow)", outcome="ok",
+     expect="finished, LoRA up-weights not all zero", check=_check_learned, exit_code=0)(
+    lambda ctx: train_args(ctx, _good_parquet(ctx), "--seed=1234567890"))
+case(id="seed_2_32_minus_1", defect=3, input="train --seed=4294967295", outcome="ok",
+     expect="finished, LoRA up-weights not all zero", check=_check_learned, exit_code=0)(
+    lambda ctx: train_args(ctx, _good_parquet(ctx), "--seed=4294967295"))
+case(id="seed_negative", defect=3, input="train --seed=-1", outcome="error",
+     expect="seed must be in 0 .. 4294967295")(lambda ctx: train_args(ctx, _good_parquet(ctx), "--seed=-1"))
+case(id="seed_2_40", defect=3, input="train --seed=1099511627776", outcome="error",
+     expect="seed must be in 0 .. 4294967295")(lambda ctx: train_args(ctx, _good_parquet(ctx), "--seed=1099511627776"))

@@ -331,6 +331,12 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
             raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
     def _validate_run(self) -> None:
+        from ..safety.seeds import seed_problem
+
+        for key in ("seed", "validation_seed"):
+            problem = seed_problem(getattr(self, key), key)
+            if problem:
+                raise UserError(problem)
         if self.checkpointing_steps < 1:
             raise UserError(f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         if self.max_consecutive_nonfinite < 1:

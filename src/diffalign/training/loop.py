@@ -32,7 +32,9 @@ from .validation import validation_grid
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+    from ..safety.seeds import step_seed
+
+    return torch.Generator().manual_seed(step_seed(seed, step, micro, rank))
 
 
 def _prepare_network(cfg: TrainConfig, family, needs_reference: bool):
