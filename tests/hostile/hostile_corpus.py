@@ -223,3 +223,44 @@ case(id="seed_negative", defect=3, input="train --seed=-1", outcome="error",
      expect="seed must be in 0 .. 4294967295")(lambda ctx: train_args(ctx, _good_parquet(ctx), "--seed=-1"))
 case(id="seed_2_40", defect=3, input="train --seed=1099511627776", outcome="error",
      expect="seed must be in 0 .. 4294967295")(lambda ctx: train_args(ctx, _good_parquet(ctx), "--seed=1099511627776"))
+
+
+# ------------------------------------------------------------------------------------------------ 4: resume
+def _first_run(ctx) -> Path:
+    from diffalign.cli import main
+
+    data = _good_parquet(ctx)
+    assert main(train_args(ctx, data, "--checkpointing_steps=1", "--max_train_steps=2")) == 0
+    return data
+
+
+def _resume(change: str):
+    def build(ctx):
+        data = _first_run(ctx)
+        args = train_args(ctx, data, "--checkpointing_steps=1", "--max_train_steps=3",
+                          "--resume_from_checkpoint=latest")
+        key, value = change.split("=", 1)
+        if key == "--dataset_name":
+            value = str(parquet(ctx, "other.parquet", [("x", png(), png(colour=(9, 9, 9)), 0.0, 1.0)] * 4))
+        return [a for a in args if not a.startswith(key + "=")] + [f"{key}={value}"]
+    return build
+
+
+for _key, _value, _shown in (("rank", "8", "rank: 4 in the run, 8 now"),
+                             ("dataset_name", "x", "with a changed dataset_name"),
+                             ("method", "sft", "with a changed method"),
+                             ("train_mode", "full", "with a changed train_mode")):
+    case(id=f"resume_changed_{_key}", defect=4, input=f"resume with a different {_key}", outcome="refused",
+         expect=_shown, slow=_key != "rank")(_resume(f"--{_key}={_value}"))
+
+
+def _check_history(ctx, err):
+    lines = (ctx.tmp / "run" / "config_history.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1]) == {"from_step": 1, "changed": {"learning_rate": [0.001, 0.002],
+                                                                "max_train_steps": [2, 3]}}, lines
+    assert report(ctx)["status"] == "finished"
+
+
+case(id="resume_changed_learning_rate", defect=4, input="resume with a different learning_rate", outcome="ok",
+     expect="allowed, logged, recorded from its step in config_history.jsonl", check=_check_history, exit_code=0)(
+    _resume("--learning_rate=2e-3"))

@@ -43,6 +43,11 @@ def start_run(cfg) -> Run:
     cfg.validate()
     out = ensure_writable_dir(cfg.output_dir, flag="--output_dir")
     check_run_folder(cfg, out)
+    from .checkpoint import read_state, resolve_resume
+    from .resume_config import record_changes, resume_changes
+
+    resume = resolve_resume(out, cfg.resume_from_checkpoint)
+    changes = resume_changes(cfg, out, resume)  # refuses a changed model, method, LoRA shape or data
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -54,6 +59,8 @@ def start_run(cfg) -> Run:
     check_distributed_type(str(accelerator.distributed_type))
     main = accelerator.is_main_process
     if main:
+        record_changes(out, changes, int(read_state(resume).get("global_step", 0)) if changes else 0,
+                       lambda msg: print(msg, flush=True))
         from .checkpoint import remove_incomplete
 
         removed, ignored = remove_incomplete(out)  # half-written or half-deleted by a killed run
