@@ -264,3 +264,21 @@ def _check_history(ctx, err):
 case(id="resume_changed_learning_rate", defect=4, input="resume with a different learning_rate", outcome="ok",
      expect="allowed, logged, recorded from its step in config_history.jsonl", check=_check_history, exit_code=0)(
     _resume("--learning_rate=2e-3"))
+
+
+# ------------------------------------------------------------------------------------------------ 5: overwrite
+def _finished_run(ctx):
+    from diffalign.cli import main
+
+    data = _good_parquet(ctx)
+    assert main(train_args(ctx, data)) == 0
+    for name in ("pytorch_lora_weights.safetensors", "metrics.jsonl", "train_report.json"):
+        ctx.inputs.append(ctx.tmp / "run" / name)
+    return train_args(ctx, data, "--learning_rate=5e-3")
+
+
+case(id="second_run_into_finished_folder", defect=5, input="a fresh run into the output_dir of a finished run "
+     "without checkpoints", outcome="refused", expect="holds a finished run")(_finished_run)
+case(id="second_run_into_finished_folder_latest", defect=5, input="the same with --resume_from_checkpoint=latest "
+     "(no checkpoint to resume)", outcome="refused", expect="holds a finished run")(
+    lambda ctx: _finished_run(ctx) + ["--resume_from_checkpoint=latest"])

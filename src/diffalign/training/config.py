@@ -144,6 +144,9 @@ class _WhatIsTrained:
 class _Run:
     output_dir: Optional[str] = _f(None, "Run folder (required): weights, checkpoints, logs, resolved config.")
     logging_dir: str = _f("logs", "Tracker log folder, relative to output_dir unless absolute.")
+    overwrite_output_dir: bool = _f(
+        False, "Allow a fresh run into an output_dir holding a finished run (its weights and metrics are replaced); "
+        "without it that is refused.")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer updates.")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints; none: keep all.")
     resume_from_checkpoint: Optional[str] = _f(
