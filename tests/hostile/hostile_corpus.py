@@ -282,3 +282,44 @@ case(id="second_run_into_finished_folder", defect=5, input="a fresh run into the
 case(id="second_run_into_finished_folder_latest", defect=5, input="the same with --resume_from_checkpoint=latest "
      "(no checkpoint to resume)", outcome="refused", expect="holds a finished run")(
     lambda ctx: _finished_run(ctx) + ["--resume_from_checkpoint=latest"])
+
+
+# ------------------------------------------------------------------------------------------------ 6: text, names
+def image_folder(ctx: Ctx, name: str, index: str, content: bytes, extra=None) -> Path:
+    root = ctx.tmp / name
+    for sub in ("w", "l"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            ctx.file(f"{name}/{sub}/ok{i}.png", png(colour=(10 * i, 20, 30 if sub == "w" else 200)))
+    ctx.file(f"{name}/{index}", content)
+    if extra:
+        extra(root)
+    return root
+
+
+_OK_ROWS = b'{"file_name": "ok0.png", "caption": "a"}\n{"file_name": "ok1.png", "caption": "b"}\n'
+case(id="captions_jsonl_latin1", defect=6, input="a latin-1 byte in captions.jsonl", outcome="error",
+     expect="captions.jsonl', line 3, column 41: byte 0xe9 is not UTF-8")(
+    lambda ctx: train_args(ctx, image_folder(ctx, "ds", "captions.jsonl",
+                                             _OK_ROWS + b'{"file_name": "ok0.png", "caption": "caf\xe9"}\n')))
+case(id="captions_csv_latin1", defect=6, input="a latin-1 byte in captions.csv", outcome="error",
+     expect="captions.csv', line 2, column 12: byte 0xe9 is not UTF-8")(
+    lambda ctx: train_args(ctx, image_folder(ctx, "ds", "captions.csv", b"file_name,caption\nok0.png,caf\xe9\n"
+                                                                          b"ok1.png,b\n")))
+case(id="prompts_txt_latin1", defect=6, input="a latin-1 byte in a generate --prompts file", outcome="error",
+     expect="prompts.txt', line 2, column 4: byte 0xe9 is not UTF-8")(
+    lambda ctx: generate_args(ctx, "--prompt", "x")[:3] + ["--prompts", str(ctx.file("prompts.txt", b"a\ncaf\xe9\n"))]
+    + generate_args(ctx)[5:])
+case(id="selfnpo_prompts_latin1", defect=6, input="a latin-1 byte in a Self-NPO prompt file", outcome="error",
+     expect="prompts.jsonl', line 1, column 16: byte 0xe9 is not UTF-8")(
+    lambda ctx: [a for a in train_args(ctx, ctx.file("prompts.jsonl", b'{"prompt": "caf\xe9"}\n'))
+                 if a != "--method=mapo"] + ["--method=selfnpo"])
+case(id="captions_name_with_nul", defect=6, input="a NUL byte in a file name of captions.jsonl", outcome="error",
+     expect="names 'ok\\x00.png', which cannot be opened (the name holds a NUL byte)")(
+    lambda ctx: train_args(ctx, image_folder(ctx, "ds", "captions.jsonl",
+                                             _OK_ROWS + b'{"file_name": "ok\\u0000.png", "caption": "a"}\n')))
+case(id="captions_name_symlink_loop", defect=6, input="captions.jsonl names a symlink loop", outcome="error",
+     expect="names 'loop.png', which cannot be opened (a symlink loop)")(
+    lambda ctx: train_args(ctx, image_folder(ctx, "ds", "captions.jsonl",
+                                             _OK_ROWS + b'{"file_name": "loop.png", "caption": "a"}\n',
+                                             extra=lambda root: (root / "w" / "loop.png").symlink_to("loop.png"))))

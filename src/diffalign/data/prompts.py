@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
+from ..safety.text import read_utf8
 
 def _toy_heldout_rule(colour_index: int, shape_index: int) -> bool:
     """Toy (colour, shape) combinations no training prompt names together (8 of 24): evaluation prompts
@@ -58,7 +59,7 @@ def toy_prompts(split: str = "train") -> list[str]:
 
 
 def _read_text_prompts(path: Path, column: str) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path, "prompts file").splitlines()
     if path.suffix.lower() != ".jsonl":
         return [line.strip() for line in lines if line.strip()]
     prompts = []

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..safety.text import read_utf8
 
 DATASET_PREFIX = "hf:"
 
@@ -34,7 +35,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"prompts file '{path}' does not exist: pass a text file (one prompt a line), JSONL with a "
                         "'prompt' field, or a dataset column as hf:SOURCE:SPLIT:COLUMN")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path, "prompts file").splitlines()
     is_jsonl = path.suffix == ".jsonl" or any(line.lstrip().startswith("{") for line in lines[:1])
     prompts: list[str] = []
     for number, line in enumerate(lines, start=1):
