@@ -323,3 +323,121 @@ case(id="captions_name_symlink_loop", defect=6, input="captions.jsonl names a sy
     lambda ctx: train_args(ctx, image_folder(ctx, "ds", "captions.jsonl",
                                              _OK_ROWS + b'{"file_name": "loop.png", "caption": "a"}\n',
                                              extra=lambda root: (root / "w" / "loop.png").symlink_to("loop.png"))))
+
+
+# ------------------------------------------------------------------------------------------------ 8, 10: evaluate
+def gen_folder(ctx: Ctx, name: str, files: list[str], write=True) -> Path:
+    folder = ctx.tmp / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, f in enumerate(files):
+        if write and "/" not in f and not f.startswith("."):
+            ctx.file(f"{name}/{f}", png(colour=(20 * i, 100, 50)))
+        rows.append(json.dumps({"file": f, "prompt": f"a red circle {i}", "seed": i, "index": i}))
+    ctx.file(f"{name}/manifest.jsonl", "\n".join(rows) + "\n")
+    return folder
+
+
+def evaluate_args(ctx: Ctx, *folders: Path, lenient=False) -> list[str]:
+    return ["evaluate", "--images", *map(str, folders), "--rewards", "toy", "--out", str(ctx.tmp / "eval"),
+            "--bootstrap", "50", *(["--lenient"] if lenient else [])]
+
+
+def _outside_secret(ctx) -> Path:
+    return ctx.file("outside/secret.png", png(colour=(1, 1, 1)))
+
+
+for _kind, _name in (("dotdot", "../outside/secret.png"), ("absolute", "ABS")):
+    def _build(ctx, _name=_name):
+        secret = _outside_secret(ctx)
+        name = str(secret) if _name == "ABS" else _name
+        return evaluate_args(ctx, gen_folder(ctx, "images", ["0.png", "1.png", name]), lenient=True)
+
+    case(id=f"manifest_{_kind}_path", defect=8, input=f"evaluate: a manifest row naming {_name if _name != 'ABS' else 'an absolute path'} (--lenient)",
+         outcome="refused", expect="outside the folder; a manifest may only name images inside its own folder")(_build)
+
+
+def _manifest_symlink(ctx):
+    secret = _outside_secret(ctx)
+    folder = gen_folder(ctx, "images", ["0.png", "1.png", "link.png"])
+    (folder / "link.png").unlink()
+    ctx.inputs.remove(folder / "link.png")
+    (folder / "link.png").symlink_to(secret)
+    return evaluate_args(ctx, folder)
+
+
+case(id="manifest_symlink_outside", defect=8, input="evaluate: a manifest row naming a symlink to a file outside",
+     outcome="refused", expect="'file' is 'link.png', a symlink to")(_manifest_symlink)
+
+
+def _bomb(ctx):
+    from PIL import Image
+
+    ctx.monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # a 32x32 image is then more than twice the limit
+    return evaluate_args(ctx, gen_folder(ctx, "images", ["0.png", "1.png"]), lenient=True)
+
+
+def _check_bomb_counted(ctx, err):
+    metrics = json.loads((ctx.tmp / "eval" / "metrics.json").read_text())
+    assert "DecompressionBombError" in json.dumps(metrics), metrics
+
+
+case(id="evaluate_decompression_bomb", defect=10, input="evaluate: images above PIL's decompression-bomb limit "
+     "(--lenient)", outcome="skip", expect="counted as unreadable (DecompressionBombError) in the report",
+     check=_check_bomb_counted, exit_code=0)(_bomb)
+
+
+def _bomb_strict(ctx):
+    from PIL import Image
+
+    ctx.monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
+    return evaluate_args(ctx, gen_folder(ctx, "images", ["0.png", "1.png"]))
+
+
+case(id="evaluate_decompression_bomb_strict", defect=10, input="evaluate: the same without --lenient",
+     outcome="error", expect="cannot be read")(_bomb_strict)
+
+
+def _too_many_pixels(ctx):
+    from diffalign.safety import images
+
+    ctx.monkeypatch.setattr(images, "MAX_DECODED_PIXELS", 32 * 32)  # the 40x40 winners are above the cap
+    rows = [("x", png(40), png(32, (1, 2, 3)), 1.0, 0.0)] + [("x", png(32), png(32, (1, 2, 3)), 1.0, 0.0)] * 3
+    return train_args(ctx, parquet(ctx, "big.parquet", rows))
+
+
+def _check_too_large(ctx, err):
+    r = report(ctx)
+    assert r["status"] == "finished" and r["data"]["image_too_large"] == 1 and r["fetch_failures"] == 1, r
+
+
+case(id="train_image_above_decode_cap", defect=10, input="train: an image above the decoded-size cap",
+     outcome="skip", expect="image_too_large=1 in train_report.json (not decoded)", check=_check_too_large,
+     exit_code=0)(_too_many_pixels)
+
+
+# ------------------------------------------------------------------------------------------------ 12: 16-bit PNG
+def png16(value: int, side: int = 32) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side), value, dtype=np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _sixteen_bit(ctx):
+    rows = [("x", png16(32768), png16(8000), 1.0, 0.0)] * 4
+    return train_args(ctx, parquet(ctx, "gray16.parquet", rows))
+
+
+def _check_sixteen_bit(ctx, err):
+    from diffalign.data import decode_image
+
+    assert report(ctx)["status"] == "finished"
+    assert decode_image(png16(32768)).getpixel((0, 0)) == (128, 128, 128)  # was (255, 255, 255)
+    assert decode_image(png16(8000)).getpixel((0, 0)) == (31, 31, 31)
+
+
+case(id="sixteen_bit_grayscale_png", defect=12, input="train on 16-bit grayscale PNGs", outcome="ok",
+     expect="decoded scaled to 8 bits (32768 -> 128), not saturated to white", check=_check_sixteen_bit,
+     exit_code=0)(_sixteen_bit)

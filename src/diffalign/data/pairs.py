@@ -38,7 +38,7 @@ from .sources import BadEntry, Source, resolve_source
 TIES = ("drop", "error")
 #: Reasons a row is not used; all appear in `report()` (0 when none).
 ROW_REASONS = ("tie", "bad_label", "missing_caption", "bad_caption", "missing_image")
-FETCH_REASONS = ("undecodable_image", "image_too_small")
+FETCH_REASONS = ("undecodable_image", "image_too_small", "image_too_large")
 _LABEL_VALUES = (0.0, 0.5, 1.0)
 
 
@@ -80,11 +80,16 @@ def decode_image(value: Any, min_size: int = 0):
             img = Image.open(value)
         else:
             raise _BadImage("undecodable_image", f"unsupported image value of type {type(value).__name__}")
+        from ..safety.images import to_rgb, too_many_pixels
+
+        too_large = too_many_pixels(img)  # from the header, before decoding (issue 22)
+        if too_large:
+            raise _BadImage("image_too_large", too_large)
         img.load()  # decode now: truncated or corrupt data fails here, not later in a worker
         img = ImageOps.exif_transpose(img)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
-        img = img.convert("RGB")
+        img = to_rgb(img)
     except _BadImage:
         raise
     except FileNotFoundError as exc:
