@@ -441,3 +441,51 @@ def _check_sixteen_bit(ctx, err):
 case(id="sixteen_bit_grayscale_png", defect=12, input="train on 16-bit grayscale PNGs", outcome="ok",
      expect="decoded scaled to 8 bits (32768 -> 128), not saturated to white", check=_check_sixteen_bit,
      exit_code=0)(_sixteen_bit)
+
+
+# ------------------------------------------------------------------------------------------------ 9, 13: export
+def export_args(ctx, lora, out=None):
+    return ["export", "--lora", str(lora), *(["--out", str(out)] if out is not None else [])]
+
+
+case(id="export_onto_its_input", defect=9, input="export --out the input file itself", outcome="refused",
+     expect="is the input LoRA file itself")(lambda ctx: export_args(ctx, p := make_lora(ctx), p))
+
+
+def _export_via_other_name(ctx):
+    lora = make_lora(ctx)
+    (ctx.tmp / "alias.safetensors").symlink_to(lora)
+    return export_args(ctx, lora, ctx.tmp / "alias.safetensors")
+
+
+case(id="export_onto_its_input_via_symlink", defect=9, input="export --out a symlink to the input file",
+     outcome="refused", expect="is the input LoRA file itself")(_export_via_other_name)
+
+
+def _check_exported(ctx, err):
+    from safetensors.torch import load_file
+
+    out = load_file(str(ctx.tmp / "out.safetensors"))
+    assert any(k.startswith("lora_unet_") for k in out) and not list(ctx.tmp.glob(".*.tmp"))
+
+
+case(id="export_to_a_new_file", defect=9, input="export --out a new file (written through a temporary name)",
+     outcome="ok", expect="kohya keys written; no temporary file left", check=_check_exported, exit_code=0)(
+    lambda ctx: export_args(ctx, make_lora(ctx), ctx.tmp / "out.safetensors"))
+case(id="export_garbage_file", defect=13, input="export a file of random bytes", outcome="error",
+     expect="is not a readable safetensors file")(
+    lambda ctx: export_args(ctx, ctx.file("garbage.safetensors", bytes(range(256)) * 4), ctx.tmp / "o.safetensors"))
+case(id="export_a_bin_pickle", defect=13, input="export a .bin (pickle) file", outcome="error",
+     expect="(.bin pickles are never loaded)")(
+    lambda ctx: export_args(ctx, ctx.file("lora.bin", b"\x80\x04\x95garbage pickle"), ctx.tmp / "o.safetensors"))
+
+
+def _read_only_folder(ctx):
+    folder = ctx.tmp / "ro"
+    folder.mkdir()
+    (folder / "below").write_text("a file, so nothing can be created under it (even as root)")
+    return export_args(ctx, make_lora(ctx), folder / "below" / "out.safetensors")
+
+
+case(id="export_to_unwritable_folder", defect=13, input="export --out below a regular file (not writable, even "
+     "for root)", outcome="error", expect="cannot write")(_read_only_folder)
