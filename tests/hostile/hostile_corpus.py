@@ -489,3 +489,108 @@ def _read_only_folder(ctx):
 
 case(id="export_to_unwritable_folder", defect=13, input="export --out below a regular file (not writable, even "
      "for root)", outcome="error", expect="cannot write")(_read_only_folder)
+
+
+# ------------------------------------------------------------------------------------------------ 7: disk full
+def _enospc(path):
+    import errno
+    import os
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _disk_full_in_checkpoint(ctx):
+    from diffalign.training import checkpoint
+
+    real = checkpoint.save_file
+
+    def save_file(tensors, path, *a, **kw):
+        if "checkpoint-2" in str(path):
+            raise _enospc(path)
+        return real(tensors, path, *a, **kw)
+
+    ctx.monkeypatch.setattr(checkpoint, "save_file", save_file)
+    return train_args(ctx, _good_parquet(ctx), "--checkpointing_steps=1", "--max_train_steps=4")
+
+
+def _check_disk_full_train(ctx, err):
+    from diffalign.training.checkpoint import list_checkpoints
+
+    r = report(ctx)
+    assert r["status"] == "failed: disk full" and r["steps"] == 2, r
+    assert [p.name for p in list_checkpoints(ctx.tmp / "run")] == ["checkpoint-1"]
+    assert not list((ctx.tmp / "run").glob(".checkpoint-*"))  # the half-written one is removed
+
+
+case(id="disk_full_during_a_training_checkpoint", defect=7, input="train: ENOSPC while checkpoint-2 is written",
+     outcome="error", expect="the disk is full: a write in", check=_check_disk_full_train, exit_code=28)(
+    _disk_full_in_checkpoint)
+
+
+def _disk_full_in_metrics(ctx):
+    import builtins
+
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *a, **kw):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise _enospc(file)
+        return real_open(file, mode, *a, **kw)
+
+    from pathlib import Path as P
+
+    real_path_open = P.open
+
+    def path_open(self, mode="r", *a, **kw):
+        if self.name == "metrics.jsonl" and "a" in mode:
+            raise _enospc(self)
+        return real_path_open(self, mode, *a, **kw)
+
+    ctx.monkeypatch.setattr(P, "open", path_open)
+    return train_args(ctx, _good_parquet(ctx))
+
+
+def _check_disk_full_report(ctx, err):
+    r = report(ctx)
+    assert r["status"] == "failed: disk full", r
+    assert "no checkpoint was written yet" in err
+
+
+case(id="disk_full_while_logging_metrics", defect=7, input="train: ENOSPC while metrics.jsonl is appended",
+     outcome="error", expect="no checkpoint was written yet", check=_check_disk_full_report, exit_code=28)(
+    _disk_full_in_metrics)
+
+
+def _disk_full_in_generate(ctx):
+    from PIL import Image as PILImage
+
+    def save(self, fp, *a, **kw):
+        raise _enospc(fp)
+
+    ctx.monkeypatch.setattr(PILImage.Image, "save", save)
+    return generate_args(ctx)
+
+
+case(id="disk_full_in_generate", defect=7, input="generate: ENOSPC while an image is written", outcome="error",
+     expect="the disk is full: a write failed", exit_code=28)(_disk_full_in_generate)
+
+
+def _disk_full_in_pairs(ctx):
+    import pyarrow.parquet as pq
+
+    def fail(self, *a, **kw):
+        raise _enospc("data/.shard.tmp")
+
+    ctx.monkeypatch.setattr(pq.ParquetWriter, "write_table", fail)
+    return ["pairs", *PAIRS_ARGS(ctx)]
+
+
+def PAIRS_ARGS(ctx):
+    repo = Path(__file__).resolve().parents[2]
+    return [str(repo / "configs/pairs/toy_pick_style.yaml"), "--num_pairs=2", "--num_inference_steps=1",
+            f"--pretrained_model_name_or_path={ctx.model}", f"--output_dir={ctx.tmp / 'pairs'}", "--height=32",
+            "--width=32"]
+
+
+case(id="disk_full_in_pairs", defect=7, input="pairs: ENOSPC while a shard is written", outcome="error",
+     expect="the disk is full: a write failed", exit_code=28)(_disk_full_in_pairs)

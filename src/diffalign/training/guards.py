@@ -202,6 +202,9 @@ class StepBoundary:
 
         if error is not None:
             if self.main:
-                write_train_report(self.out, self.report(error.status))
+                try:
+                    write_train_report(self.out, self.report(error.status))
+                except OSError:  # the disk may still be full: the error itself matters more
+                    pass
             self.accelerator.wait_for_everyone()
             raise error

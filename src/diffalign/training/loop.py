@@ -113,49 +113,76 @@ def train(cfg: TrainConfig) -> Path:
             f"{cfg.gradient_accumulation_steps} = global batch {cfg.global_batch_size(world)}")
 
     validation_net = reference.module if isinstance(reference, FrozenCopy) else None
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
-    with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
-        while step < cfg.max_train_steps:
-            sums: dict[str, float] = {}
-            for micro in range(ga):
-                # Every draw of a micro-batch (e.g. caption dropout, then noise and t) comes from one generator,
-                # drawn for the global batch, this process's rows kept: the same weights with 1 process x batch 2B
-                # as with 2 processes x batch B, and after a resume.
-                gen = _step_generator(cfg.seed, step, micro, 0)
-                items = stream.get(step * ga + micro)
-                add_fetch_failures(sums, items, world)  # counted over all processes with the step's metrics
-                with torch.no_grad():
-                    batch, batch_counts = recipe.make_batch(items, gen)
-                if skip_micro_batch(accelerator, batch is None, step, micro, log):
-                    counts["skipped_micro_batches"] += 1
-                    continue
-                for name, count in batch_counts.items():
-                    add_count(sums, name, count, world)
-                backward_micro_batch(accelerator, net, lambda: recipe.step(batch, gen), micro=micro, ga=ga,
-                                     sums=sums)
-            skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
-                                           cfg.max_grad_norm, sums, stop_requested=boundary.signals.received is not None)
-            if skipped is None:  # a skipped update leaves an EMA or a teacher where it was too
-                recipe.after_update()
-            fetch.record(step, sums)
-            step += 1
-            boundary.end_step(step, skipped, stop, sums, bar)
-            boundary.stop_with(fetch.check(step, last=step >= cfg.max_train_steps))
-            if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
-                _validate(cfg, family, validation_net, out, step, accelerator)
-            accelerator.wait_for_everyone()
-    bar.close()
+    try:
+        bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
+        with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
+            while step < cfg.max_train_steps:
+                sums: dict[str, float] = {}
+                for micro in range(ga):
+                    # Every draw of a micro-batch (e.g. caption dropout, then noise and t) comes from one
+                    # generator, drawn for the global batch, this process's rows kept: the same weights with
+                    # 1 process x batch 2B as with 2 processes x batch B, and after a resume.
+                    gen = _step_generator(cfg.seed, step, micro, 0)
+                    items = stream.get(step * ga + micro)
+                    add_fetch_failures(sums, items, world)  # counted over all processes with the step's metrics
+                    with torch.no_grad():
+                        batch, batch_counts = recipe.make_batch(items, gen)
+                    if skip_micro_batch(accelerator, batch is None, step, micro, log):
+                        counts["skipped_micro_batches"] += 1
+                        continue
+                    for name, count in batch_counts.items():
+                        add_count(sums, name, count, world)
+                    backward_micro_batch(accelerator, net, lambda: recipe.step(batch, gen), micro=micro, ga=ga,
+                                         sums=sums)
+                skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
+                                               cfg.max_grad_norm, sums,
+                                               stop_requested=boundary.signals.received is not None)
+                if skipped is None:  # a skipped update leaves an EMA or a teacher where it was too
+                    recipe.after_update()
+                fetch.record(step, sums)
+                step += 1
+                boundary.end_step(step, skipped, stop, sums, bar)
+                boundary.stop_with(fetch.check(step, last=step >= cfg.max_train_steps))
+                if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
+                    _validate(cfg, family, validation_net, out, step, accelerator)
+                accelerator.wait_for_everyone()
+        bar.close()
 
-    if main:
-        recipe.save_outputs(out)
-        if cfg.validation_prompts:
-            _validate(cfg, family, validation_net, out, step, accelerator)
-        recipe.write_model_card(out, data.summary())
-        write_train_report(out, report("finished"))
-        log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
-        log(f"saved to {out}")
+        if main:
+            recipe.save_outputs(out)
+            if cfg.validation_prompts:
+                _validate(cfg, family, validation_net, out, step, accelerator)
+            recipe.write_model_card(out, data.summary())
+            write_train_report(out, report("finished"))
+            log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
+            log(f"saved to {out}")
+    except Exception as exc:
+        from ..safety.disk import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        error = _disk_full_error(out, step, exc, main)
+        if main:  # no wait for the other processes: only this one writes, they fail at their next collective
+            with contextlib.suppress(OSError):
+                write_train_report(out, report(error.status))
+        raise error from None
     accelerator.end_training()
     return out
+
+
+def _disk_full_error(out: Path, step: int, exc: BaseException, main: bool):
+    """The DiskFull to stop with; our own half-written checkpoint (a `.checkpoint-N.tmp`) is removed to give the
+    space back, and the newest complete checkpoint stays `latest`."""
+    from ..safety.disk import DiskFull, failed_file
+    from .checkpoint import list_checkpoints, remove_incomplete
+
+    if main:
+        remove_incomplete(out)
+    found = list_checkpoints(out)
+    where = (f"the last good checkpoint is {found[-1]}: free some space, then run the same command with "
+             "--resume_from_checkpoint=latest" if found else "no checkpoint was written yet: free some space and "
+             "start again")
+    return DiskFull(f"the disk is full: a write in {out} failed at step {step}{failed_file(exc)}; {where}")
 
 
 def _validate(cfg, family, reference, out: Path, step: int, accelerator) -> None:
