@@ -594,3 +594,30 @@ def PAIRS_ARGS(ctx):
 
 case(id="disk_full_in_pairs", defect=7, input="pairs: ENOSPC while a shard is written", outcome="error",
      expect="the disk is full: a write failed", exit_code=28)(_disk_full_in_pairs)
+
+
+# ------------------------------------------------------------------------------------------------ 11: YAML
+_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8)) + "method: mapo\n"
+
+
+def _config_file(ctx, text: str) -> list[str]:
+    return ["train", str(ctx.file("config.yaml", text)), f"--output_dir={ctx.tmp / 'run'}"]
+
+
+case(id="yaml_alias_bomb", defect=11, input=f"a {len(_BOMB)}-byte YAML billion-laughs config (nested aliases)",
+     outcome="error", expect="an alias (*a, line 2) is not allowed in a config file")(
+    lambda ctx: _config_file(ctx, _BOMB))
+case(id="yaml_single_alias", defect=11, input="a config reusing one value through an alias", outcome="error",
+     expect="an alias (*lr, line 2) is not allowed")(
+    lambda ctx: _config_file(ctx, "learning_rate: &lr 1.0e-4\nadam_epsilon: *lr\nmethod: mapo\n"))
+
+
+def _check_short(ctx, err):
+    assert len(err.strip().splitlines()[-1]) < 600, len(err)
+
+
+case(id="yaml_huge_wrong_value", defect=11, input="a 1 MB value of the wrong type", outcome="error",
+     expect="expected int, got 'xxxxxxxx", check=_check_short)(
+    lambda ctx: _config_file(ctx, "method: mapo\ntrain_batch_size: " + "x" * 1_000_000 + "\n"))
