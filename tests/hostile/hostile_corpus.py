@@ -621,3 +621,59 @@ def _check_short(ctx, err):
 case(id="yaml_huge_wrong_value", defect=11, input="a 1 MB value of the wrong type", outcome="error",
      expect="expected int, got 'xxxxxxxx", check=_check_short)(
     lambda ctx: _config_file(ctx, "method: mapo\ntrain_batch_size: " + "x" * 1_000_000 + "\n"))
+
+
+# ------------------------------------------------------------------------------------------------ 13: odd arguments
+case(id="generate_height_30", defect=13, input="generate --height 30 --width 30", outcome="error",
+     expect="--height must be a positive multiple of 8")(
+    lambda ctx: [a for a in generate_args(ctx)[:-4]] + ["--height", "30", "--width", "30"])
+case(id="generate_negative_seed", defect=13, input="generate --seed -5", outcome="error",
+     expect="--seed must be in 0 .. 4294967295")(lambda ctx: generate_args(ctx, "--seed", "-5"))
+case(id="render_pairs_out_is_a_folder", defect=13, input="toy render-pairs --out an existing folder",
+     outcome="error", expect="is a folder; give the output file name")(
+    lambda ctx: ["toy", "render-pairs", "--out", str(ctx.tmp), "-n", "4"])
+case(id="render_pairs_negative_count", defect=13, input="toy render-pairs -n -5", outcome="error",
+     expect="-n/--num-pairs must be at least 1, got -5")(
+    lambda ctx: ["toy", "render-pairs", "--out", str(ctx.tmp / "p.parquet"), "-n", "-5"])
+case(id="render_captions_zero_rows", defect=13, input="toy render-captions -n 0", outcome="error",
+     expect="-n/--num-rows must be at least 1, got 0")(
+    lambda ctx: ["toy", "render-captions", "--out", str(ctx.tmp / "c.parquet"), "-n", "0"])
+
+
+def _custom_pipeline(ctx):
+    import shutil
+
+    folder = ctx.tmp / "custom"
+    shutil.copytree(ctx.model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "EvilPipeline"
+    ctx.file("custom/model_index.json", json.dumps(index))
+    return ["generate", "--model", str(folder), *generate_args(ctx)[3:]]
+
+
+case(id="custom_pipeline_class", defect=13, input="generate with a model_index.json naming a custom pipeline class",
+     outcome="refused", expect="names the pipeline class 'EvilPipeline', which is not one of diffusers' own")(
+    _custom_pipeline)
+
+
+def _edited_state(edit, resume="latest"):
+    def build(ctx):
+        data = _first_run(ctx)
+        state_file = ctx.tmp / "run" / "checkpoint-1" / "state.json"
+        state = json.loads(state_file.read_text())
+        edit(state)
+        state_file.write_text(json.dumps(state))
+        return train_args(ctx, data, "--checkpointing_steps=1", "--max_train_steps=3",
+                          f"--resume_from_checkpoint={resume}")
+    return build
+
+
+case(id="state_json_step_is_text", defect=13, input="a hand-edited state.json: global_step \"five\"",
+     outcome="error", expect="has no whole-number global_step")(
+    _edited_state(lambda s: s.update(global_step="five")))
+case(id="state_json_count_is_text", defect=13, input="a hand-edited state.json: nonfinite_steps \"many\"",
+     outcome="error", expect="nonfinite_steps is 'many', not a count")(
+    _edited_state(lambda s: s.update(nonfinite_steps="many")))
+case(id="state_json_files_is_a_list", defect=13, input="a hand-edited state.json: files is a list, resumed by "
+     "name", outcome="error", expect="is not a complete checkpoint folder")(
+    _edited_state(lambda s: s.update(files=list(s["files"])), resume="checkpoint-1"))

@@ -102,7 +102,8 @@ def check_run_folder(cfg, out: Path) -> None:
     if found and not cfg.resume_from_checkpoint:
         raise UserError(f"output_dir '{out}' already holds checkpoints of an earlier run (newest: {found[-1].name}): "
                         "pass --resume_from_checkpoint=latest to continue it, or choose a new output_dir")
-    if not found and not cfg.overwrite_output_dir and _finished(out):
+    named = cfg.resume_from_checkpoint not in (None, "", "latest")  # a named checkpoint is checked by itself
+    if not found and not named and not cfg.overwrite_output_dir and _finished(out):
         raise UserError(f"output_dir '{out}' holds a finished run (train_report.json says finished) and no checkpoint "
                         "to resume from: a new run would replace its weights and metrics; choose a new output_dir, "
                         "or pass --overwrite_output_dir=true to replace it")
