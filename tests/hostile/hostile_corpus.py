@@ -677,3 +677,38 @@ case(id="state_json_count_is_text", defect=13, input="a hand-edited state.json: 
 case(id="state_json_files_is_a_list", defect=13, input="a hand-edited state.json: files is a list, resumed by "
      "name", outcome="error", expect="is not a complete checkpoint folder")(
     _edited_state(lambda s: s.update(files=list(s["files"])), resume="checkpoint-1"))
+
+
+# ------------------------------------------------------------------------------------------------ 14: image paths
+def _path_parquet(ctx, path_of):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ctx.file("outside/secret.png", png(colour=(5, 5, 5)))
+    ctx.file("images/inside.png", png(colour=(200, 5, 5)))
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = 4
+    table = pa.table({"caption": ["x"] * rows,
+                      "jpg_0": pa.array([{"bytes": None, "path": path_of(ctx)}] * rows, type=cell),
+                      "jpg_1": pa.array([{"bytes": png(colour=(1, 2, 3)), "path": None}] * rows, type=cell),
+                      "label_0": [1.0] * rows, "label_1": [0.0] * rows})
+    path = ctx.tmp / "paths.parquet"
+    pq.write_table(table, path)
+    ctx.inputs.append(path)
+    return path
+
+
+case(id="parquet_path_without_image_root", defect=14, input="parquet image cells holding a file path, no image_root",
+     outcome="refused", expect="set image_root to the folder that holds such images")(
+    lambda ctx: train_args(ctx, _path_parquet(ctx, lambda c: str(c.tmp / "outside" / "secret.png"))))
+case(id="parquet_absolute_path_outside_image_root", defect=14, input="parquet image path (absolute) outside "
+     "image_root", outcome="refused", expect="is outside image_root")(
+    lambda ctx: train_args(ctx, _path_parquet(ctx, lambda c: str(c.tmp / "outside" / "secret.png")),
+                           f"--image_root={ctx.tmp / 'images'}"))
+case(id="parquet_dotdot_path_outside_image_root", defect=14, input="parquet image path ../outside/secret.png "
+     "with image_root", outcome="refused", expect="'../outside/secret.png' is outside image_root")(
+    lambda ctx: train_args(ctx, _path_parquet(ctx, lambda c: "../outside/secret.png"),
+                           f"--image_root={ctx.tmp / 'images'}"))
+case(id="parquet_path_inside_image_root", defect=14, input="parquet image path inside image_root (relative)",
+     outcome="ok", expect="finished, LoRA up-weights not all zero", check=_check_learned, exit_code=0)(
+    lambda ctx: train_args(ctx, _path_parquet(ctx, lambda c: "inside.png"), f"--image_root={ctx.tmp / 'images'}"))

@@ -119,8 +119,9 @@ class ImageCaptions:
     """
 
     def __init__(self, source: Any, *, image_column: str, caption_column: str = "caption", split: str = "train",
-                 strict: bool = False, max_samples: int | None = None):
+                 strict: bool = False, max_samples: int | None = None, image_root: str | None = None):
         src = _open_table(source, split, caption_column, strict)
+        self._image_root, self._kind = image_root, src.kind
         if image_column not in src.table.column_names:
             raise UserError(f"{src.description} has no image column {image_column!r} (columns: "
                             f"{', '.join(src.table.column_names)}); pass --image_columns=...")
@@ -156,8 +157,14 @@ class ImageCaptions:
         from .pairs import _BadImage, decode_image
 
         row = self._rows[i]
+        cell = self._table.images(row)[0]
+        if self._kind not in ("folder", "memory"):  # as PreferencePairs: data holding file paths
+            from ..safety.paths import confine_image_cell
+
+            cell = confine_image_cell(cell, self._image_root, f"{self.description}: row {row}, column "
+                                                              f"{self.image_column!r}")
         try:
-            return decode_image(self._table.images(row)[0])
+            return decode_image(cell)
         except _BadImage as exc:
             if self._strict:
                 raise UserError(f"{self.description}: row {row}, column {self.image_column!r}: {exc.detail}") from None

@@ -38,3 +38,34 @@ def inside_reason(root: str | os.PathLike, path: str) -> str | None:
     if not target.is_relative_to(inside):
         return f"{target} is outside it"
     return None
+
+
+def image_path_in_cell(value) -> str | None:
+    """The file path an image cell points to when it holds a path and no bytes (a `{"bytes": None, "path": ...}`
+    struct, or a plain string), else None."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return None
+        value = value.get("path")
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    return None
+
+
+def confine_image_cell(value, image_root: str | None, where: str):
+    """`value` with a path-only cell resolved inside `image_root` (relative paths are relative to it); UserError
+    when there is no image_root or the path leaves it. Cells holding bytes pass unchanged (issue 22, defect 14)."""
+    from ..errors import UserError
+
+    path = image_path_in_cell(value)
+    if path is None:
+        return value
+    if not image_root:
+        raise UserError(f"{where}: the image is a file path ({path[:200]!r}), not image bytes; set image_root to the "
+                        "folder that holds such images (paths outside it are refused)")
+    full = path if os.path.isabs(path) else os.path.join(image_root, path)
+    reason = inside_reason(image_root, full)
+    if reason:
+        raise UserError(f"{where}: the image path {path[:200]!r} is outside image_root '{image_root}' ({reason}); "
+                        "refusing to read it")
+    return full

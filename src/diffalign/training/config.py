@@ -90,6 +90,10 @@ class _Data:
     cache_dir: Optional[str] = _f(
         None, "Folder of the latent/embedding cache (use_cache). none: a 'cache' folder inside output_dir. "
         "Not the hub download cache (set HF_HOME for that).")
+    image_root: Optional[str] = _f(
+        None, "For parquet / hub data whose image cells hold file paths instead of bytes: the folder those files "
+        "must be in (relative paths are relative to it). Paths outside it, and any path when it is not set, are "
+        "refused, as image folders refuse names outside themselves.")
     max_skipped_share: float = _f(
         1.0, "Images that fail when fetched (undecodable, too small) are skipped and counted; when they reach this "
         "share of an epoch's rows (or, at the end of a shorter run, of the rows fetched) the run stops with an "
