@@ -717,3 +717,12 @@ case(id="parquet_dotdot_path_outside_image_root", defect=14, input="parquet imag
 case(id="parquet_path_inside_image_root", defect=14, input="parquet image path inside image_root (relative)",
      outcome="ok", expect="finished, LoRA up-weights not all zero", check=_check_learned, exit_code=0)(
     lambda ctx: train_args(ctx, _path_parquet(ctx, lambda c: "inside.png"), f"--image_root={ctx.tmp / 'images'}"))
+
+
+def _prompts_loop(ctx):
+    (ctx.tmp / "loop.txt").symlink_to("loop.txt")
+    return generate_args(ctx)[:3] + ["--prompts", str(ctx.tmp / "loop.txt")] + generate_args(ctx)[5:]
+
+
+case(id="prompts_file_symlink_loop", defect=6, input="generate --prompts a symlink loop", outcome="error",
+     expect="is a symlink that leads nowhere (a symlink loop")(_prompts_loop)

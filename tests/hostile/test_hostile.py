@@ -77,3 +77,26 @@ def test_per_step_seeds_keep_the_old_formula_where_it_fitted_and_hash_beyond():
     assert step_seed(12345, 7, 0, 1) == ((12345 * 1_000_003 + 7) * 1009 + 0) * 101 + 1
     big = [step_seed(2**32 - 1, s, m, r) for s in range(3) for m in range(2) for r in range(2)]
     assert all(0 <= v < 2**63 for v in big) and len(set(big)) == len(big)
+
+
+def test_fetch_failures_of_every_process_are_counted_through_the_step_reduction():
+    """Two processes' sums, averaged as `sums_to_host` does under accelerate: the count is the global one, and
+    every process takes the same decision."""
+    import torch
+
+    from diffalign.training.fetch_guard import METRIC, FetchFailures, add_fetch_failures
+
+    world, per_process = 2, [[None, {"x": 1}], [None, None]]  # rank 0: one row failed, rank 1: both
+    sums = [{} for _ in range(world)]
+    for rank in range(world):
+        add_fetch_failures(sums[rank], per_process[rank], world)
+    mean = torch.stack([torch.as_tensor(s[METRIC]) for s in sums]).mean()  # accelerator.reduce(..., "mean")
+    decisions = []
+    for rank in range(world):
+        guard = FetchFailures(0.375, rows_per_micro=2 * world, micro_per_epoch=2, ga=1, describe=lambda: "data")
+        guard.record(0, {METRIC: float(mean)})
+        assert (guard.failed, guard.fetched) == (3, 4)
+        decisions.append(guard.check(1, last=False) is not None)
+    assert decisions == [True, True]  # 3 of the epoch's 8 rows reach 0.375 x 8 on both processes
+    # one process's own count (1 or 2) would not have reached it on rank 0: the merge is what stops both
+    assert 1 < 0.375 * 8 <= 3

@@ -32,6 +32,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
     An empty prompt is allowed in JSONL (`{"prompt": ""}`), the unconditional case.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"prompts file '{path}' is a symlink that leads nowhere (a symlink loop or a missing target): "
+                        "give the file itself")
     if not path.is_file():
         raise UserError(f"prompts file '{path}' does not exist: pass a text file (one prompt a line), JSONL with a "
                         "'prompt' field, or a dataset column as hf:SOURCE:SPLIT:COLUMN")
