@@ -726,3 +726,24 @@ def _prompts_loop(ctx):
 
 case(id="prompts_file_symlink_loop", defect=6, input="generate --prompts a symlink loop", outcome="error",
      expect="is a symlink that leads nowhere (a symlink loop")(_prompts_loop)
+
+
+def _overwrite_finished(ctx):
+    from diffalign.cli import main
+
+    data = _good_parquet(ctx)
+    assert main(train_args(ctx, data)) == 0
+    return train_args(ctx, data, "--learning_rate=5e-3", "--overwrite_output_dir=true")
+
+
+def _check_replaced(ctx, err):
+    from diffalign.training.config import TrainConfig
+    from diffalign.config_loader import load_config
+
+    assert report(ctx)["status"] == "finished"
+    assert load_config(TrainConfig, str(ctx.tmp / "run" / "config.yaml"), []).learning_rate == 5e-3
+
+
+case(id="second_run_with_overwrite_output_dir", defect=5, input="the same with --overwrite_output_dir=true",
+     outcome="ok", expect="the finished run is replaced, as asked", check=_check_replaced, exit_code=0)(
+    _overwrite_finished)
