@@ -368,11 +368,13 @@ def dump_config(cfg, path: str | os.PathLike) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Resolved {type(cfg).__name__}: every key, as it ran. Load it again with --config {p.name}\n"
     data = config_to_dict(cfg)
-    body = yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, default_flow_style=None, width=1000)
+    body = yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, default_flow_style=None,
+                     width=1000)
     if yaml.safe_load(body) != data:
         # PyYAML writes a few characters (NEL, LS, PS, ...) raw that its reader then folds as line breaks:
         # escape everything non-ASCII instead, so what ran is what loads back.
-        body = yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=False, default_flow_style=None, width=1000)
+        body = yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=False, default_flow_style=None,
+                         width=1000)
     from .fsutil import atomic_write_text
 
     atomic_write_text(p, header + body)  # a run killed while writing it never leaves half a config

@@ -95,7 +95,8 @@ def check_pipeline_class(path: str) -> None:
     try:
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError, AttributeError) as exc:
-        raise UserError(f"{index} is not a readable model index ({first_line(exc)}); restore the pipeline folder") from None
+        raise UserError(f"{index} is not a readable model index ({first_line(exc)}); restore the pipeline "
+                        "folder") from None
     import diffusers
 
     if not isinstance(name, str) or not name.isidentifier() or not hasattr(diffusers, name):

@@ -340,8 +340,8 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
     def _validate_run(self) -> None:
         from ..safety.seeds import seed_problem
 
-        for key in ("seed", "validation_seed"):
-            problem = seed_problem(getattr(self, key), key)
+        for name in ("seed", "validation_seed"):
+            problem = seed_problem(getattr(self, name), name)
             if problem:
                 raise UserError(problem)
         if self.checkpointing_steps < 1:

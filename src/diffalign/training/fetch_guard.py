@@ -68,8 +68,8 @@ class FetchFailures:
     def _error(self, step: int, failed: int, of: int, what: str) -> TrainingStopped:
         return TrainingStopped(
             f"{failed} of the {of} rows fetched {what} had images that could not be used (undecodable, too "
-            f"small or too large), at least max_skipped_share={self.limit:g} of them, so training stopped at step {step} "
-            f"instead of learning from almost nothing ({self.describe()}); fix the images, or raise "
+            f"small or too large), at least max_skipped_share={self.limit:g} of them, so training stopped at step "
+            f"{step} instead of learning from almost nothing ({self.describe()}); fix the images, or raise "
             "max_skipped_share to accept more skipped rows", status="stopped: no usable data")
 
     def check(self, step: int, last: bool) -> TrainingStopped | None:

@@ -176,7 +176,7 @@ class StepBoundary:
 
     def end_step(self, step: int, skipped: str | None, stop: bool, sums: dict, bar) -> None:
         from .checkpoint import list_checkpoints
-        from .steps import log_step, write_train_report
+        from .steps import log_step
 
         cfg = self.cfg
         self.nonfinite.record(step, skipped, sums, self.log if self.main else (lambda msg: None))

@@ -91,7 +91,8 @@ def train(cfg: TrainConfig) -> Path:
 
     def save(at: int) -> Path:
         return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts, **fetch.state()),
+                               ema=recipe.checkpoint_state(),
+                               extra=boundary.checkpoint_extra(**counts, **fetch.state()),
                                total_limit=cfg.checkpoints_total_limit)
 
     boundary = StepBoundary(cfg, out=out, accelerator=accelerator, main=main, log=log, what=cfg.method,
