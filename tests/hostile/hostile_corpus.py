@@ -747,3 +747,8 @@ def _check_replaced(ctx, err):
 case(id="second_run_with_overwrite_output_dir", defect=5, input="the same with --overwrite_output_dir=true",
      outcome="ok", expect="the finished run is replaced, as asked", check=_check_replaced, exit_code=0)(
     _overwrite_finished)
+
+
+case(id="evaluate_negative_seed", defect=3, input="evaluate --seed -1 (the bootstrap's numpy generator)",
+     outcome="error", expect="--seed must be in 0 .. 4294967295")(
+    lambda ctx: evaluate_args(ctx, gen_folder(ctx, "images", ["0.png", "1.png"])) + ["--seed", "-1"])
