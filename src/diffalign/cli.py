@@ -37,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a disk that filled up mid-run: one line and its own exit code (safety/disk.py)
+        from .safety.disk import DISK_FULL_EXIT, disk_full_message
+
+        message = disk_full_message(exc)
+        if message is None:
+            raise
+        print(f"diffalign {args.command}: error: {message}", file=sys.stderr)
+        return DISK_FULL_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -103,7 +103,7 @@ def _coerce_scalar(value, tp, *, parse: bool):
         allowed = ", ".join(str(c) for c in choices)
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise _Invalid(f"expected one of {allowed}, got {value!r}{hint}")
+        raise _Invalid(f"expected one of {allowed}, got {_short(value)}{hint}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -111,7 +111,7 @@ def _coerce_scalar(value, tp, *, parse: bool):
             return text.lower() in _TRUE
         if parse and type(value) is int and value in (0, 1):
             return bool(value)
-        raise _Invalid(f"expected bool (true/false, yes/no, 1/0), got {value!r}")
+        raise _Invalid(f"expected bool (true/false, yes/no, 1/0), got {_short(value)}")
     if tp is int:
         if type(value) is int:
             return value
@@ -128,7 +128,7 @@ def _coerce_scalar(value, tp, *, parse: bool):
                 return int(as_float)
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise _Invalid(f"expected int, got {value!r}")
+        raise _Invalid(f"expected int, got {_short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -137,12 +137,12 @@ def _coerce_scalar(value, tp, *, parse: bool):
                 return float(text)
             except ValueError:
                 pass
-        raise _Invalid(f"expected float, got {value!r}")
+        raise _Invalid(f"expected float, got {_short(value)}")
     if tp is str:
         if is_str:
             return value
         hint = " (quote it in YAML)" if isinstance(value, (int, float, bool)) else ""
-        raise _Invalid(f"expected str, got {value!r}{hint}")
+        raise _Invalid(f"expected str, got {_short(value)}{hint}")
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
@@ -176,17 +176,17 @@ def _coerce(value, tp, *, parse: bool):
             try:
                 value = yaml.safe_load(text)
             except yaml.YAMLError as exc:
-                raise _Invalid(f"cannot read {text!r} as a list: {str(exc).splitlines()[0]}") from None
+                raise _Invalid(f"cannot read {_short(text)} as a list: {str(exc).splitlines()[0]}") from None
             if not isinstance(value, list):
-                raise _Invalid(f"expected a list, got {text!r}")
+                raise _Invalid(f"expected a list, got {_short(text)}")
         else:
             value = [part.strip() for part in text.split(",") if part.strip()]
     elif not isinstance(value, (list, tuple)):
-        raise _Invalid(f"expected {type_name(tp)}, got {value!r}")
+        raise _Invalid(f"expected {type_name(tp)}, got {_short(value)}")
     try:
         items = [_coerce_scalar(v, item, parse=parse) for v in value]
     except _Invalid as exc:
-        raise _Invalid(f"expected {type_name(tp)}, got {value!r}: item {exc}") from None
+        raise _Invalid(f"expected {type_name(tp)}, got {_short(value)}: item {exc}") from None
     return list(items) if typing.get_origin(inner) is list else tuple(items)
 
 
@@ -203,11 +203,27 @@ def _field_types(cls) -> dict[str, Any]:
 def _unknown_key(key: str, known, source: str) -> UserError:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return UserError(f"unknown config key {key!r} {source}{hint} (--help-config lists every key)")
+    return UserError(f"unknown config key {_short(key)} {source}{hint} (--help-config lists every key)")
+
+
+def _short(value, limit: int = 120) -> str:
+    """repr(value) cut to `limit` characters, so an error message stays one readable line whatever the value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last one silently)."""
+    """SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last one silently), and
+    refuses aliases (`*name`): a config has no use for them, and nested aliases expand exponentially (526 bytes
+    of YAML made 2.6 GB of lists, issue 22)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{_short(event.anchor, 40)[1:-1]}, line {event.start_mark.line + 1}) is not "
+                "allowed in a config file; write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -224,6 +240,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """What we write is read back by a loader that refuses aliases: never write one (a value shared by two keys
+    is written twice)."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def _read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -232,7 +256,7 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
-        raise UserError(f"config file '{p}' is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise UserError(f"config file '{p}' is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read config file '{p}': {exc}") from None
     if data is None:
@@ -349,11 +373,13 @@ def dump_config(cfg, path: str | os.PathLike) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Resolved {type(cfg).__name__}: every key, as it ran. Load it again with --config {p.name}\n"
     data = config_to_dict(cfg)
-    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=1000)
+    body = yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, default_flow_style=None,
+                     width=1000)
     if yaml.safe_load(body) != data:
         # PyYAML writes a few characters (NEL, LS, PS, ...) raw that its reader then folds as line breaks:
         # escape everything non-ASCII instead, so what ran is what loads back.
-        body = yaml.safe_dump(data, sort_keys=False, allow_unicode=False, default_flow_style=None, width=1000)
+        body = yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=False, default_flow_style=None,
+                         width=1000)
     from .fsutil import atomic_write_text
 
     atomic_write_text(p, header + body)  # a run killed while writing it never leaves half a config

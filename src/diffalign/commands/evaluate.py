@@ -35,7 +35,9 @@ def add_parser(sub) -> None:
 def cmd(args) -> int:
     from ..evaluation.evaluate import evaluate_folders, parse_folder_args
     from ..evaluation.report import format_table
+    from ..safety.args import check_seed
 
+    check_seed(args.seed)  # numpy's generators take 0 .. 2^32-1 here
     folders = parse_folder_args([*args.images, *args.baseline])
     baselines = list(parse_folder_args(args.baseline))
     specs = [s.strip() for group in args.rewards for s in group.split(",") if s.strip()]

@@ -54,12 +54,15 @@ def cmd(args) -> int:
     from ..generation.sample import accelerate_processes
     from ..models import load_lora_into_pipeline, load_pipeline
     from ..models.lora import step_record
+    from ..safety.args import check_image_size, check_seed
 
     if (args.height is None) != (args.width is None):
         raise UserError("give both --height and --width, or neither (the model's native size)")
     for name in ("steps", "batch_size", "num_images_per_prompt"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    check_image_size(args.height, args.width)
+    check_seed(args.seed)
     prompts = prompts_of(args)
     ensure_writable_dir(args.out)
     processes = accelerate_processes()  # one, or the processes of `accelerate launch` / torchrun

@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..safety.paths import confine_image_cell
 from .pairs import _BadImage, decode_image  # noqa: PLC2701 - decode_image's own failure type
 from .sources import resolve_source
 from .transforms import to_tensor
@@ -108,11 +109,15 @@ class CaptionFolder(CaptionRows):
 
 
 class CaptionTable(CaptionRows):
+    """A table's rows. Image cells holding a file path (not bytes) are read only inside `image_root`."""
+
     def __init__(self, source, image_column: str, caption_column: str, split: str, strict: bool,
-                 keys: tuple[str, str] = ("image_column", "caption_column")):
+                 keys: tuple[str, str] = ("image_column", "caption_column"), image_root: str | None = None):
         super().__init__(strict)
         src = resolve_source(source, split=split, caption_column=caption_column, strict=strict, cache_dir=None)
         self.description = src.description
+        self._image_root, self._image_column = image_root, image_column
+        self._confine = src.kind not in ("folder", "memory")  # as the preference pairs: data holding file paths
         columns = src.table.column_names
         for what, key, name in (("image", keys[0], image_column), ("caption", keys[1], caption_column)):
             if name not in columns:
@@ -123,18 +128,23 @@ class CaptionTable(CaptionRows):
         self._table = src.table
 
     def _raw_image(self, i: int):
-        return self._table.images(i)[0]
+        cell = self._table.images(i)[0]
+        if self._confine:
+            cell = confine_image_cell(cell, self._image_root, f"{self.description}: {self.row(i)}, column "
+                                                              f"{self._image_column!r}")
+        return cell
 
 
 def open_captions(source, *, image_column: str, caption_column: str, split: str, strict: bool,
-                  keys: tuple[str, str] = ("image_column", "caption_column")) -> CaptionRows:
+                  keys: tuple[str, str] = ("image_column", "caption_column"),
+                  image_root: str | None = None) -> CaptionRows:
     """A caption folder or a table; ``keys`` name the options that set the two columns (for messages)."""
     path = Path(str(source)).expanduser()
     if path.is_dir() and (path / CAPTIONS_FILE).is_file() and not (path / "w").is_dir():
         return CaptionFolder(path, caption_column, strict)
     if path.is_dir() and not any(path.iterdir()):
         raise UserError(f"image-caption source '{source}' is an empty folder: it needs images and {CAPTIONS_FILE}")
-    return CaptionTable(source, image_column, caption_column, split, strict, keys)
+    return CaptionTable(source, image_column, caption_column, split, strict, keys, image_root)
 
 
 def usable_rows(src: CaptionRows, limit: int | None) -> list[int]:
@@ -158,9 +168,9 @@ class ImageCaptions:
     """
 
     def __init__(self, source: Any, *, image_column: str, caption_column: str = "caption", split: str = "train",
-                 strict: bool = False, max_samples: int | None = None):
+                 strict: bool = False, max_samples: int | None = None, image_root: str | None = None):
         self._src = open_captions(source, image_column=image_column, caption_column=caption_column, split=split,
-                                  strict=strict, keys=("image_columns", "caption_column"))
+                                  strict=strict, keys=("image_columns", "caption_column"), image_root=image_root)
         self.description = self._src.description
         self.counts = self._src.counts
         rows = []

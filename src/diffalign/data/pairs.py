@@ -39,7 +39,7 @@ from .sources import BadEntry, Source, resolve_source
 TIES = ("drop", "error")
 #: Reasons a row is not used; all appear in `report()` (0 when none).
 ROW_REASONS = ("tie", "bad_label", "missing_caption", "bad_caption", "missing_image")
-FETCH_REASONS = ("undecodable_image", "image_too_small")
+FETCH_REASONS = ("undecodable_image", "image_too_small", "image_too_large")
 _LABEL_VALUES = (0.0, 0.5, 1.0)
 
 
@@ -81,11 +81,16 @@ def decode_image(value: Any, min_size: int = 0):
             img = Image.open(value)
         else:
             raise _BadImage("undecodable_image", f"unsupported image value of type {type(value).__name__}")
+        from ..safety.images import to_rgb, too_many_pixels
+
+        too_large = too_many_pixels(img)  # from the header, before decoding (issue 22)
+        if too_large:
+            raise _BadImage("image_too_large", too_large)
         img.load()  # decode now: truncated or corrupt data fails here, not later in a worker
         img = ImageOps.exif_transpose(img)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
-        img = img.convert("RGB")
+        img = to_rgb(img)
     except _BadImage:
         raise
     except FileNotFoundError as exc:
@@ -140,8 +145,10 @@ class PreferencePairs(Dataset):
         settings: dict,
         min_size: int = 0,
         strict: bool = False,
+        image_root: str | None = None,
     ):
         self.source = source
+        self.image_root = image_root
         self._table = source.table
         self._table.prepare_images(image_columns)
         self._rows = np.asarray(rows, dtype=np.int64)
@@ -178,8 +185,14 @@ class PreferencePairs(Dataset):
         images = []
         for pos in order:
             column = self.image_columns[pos]
+            cell = raw[pos]
+            if self.source.kind not in ("folder", "memory"):  # folders are confined when read; memory: the caller
+                from ..safety.paths import confine_image_cell
+
+                cell = confine_image_cell(cell, self.image_root, f"{self.source.description}: row {row}, column "
+                                                                 f"{column!r}")
             try:
-                images.append(decode_image(raw[pos], self.min_size))
+                images.append(decode_image(cell, self.min_size))
             except _BadImage as bad:
                 if self.strict:
                     raise UserError(self._where(row, column, bad.reason, bad.detail)) from None
@@ -272,6 +285,7 @@ def load_pairs(
     swap: bool = False,
     min_size: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    image_root: str | None = None,
 ) -> PreferencePairs:
     """Load preference pairs from a hub id, `save_to_disk` folder, parquet file(s)/glob or image folder.
 
@@ -279,6 +293,8 @@ def load_pairs(
     many pairs remain). `min_size` refuses images whose shorter side is smaller (0: no check; set it to the
     training resolution to refuse upsampling). `cache_dir` is where `datasets` keeps its Arrow copy of hub and
     parquet data. Column names are ignored for image folders (their layout fixes them, see `sources.py`).
+    `image_root`: cells that hold a file path instead of image bytes are read only from inside this folder
+    (relative paths are relative to it); without it such cells are refused.
     """
     if ties not in TIES:
         raise UserError(f"ties={ties!r} is not a tie policy; use one of: {', '.join(TIES)} (ties never mean image 0 wins)")
@@ -385,5 +401,6 @@ def load_pairs(
         settings=settings,
         min_size=min_size,
         strict=strict,
+        image_root=image_root,
     )
 

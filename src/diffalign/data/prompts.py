@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..safety.text import read_utf8
 from ..toy.prompts import PROMPT_SETS, toy_prompts  # the toy world's prompt sets by name
 from .sources import resolve_source
 
@@ -41,6 +42,9 @@ def read_prompts(source: Any, column: str = "caption", *, split: str = "train",
         prompts, shown = read_dataset_prompts(text), f"prompt set {text!r}"
     else:
         path = Path(text).expanduser()
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"prompts file '{path}' is a symlink that leads nowhere (a symlink loop or a missing "
+                            "target): give the file itself")
         if path.is_file() and path.suffix.lower() != ".parquet":
             prompts, shown = _read_text_prompts(path, column), f"prompts file '{path}'"
         elif not path.exists() and path.suffix.lower() in (".txt", ".jsonl"):
@@ -56,7 +60,7 @@ def read_prompts(source: Any, column: str = "caption", *, split: str = "train",
 
 
 def _read_text_prompts(path: Path, column: str) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path, "prompts file").splitlines()
     is_jsonl = path.suffix.lower() == ".jsonl" or any(line.lstrip().startswith("{") for line in lines[:1])
     if not is_jsonl:
         return [line.strip() for line in lines if line.strip()]

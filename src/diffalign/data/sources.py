@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -320,31 +321,32 @@ def _read_caption_entries(file: Path, caption_column: str) -> list[tuple[str | N
     """(file_name, caption value) per entry, in file order; a malformed entry gets (None, BadEntry)."""
     shown = file.name
     entries: list[tuple[str | None, Any]] = []
+    from ..safety.text import read_utf8
+
+    text = read_utf8(file, "captions file")  # read and decoded first, so a non-UTF-8 byte names its line
     if file.suffix == ".jsonl":
-        with open(file, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    entries.append((None, BadEntry(f"line {line_no} of {shown} is not JSON")))
-                    continue
-                if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
-                    entries.append((None, BadEntry(f"line {line_no} of {shown} has no 'file_name' string")))
-                else:
-                    entries.append((obj["file_name"], obj.get(caption_column)))
+        for line_no, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                entries.append((None, BadEntry(f"line {line_no} of {shown} is not JSON")))
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
+                entries.append((None, BadEntry(f"line {line_no} of {shown} has no 'file_name' string")))
+            else:
+                entries.append((obj["file_name"], obj.get(caption_column)))
     else:
-        with open(file, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            missing = [c for c in ("file_name", caption_column) if c not in header]
-            if missing:
-                raise UserError(
-                    f"{file} has no column {missing[0]!r} (columns: {', '.join(header) or 'none'}); "
-                    "its header must be file_name,caption"
-                )
-            entries.extend((rec["file_name"], rec[caption_column]) for rec in reader)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        missing = [c for c in ("file_name", caption_column) if c not in header]
+        if missing:
+            raise UserError(
+                f"{file} has no column {missing[0]!r} (columns: {', '.join(header) or 'none'}); "
+                "its header must be file_name,caption"
+            )
+        entries.extend((rec["file_name"], rec[caption_column]) for rec in reader)
     return entries
 
 
@@ -361,7 +363,13 @@ def _check_inside(root: Path, name: str, row: int, shown: str, index_file: str) 
     else:
         inside = root.resolve()
         for sub in ("w", "l"):
-            target = (root / sub / name).resolve()
+            try:
+                target = (root / sub / name).resolve()
+            except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+                from ..safety.text import name_problem
+
+                raise UserError(f"image folder {shown!r}: row {row} of {index_file} names {name!r}, which cannot be "
+                                f"opened ({name_problem(exc)}); fix the name or the link") from None
             if not target.is_relative_to(inside):
                 reason = f"a symlink to {target}"
                 break

@@ -59,6 +59,12 @@ def load_folder(folder: str | Path, label: str) -> list[ImageRecord]:
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(row.get("prompt"), str):
             raise UserError(f"{folder / 'manifest.jsonl'}:{number}: a row needs a string 'file' and 'prompt'")
+        from ..safety.paths import outside_reason
+
+        reason = outside_reason(folder, row["file"])
+        if reason:  # refused with --lenient too: an untrusted manifest, not a missing image
+            raise UserError(f"{folder / 'manifest.jsonl'}:{number}: 'file' is {row['file']!r}, {reason} outside the "
+                            "folder; a manifest may only name images inside its own folder (refusing to read it)")
         records.append(ImageRecord(label, str(folder), row["file"], row["prompt"], row.get("seed"), row.get("index")))
     if not records:
         raise UserError(f"{folder / 'manifest.jsonl'} lists no images")
@@ -69,11 +75,15 @@ def load_image(path: Path):
     """(RGB PIL image, None) or (None, reason) for a missing or undecodable file."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..safety.images import to_rgb
+
     try:
         with Image.open(path) as image:
-            return image.convert("RGB"), None
+            return to_rgb(image), None
     except FileNotFoundError:
         return None, "missing"
+    except Image.DecompressionBombError as exc:  # not an OSError: counted as unreadable, as training does
+        return None, f"corrupt (DecompressionBombError: {str(exc).splitlines()[0]})"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return None, f"corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 

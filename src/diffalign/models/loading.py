@@ -103,6 +103,7 @@ def load_pipeline(
         kwargs["variant"] = variant
     if vae_path is not None:
         kwargs["vae"] = VaeRequest(vae_path).load(dtype)
+    check_pipeline_class(source.path)
     try:
         pipe = DiffusionPipeline.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -110,3 +111,25 @@ def load_pipeline(
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
     return pipe.to(device)
+
+
+def check_pipeline_class(path: str) -> None:
+    """A local pipeline folder must name one of diffusers' own pipeline classes in model_index.json: a custom class
+    would need its code (never run: no remote or custom code) and failed with an AttributeError traceback."""
+    import json
+    from pathlib import Path
+
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{index} is not a readable model index ({first_line(exc)}); restore the pipeline "
+                        "folder") from None
+    import diffusers
+
+    if not isinstance(name, str) or not name.isidentifier() or not hasattr(diffusers, name):
+        raise UserError(f"{index} names the pipeline class {name!r}, which is not one of diffusers' own pipelines; "
+                        "diffalign runs no custom pipeline code: use a diffusers pipeline folder (e.g. "
+                        "StableDiffusionPipeline)")

@@ -235,6 +235,9 @@ def load_lora_into_unet(
             f"expected diffusers keys starting with '{component}.'"
             + (" (or a kohya file with 'lora_unet_' keys)" if component == "unet" else "")
         )
+    from .lora_check import check_adapter_loaded
+
+    check_adapter_loaded({component: unet}, adapter_name, file, pipeline_class)
     for param in lora_parameters(unet, adapter_name):
         param.requires_grad_(trainable)
     return adapter_name
@@ -269,6 +272,10 @@ def load_lora_into_pipeline(pipe: DiffusionPipeline, path: str | os.PathLike, ad
             f"expected diffusers keys starting with '{denoiser_component(type(pipe))}.'/'text_encoder.' or a kohya "
             "file for this architecture"
         )
+    from .lora_check import check_adapter_loaded
+
+    components = {name: getattr(pipe, name, None) for name in ("unet", "transformer", "text_encoder", "text_encoder_2")}
+    check_adapter_loaded(components, added[0], file, type(pipe))
     return added[0]
 
 

@@ -55,7 +55,7 @@ def is_complete(path: Path) -> bool:
         return all((path / n).is_file() for n in ("trainable.safetensors", "optimizer.pt", "scheduler.pt"))
     try:
         return all((path / name).stat().st_size == size for name, size in files.items())
-    except OSError:
+    except (OSError, AttributeError, TypeError, ValueError):  # a hand-edited list: not ours, not complete
         return False
 
 
@@ -262,7 +262,28 @@ def resolve_resume(output_dir, resume_from_checkpoint: str | None) -> Path | Non
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((Path(path) / "state.json").read_text())
+    """state.json of a checkpoint; UserError when it is not what our writer writes (a hand-edited file)."""
+    file = Path(path) / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint state '{file}' cannot be read ({exc}); resume from another checkpoint") from None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"checkpoint state '{file}' has no whole-number global_step (got {str(step)[:40]!r}; was it "
+                        "edited by hand?): restore it or resume from another checkpoint")
+    for key, value in state.items():
+        if key.endswith(("_steps", "_batches", "_rows", "_failures", "consecutive_nonfinite")) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise UserError(f"checkpoint state '{file}': {key} is {str(value)[:40]!r}, not a count (was it edited by "
+                            "hand?): restore it or resume from another checkpoint")
+    epoch = state.get("fetch_epoch", [0, 0, 0])
+    first_bad = state.get("first_bad_step")
+    if (not isinstance(epoch, list) or len(epoch) != 3 or not all(type(v) is int and v >= 0 for v in epoch)
+            or not (first_bad is None or type(first_bad) is int)):
+        raise UserError(f"checkpoint state '{file}': fetch_epoch/first_bad_step are not what diffalign writes (was it "
+                        "edited by hand?): restore it or resume from another checkpoint")
+    return state
 
 
 def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
@@ -277,6 +298,11 @@ def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], optimi
     if missing:
         raise UserError(f"checkpoint '{path}' does not match this run's trainable parameters "
                         f"(missing {len(missing)}, e.g. {missing[0]}): was it made with another train_mode or rank?")
+    wrong = [n for n, p in params.items() if tuple(weights[n].shape) != tuple(p.shape)]
+    if wrong:
+        raise UserError(f"checkpoint '{path}' does not match this run's trainable parameters ({wrong[0]} is "
+                        f"{tuple(weights[wrong[0]].shape)} there, {tuple(params[wrong[0]].shape)} here): was it made "
+                        "with another rank or train_mode?")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device, p.dtype))

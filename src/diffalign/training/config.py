@@ -90,6 +90,14 @@ class _Data:
     cache_dir: Optional[str] = _f(
         None, "Folder of the latent/embedding cache (use_cache). none: a 'cache' folder inside output_dir. "
         "Not the hub download cache (set HF_HOME for that).")
+    image_root: Optional[str] = _f(
+        None, "For parquet / hub data whose image cells hold file paths instead of bytes: the folder those files "
+        "must be in (relative paths are relative to it). Paths outside it, and any path when it is not set, are "
+        "refused, as image folders refuse names outside themselves.")
+    max_skipped_share: float = _f(
+        1.0, "Images that fail when fetched (undecodable, too small) are skipped and counted; when they reach this "
+        "share of an epoch's rows (or, at the end of a shorter run, of the rows fetched) the run stops with an "
+        "error instead of finishing on data it could not read. In (0, 1]; 1.0: only a whole epoch of failures.")
     dataloader_num_workers: int = _f(
         0, "Threads that decode and augment the next micro-batches while one trains (images only; a latent cache "
         "needs none); 0 loads in the main thread. The batches are the same for any value.")
@@ -140,6 +148,9 @@ class _WhatIsTrained:
 class _Run:
     output_dir: Optional[str] = _f(None, "Run folder (required): weights, checkpoints, logs, resolved config.")
     logging_dir: str = _f("logs", "Tracker log folder, relative to output_dir unless absolute.")
+    overwrite_output_dir: bool = _f(
+        False, "Allow a fresh run into an output_dir holding a finished run (its weights and metrics are replaced); "
+        "without it that is refused.")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer updates.")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints; none: keep all.")
     resume_from_checkpoint: Optional[str] = _f(
@@ -293,6 +304,9 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
             raise UserError(f"resolution must be a positive multiple of 8 (or none for native), got {self.resolution}")
         if self.dataloader_num_workers < 0:
             raise UserError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        if not 0 < self.max_skipped_share <= 1:
+            raise UserError(f"max_skipped_share must be in (0, 1] (the share of an epoch's rows whose images may "
+                            f"fail to load before the run stops), got {self.max_skipped_share}")
         p = self.proportion_empty_prompts
         if not 0 <= p <= 1:
             raise UserError(f"proportion_empty_prompts must be in [0, 1] (the share of captions replaced by the empty "
@@ -339,6 +353,12 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
             raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
     def _validate_run(self) -> None:
+        from ..safety.seeds import seed_problem
+
+        for name in ("seed", "validation_seed"):
+            problem = seed_problem(getattr(self, name), name)
+            if problem:
+                raise UserError(problem)
         if self.checkpointing_steps < 1:
             raise UserError(f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         if self.max_consecutive_nonfinite < 1:

@@ -7,6 +7,7 @@ load time is alpha / rank, so it must travel with the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -58,13 +59,46 @@ def to_kohya(state_dict: dict[str, torch.Tensor], metadata: dict | None = None) 
 
 
 def export_kohya(lora: str | Path, out_file: str | Path | None = None) -> Path:
+    """Write the kohya copy of `lora`. The input is never changed: an output that is the input file is refused, and
+    the output is written under a temporary name and renamed, so a failed write leaves no half file."""
+    import os
+
     source = resolve_lora_file(lora)
-    with safe_open(str(source), framework="pt") as f:
-        metadata = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    out = Path(out_file) if out_file else Path(source).with_name(Path(source).stem + "_kohya.safetensors")
+    if out.exists() and _same_file(out, Path(source)) or out.resolve() == Path(source).resolve():
+        raise UserError(f"--out '{out}' is the input LoRA file itself: exporting would destroy it; give another "
+                        "--out (default: beside the input, *_kohya.safetensors)")
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; give the output .safetensors file name")
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            metadata = f.metadata()
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a file that is not safetensors
+        raise UserError(f"LoRA file '{source}' is not a readable safetensors file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); export reads the "
+                        ".safetensors files diffalign train writes (.bin pickles are never loaded)") from None
     if not state:
         raise UserError(f"LoRA file '{source}' holds no tensors")
     converted = to_kohya(state, metadata)
-    out = Path(out_file) if out_file else Path(source).with_name(Path(source).stem + "_kohya.safetensors")
-    save_file({k: v.contiguous() for k, v in converted.items()}, str(out), metadata={"ss_network_module": "networks.lora"})
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in converted.items()}, str(tmp),
+                  metadata={"ss_network_module": "networks.lora"})
+        os.replace(tmp, out)
+    except Exception as exc:  # OSError, or safetensors' own error wrapping one
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise UserError(f"cannot write '{out}' ({reason}): choose another --out or fix the folder's permissions or "
+                        "free space") from None
     return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -197,8 +197,15 @@ class StepBoundary:
                 saved = self.save(step)
             error = interrupted_error(self.signals.received or signal.SIGTERM, step, cfg.max_train_steps,
                                       saved or self.out / f"checkpoint-{step}")
+        self.stop_with(error)
+
+    def stop_with(self, error: "TrainingStopped | None") -> None:
+        """Write the report with the error's status and raise it (every process decides alike); None: go on."""
         if error is not None:
             if self.main:
-                write_train_report(self.out, self.report(error.status))
+                try:
+                    write_train_report(self.out, self.report(error.status))
+                except OSError:  # the disk may still be full: the error itself matters more
+                    pass
             self.accelerator.wait_for_everyone()
             raise error

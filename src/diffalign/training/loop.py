@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ..safety.disk import DiskFull, failed_file, is_disk_full
+from .checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, resolve_resume, save_checkpoint
 from .config import TrainConfig
+from .fetch_guard import FetchFailures, add_fetch_failures
 from .guards import StepBoundary, check_disk_for_checkpoints
 from .methods import get_method
 from .pair_data import load_config_pairs
@@ -37,7 +39,9 @@ if TYPE_CHECKING:
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+    from ..safety.seeds import step_seed
+
+    return torch.Generator().manual_seed(step_seed(seed, step, micro, rank))
 
 
 def _prepare_network(cfg: TrainConfig, family: ModelFamily, needs_reference: bool):
@@ -85,14 +89,17 @@ def train(cfg: TrainConfig) -> Path:
     recipe.attach(net)
 
     started, counts = time.time(), {"skipped_micro_batches": 0}
+    ga = cfg.gradient_accumulation_steps
+    fetch = FetchFailures(cfg.max_skipped_share, cfg.train_batch_size * world, stream.per_epoch, ga, data.summary)
 
     def report(status: str) -> dict:
         return {"status": status, "steps": step, "seconds": round(time.time() - started, 1), **counts,
-                **boundary.nonfinite.state(), "data": data.report()}
+                **boundary.nonfinite.state(), **fetch.state(), "data": data.report()}
 
     def save(at: int) -> Path:
         return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts, **notes),
+                               ema=recipe.checkpoint_state(),
+                               extra=boundary.checkpoint_extra(**counts, **fetch.state(), **notes),
                                total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
 
     notes = {"weights": recipe.weights_note()} if recipe.weights_note() else {}
@@ -108,6 +115,7 @@ def train(cfg: TrainConfig) -> Path:
         step = state["global_step"]
         boundary.nonfinite.restore(state)
         counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
+        fetch.restore(state)
         log(f"resumed from {resume} at step {step}")
         if step >= cfg.max_train_steps and run_finished(out, step):
             log(f"nothing to do: the run finished at step {step} (max_train_steps={cfg.max_train_steps}) and its "
@@ -122,48 +130,73 @@ def train(cfg: TrainConfig) -> Path:
             log(f"beta_dpo {cfg.beta_dpo:g} (the diffusers script's convention, no 0.5 in the logit) trains as beta "
                 f"{cfg.beta:g} here")
 
-    ga = cfg.gradient_accumulation_steps
     grids = ValidationGrids(family, cfg, reference.module if isinstance(reference, FrozenCopy) else None)
     validated = None  # the step of the last grid
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
-    with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
-        while step < cfg.max_train_steps:
-            sums: dict[str, float] = {}
-            for micro in range(ga):
-                # Every draw of a micro-batch (e.g. caption dropout, then noise and t) comes from one generator,
-                # drawn for the global batch, this process's rows kept: the same weights with 1 process x batch 2B
-                # as with 2 processes x batch B, and after a resume.
-                gen = _step_generator(cfg.seed, step, micro, 0)
-                with torch.no_grad():
-                    batch, batch_counts = recipe.make_batch(stream.get(step * ga + micro), gen)
-                if skip_micro_batch(accelerator, batch is None, step, micro, log):
-                    counts["skipped_micro_batches"] += 1
-                    continue
-                for name, count in batch_counts.items():
-                    add_count(sums, name, count, world)
-                backward_micro_batch(accelerator, net, lambda: recipe.step(batch, gen), micro=micro, ga=ga,
-                                     sums=sums)
-            skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
-                                           cfg.max_grad_norm, sums, stop_requested=boundary.signals.received is not None)
-            if skipped is None:  # a skipped update leaves an EMA or a teacher where it was too
-                recipe.after_update()
-            step += 1
-            boundary.end_step(step, skipped, stop, sums, bar)
-            if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
-                validated = _validate(grids, out, step, accelerator)
-            accelerator.wait_for_everyone()
-    bar.close()
+    try:
+        bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {cfg.method}", unit="step", disable=not main)
+        with boundary.signals, contextlib.closing(stream):  # closing: the loading threads stop on any exit
+            while step < cfg.max_train_steps:
+                sums: dict[str, float] = {}
+                for micro in range(ga):
+                    # Every draw of a micro-batch (e.g. caption dropout, then noise and t) comes from one
+                    # generator, drawn for the global batch, this process's rows kept: the same weights with
+                    # 1 process x batch 2B as with 2 processes x batch B, and after a resume.
+                    gen = _step_generator(cfg.seed, step, micro, 0)
+                    items = stream.get(step * ga + micro)
+                    add_fetch_failures(sums, items, world)  # counted over all processes with the step's metrics
+                    with torch.no_grad():
+                        batch, batch_counts = recipe.make_batch(items, gen)
+                    if skip_micro_batch(accelerator, batch is None, step, micro, log):
+                        counts["skipped_micro_batches"] += 1
+                        continue
+                    for name, count in batch_counts.items():
+                        add_count(sums, name, count, world)
+                    backward_micro_batch(accelerator, net, lambda: recipe.step(batch, gen), micro=micro, ga=ga,
+                                         sums=sums)
+                skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
+                                               cfg.max_grad_norm, sums,
+                                               stop_requested=boundary.signals.received is not None)
+                if skipped is None:  # a skipped update leaves an EMA or a teacher where it was too
+                    recipe.after_update()
+                fetch.record(step, sums)
+                step += 1
+                boundary.end_step(step, skipped, stop, sums, bar)
+                boundary.stop_with(fetch.check(step, last=step >= cfg.max_train_steps))
+                if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
+                    validated = _validate(grids, out, step, accelerator)
+                accelerator.wait_for_everyone()
+        bar.close()
 
-    if main:
-        recipe.save_outputs(out)
-        if cfg.validation_prompts and validated != step:
-            _validate(grids, out, step, accelerator)
-        recipe.write_model_card(out, data.summary())
-        write_train_report(out, report("finished"))
-        log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
-        log(f"saved to {out}")
+        if main:
+            recipe.save_outputs(out)
+            if cfg.validation_prompts and validated != step:
+                _validate(grids, out, step, accelerator)
+            recipe.write_model_card(out, data.summary())
+            write_train_report(out, report("finished"))
+            log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
+            log(f"saved to {out}")
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        error = _disk_full_error(out, step, exc, main)
+        if main:  # no wait for the other processes: only this one writes, they fail at their next collective
+            with contextlib.suppress(OSError):
+                write_train_report(out, report(error.status))
+        raise error from None
     accelerator.end_training()
     return out
+
+
+def _disk_full_error(out: Path, step: int, exc: BaseException, main: bool) -> DiskFull:
+    """The DiskFull to stop with; our own half-written checkpoint (a `.checkpoint-N.tmp`) is removed to give the
+    space back, and the newest complete checkpoint stays `latest`."""
+    if main:
+        remove_incomplete(out)
+    found = list_checkpoints(out)
+    where = (f"the last good checkpoint is {found[-1]}: free some space, then run the same command with "
+             "--resume_from_checkpoint=latest" if found else "no checkpoint was written yet: free some space and "
+             "start again")
+    return DiskFull(f"the disk is full: a write in {out} failed at step {step}{failed_file(exc)}; {where}")
 
 
 def _validate(grids: ValidationGrids, out: Path, step: int, accelerator: Accelerator) -> int:

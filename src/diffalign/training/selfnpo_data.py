@@ -69,7 +69,8 @@ def load_selfnpo_data(cfg, resolution: int) -> TrainData:
         counts = {"prompts": len(prompts), "empty_prompts": n_empty}
         return TrainData(PromptItems(prompts), lambda: counts, lambda: summary)
     data = ImageCaptions(cfg.dataset_name, image_column=cfg.image_columns[0], caption_column=cfg.caption_column,
-                         split=cfg.dataset_split_name, strict=cfg.strict_data, max_samples=cfg.max_train_samples)
+                         split=cfg.dataset_split_name, strict=cfg.strict_data, max_samples=cfg.max_train_samples,
+                         image_root=cfg.image_root)
     transform = ImageCaptionTransform(resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop)
     summary = data.summary()
     return TrainData(ImageItems(data, transform, cfg.seed), data.report, lambda: summary)

@@ -14,7 +14,8 @@ from ..fsutil import ensure_writable_dir
 from ..models import load_family
 from ..processes import check_joined, cpu_process_group
 from .batches import BatchStream
-from .checkpoint import list_checkpoints, remove_incomplete
+from .checkpoint import list_checkpoints, read_state, remove_incomplete, resolve_resume
+from .resume_config import record_changes, resume_changes
 
 
 @dataclass
@@ -62,6 +63,8 @@ def start_run(cfg) -> Run:
     cfg.validate()
     out = ensure_writable_dir(cfg.output_dir, flag="--output_dir")
     check_run_folder(cfg, out)
+    resume = resolve_resume(out, cfg.resume_from_checkpoint)
+    changes = resume_changes(cfg, out, resume)  # refuses a changed model, method, LoRA shape or data
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
     check_tracker(report_to)
     if cfg.allow_tf32 and torch.cuda.is_available():
@@ -77,6 +80,8 @@ def start_run(cfg) -> Run:
     check_distributed_type(str(accelerator.distributed_type))
     main = accelerator.is_main_process
     if main:
+        record_changes(out, changes, int(read_state(resume).get("global_step", 0)) if changes else 0,
+                       lambda msg: print(msg, flush=True))
         removed, ignored = remove_incomplete(out)  # half-written or half-deleted by a killed run
         for p in removed:
             print(f"removed {p.name}: a checkpoint write or deletion that was interrupted", flush=True)
@@ -110,6 +115,20 @@ def check_run_folder(cfg, out: Path) -> None:
     if found and not cfg.resume_from_checkpoint:
         raise UserError(f"output_dir '{out}' already holds checkpoints of an earlier run (newest: {found[-1].name}): "
                         "pass --resume_from_checkpoint=latest to continue it, or choose a new output_dir")
+    named = cfg.resume_from_checkpoint not in (None, "", "latest")  # a named checkpoint is checked by itself
+    if not found and not named and not cfg.overwrite_output_dir and _finished(out):
+        raise UserError(f"output_dir '{out}' holds a finished run (train_report.json says finished) and no checkpoint "
+                        "to resume from: a new run would replace its weights and metrics; choose a new output_dir, "
+                        "or pass --overwrite_output_dir=true to replace it")
+
+
+def _finished(out: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((out / "train_report.json").read_text(encoding="utf-8")).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_distributed_type(kind: str) -> None:

@@ -129,6 +129,9 @@ class PairsConfig:
         "({\"file_name\": ..., \"caption\": ...} a line), or parquet file(s) / glob, a save_to_disk folder or a "
         "hub dataset with an image and a caption column.")
     image_column: str = _f("image", "target: image column of a table source (encoded bytes or paths).")
+    image_root: Optional[str] = _f(
+        None, "target: the folder image paths in a table source are read from (relative to it); paths outside it, "
+        "or paths with no image_root, are refused. Image bytes need none.")
     caption_column: str = _f("caption", "target: caption column (a table) or key (captions.jsonl).")
     source_split: str = _f("train", "target: split of a hub or save_to_disk source.")
     strict_data: bool = _f(

@@ -156,7 +156,7 @@ def build_recipe(cfg: PairsConfig) -> Recipe:
     """The recipe of a validated config with its prompts read (or its source opened and checked)."""
     if cfg.recipe == "target":
         source = open_captions(cfg.image_caption_source, image_column=cfg.image_column, caption_column=cfg.caption_column,
-                             split=cfg.source_split, strict=cfg.strict_data)
+                               split=cfg.source_split, strict=cfg.strict_data, image_root=cfg.image_root)
         return TargetRecipe(cfg, source=source, rows=usable_rows(source, cfg.num_pairs))
 
     return RECIPES[cfg.recipe](cfg, prompts=resolve_prompts(cfg))
