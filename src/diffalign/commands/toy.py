@@ -100,29 +100,31 @@ def cmd_toy_train_judge(args) -> int:
     return 0
 
 
-def cmd_toy_render_pairs(args) -> int:
+def _render(args, count: int, flag: str, write) -> Path:
+    """The checks both render commands make, then `write()`: the path it wrote."""
     from ..fsutil import ensure_writable_dir
     from ..safety.args import check_count, check_output_file
-    from ..toy.render_pairs import write_pairs_parquet
 
-    check_count(args.num_pairs, "-n/--num-pairs")
+    check_count(count, flag)
     check_output_file(args.out)
     ensure_writable_dir(Path(args.out).parent)
-    path = write_pairs_parquet(args.out, args.num_pairs, kind=args.kind, style=args.style, seed=args.seed,
-                               exclude_heldout=args.exclude_heldout)
+    return write()
+
+
+def cmd_toy_render_pairs(args) -> int:
+    from ..toy.render_pairs import write_pairs_parquet
+
+    path = _render(args, args.num_pairs, "-n/--num-pairs", lambda: write_pairs_parquet(
+        args.out, args.num_pairs, kind=args.kind, style=args.style, seed=args.seed, exclude_heldout=args.exclude_heldout))
     print(f"wrote {args.num_pairs} {args.kind} pairs to {path}")
     return 0
 
 
 def cmd_toy_render_captions(args) -> int:
-    from ..fsutil import ensure_writable_dir
-    from ..safety.args import check_count, check_output_file
     from ..toy.render_captions import write_captions_parquet
 
-    check_count(args.num_rows, "-n/--num-rows")
-    check_output_file(args.out)
-    ensure_writable_dir(Path(args.out).parent)
-    path = write_captions_parquet(args.out, args.num_rows, seed=args.seed, exclude_heldout=not args.include_heldout)
+    path = _render(args, args.num_rows, "-n/--num-rows", lambda: write_captions_parquet(
+        args.out, args.num_rows, seed=args.seed, exclude_heldout=not args.include_heldout))
     print(f"wrote {args.num_rows} image-caption rows to {path}")
     return 0
 

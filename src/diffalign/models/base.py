@@ -66,6 +66,19 @@ def _scalar_config(config) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not isinstance(v, (list, tuple))}
 
 
+def load_pipeline_vae(vae_cls, source: ModelSource, dtype: torch.dtype, variant: str | None):
+    """The pipeline folder's own `vae/` as `vae_cls`, in `dtype`, except float32 when a half dtype is asked and
+    its config says `force_upcast` (SDXL's VAE overflows in fp16)."""
+    kw = dict(local_files_only=source.local_files_only)
+    vae_dtype = dtype
+    if dtype in _HALF:
+        config = load_component(vae_cls.load_config, "vae", source.path, source.path, subfolder="vae", **kw)
+        if config.get("force_upcast", False):
+            vae_dtype = torch.float32
+    return load_component(vae_cls.from_pretrained, "vae", source.path, source.path, subfolder="vae", variant=variant,
+                          dtype=vae_dtype, **kw)
+
+
 class ModelFamily(abc.ABC):
     """One diffusion model family behind the interface the training recipes use (see module docstring).
 
@@ -132,6 +145,16 @@ class ModelFamily(abc.ABC):
     def from_pipeline(cls, pipe: DiffusionPipeline) -> "ModelFamily":
         """Wrap the components of an in-memory diffusers pipeline (modules are shared, not copied)."""
 
+    @classmethod
+    def _from_unet_pipeline(cls, pipe: DiffusionPipeline, text_encoders: list, tokenizers: list) -> "ModelFamily":
+        """`from_pipeline` of a UNet pipeline (SD, SDXL): its modules shared, a DDPM noise scheduler from its
+        scheduler config for the training maths, its own scheduler kept for sampling."""
+        from diffusers import DDPMScheduler
+
+        return cls(unet=pipe.unet, vae=pipe.vae, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+                   scheduler=pipe.scheduler, text_encoders=text_encoders, tokenizers=tokenizers,
+                   pipeline_config=_scalar_config(pipe.config))
+
     @staticmethod
     def _load_common(source: ModelSource, vae_request: "VaeRequest", dtype: torch.dtype, variant: str | None) -> dict:
         import diffusers
@@ -143,18 +166,7 @@ class ModelFamily(abc.ABC):
             UNet2DConditionModel.from_pretrained, "unet", shown, source.path, subfolder="unet", variant=variant,
             dtype=dtype, **kw,
         )
-        if vae_request.path is None:
-            vae_dtype = dtype
-            if dtype in _HALF:
-                vae_config = load_component(AutoencoderKL.load_config, "vae", shown, source.path, subfolder="vae", **kw)
-                if vae_config.get("force_upcast", False):
-                    vae_dtype = torch.float32
-            vae = load_component(
-                AutoencoderKL.from_pretrained, "vae", shown, source.path, subfolder="vae", variant=variant,
-                dtype=vae_dtype, **kw,
-            )
-        else:
-            vae = vae_request.load(dtype)
+        vae = load_pipeline_vae(AutoencoderKL, source, dtype, variant) if vae_request.path is None else vae_request.load(dtype)
         # Training noise maths use DDPM (as the diffusers training scripts do): its add_noise is the closed form,
         # unlike e.g. Euler's sigma-based one. The pipeline's own scheduler is kept for sampling.
         noise_scheduler = load_component(

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .base import _HALF, Conditioning, ModelFamily, _as_prompt_list, _scalar_config, weight_dtype
+from .base import Conditioning, ModelFamily, _as_prompt_list, _scalar_config, load_pipeline_vae, weight_dtype
 from .source import ModelSource, load_component
 
 if TYPE_CHECKING:
@@ -82,15 +82,7 @@ class CogVideoXFamily(ModelFamily):
             variant=variant, dtype=dtype, **kw,
         )
         if vae.path is None:
-            vae_dtype = dtype
-            if dtype in _HALF:
-                config = load_component(AutoencoderKLCogVideoX.load_config, "vae", shown, source.path, subfolder="vae", **kw)
-                if config.get("force_upcast", False):
-                    vae_dtype = torch.float32
-            vae_module = load_component(
-                AutoencoderKLCogVideoX.from_pretrained, "vae", shown, source.path, subfolder="vae", variant=variant,
-                dtype=vae_dtype, **kw,
-            )
+            vae_module = load_pipeline_vae(AutoencoderKLCogVideoX, source, dtype, variant)
         else:  # a separate video VAE folder (config.json of an AutoencoderKLCogVideoX)
             vae_module = load_component(AutoencoderKLCogVideoX.from_pretrained, "VAE", str(vae.path), str(vae.path),
                                         dtype=dtype)

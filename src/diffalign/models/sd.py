@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .base import Conditioning, ModelFamily, _as_prompt_list, _scalar_config
+from .base import Conditioning, ModelFamily, _as_prompt_list
 from .source import ModelSource, load_component
 
 if TYPE_CHECKING:
@@ -46,17 +46,7 @@ class SDFamily(ModelFamily):
 
     @classmethod
     def from_pipeline(cls, pipe: DiffusionPipeline) -> "SDFamily":
-        from diffusers import DDPMScheduler
-
-        return cls(
-            unet=pipe.unet,
-            vae=pipe.vae,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-            scheduler=pipe.scheduler,
-            text_encoders=[pipe.text_encoder],
-            tokenizers=[pipe.tokenizer],
-            pipeline_config=_scalar_config(pipe.config),
-        )
+        return cls._from_unet_pipeline(pipe, [pipe.text_encoder], [pipe.tokenizer])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: str | Sequence[str]) -> Conditioning:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
-from .base import Conditioning, ModelFamily, _as_prompt_list, _scalar_config
+from .base import Conditioning, ModelFamily, _as_prompt_list
 from .sd import _tokenize
 from .source import ModelSource, load_component
 
@@ -49,17 +49,7 @@ class SDXLFamily(ModelFamily):
 
     @classmethod
     def from_pipeline(cls, pipe: DiffusionPipeline) -> "SDXLFamily":
-        from diffusers import DDPMScheduler
-
-        return cls(
-            unet=pipe.unet,
-            vae=pipe.vae,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-            scheduler=pipe.scheduler,
-            text_encoders=[pipe.text_encoder, pipe.text_encoder_2],
-            tokenizers=[pipe.tokenizer, pipe.tokenizer_2],
-            pipeline_config=_scalar_config(pipe.config),
-        )
+        return cls._from_unet_pipeline(pipe, [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
 
     # --------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()
