@@ -123,6 +123,7 @@ def test_config_range(kw, match):
 
 
 # ------------------------------------------------------------------------------------------- the batch path
+@pytest.mark.slow
 def test_an_epoch_drops_what_the_rule_gives_through_the_real_batch_path(tiny_pipelines, style_pairs, tmp_path,
                                                                          monkeypatch):
     """Two epochs of 24 pairs (12 steps x 2 micro-batches x 2 pairs): the captions the text encoder receives are ""
@@ -146,6 +147,7 @@ def test_an_epoch_drops_what_the_rule_gives_through_the_real_batch_path(tiny_pip
     assert "caption dropout | a share 0.3" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_p0_trains_on_the_captions_as_given(tiny_pipelines, style_pairs, tmp_path, monkeypatch):
     from diffalign.training.loop import train
 
@@ -156,6 +158,7 @@ def test_p0_trains_on_the_captions_as_given(tiny_pipelines, style_pairs, tmp_pat
     assert "caption dropout" not in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_cache_drops_the_same_captions_as_pixels(tiny_pipelines, style_pairs, tmp_path, monkeypatch):
     """use_cache: the same rows lose their caption, and take the cached form of the encoded "" in place of
     their own embeddings (what the pixel path's text encoder makes of "")."""
@@ -189,6 +192,7 @@ def test_the_cache_drops_the_same_captions_as_pixels(tiny_pipelines, style_pairs
     assert [m["empty_prompts"] for m in _metrics(pixel)] == [m["empty_prompts"] for m in _metrics(cached)]
 
 
+@pytest.mark.slow
 def test_resume_with_caption_dropout_gives_the_same_weights(tiny_pipelines, style_pairs, tmp_path):
     from diffalign.training.loop import train
 

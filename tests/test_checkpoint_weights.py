@@ -52,6 +52,7 @@ def _images(folder):
     return rows, np.stack([np.asarray(Image.open(folder / r["file"])) for r in rows])
 
 
+@pytest.mark.slow
 def test_every_checkpoint_holds_the_loadable_lora_and_the_last_step_gets_one(lora_runs):
     run, two = lora_runs
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
@@ -63,6 +64,7 @@ def test_every_checkpoint_holds_the_loadable_lora_and_the_last_step_gets_one(lor
     assert "pytorch_lora_weights.safetensors" in state["files"]  # part of what makes the checkpoint complete
 
 
+@pytest.mark.slow
 def test_generate_takes_a_checkpoint_folder_and_records_its_step(lora_runs, tiny_pipelines, tmp_path):
     run, two = lora_runs
     common = ["--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--steps", "2", "--seed", "5"]
@@ -84,6 +86,7 @@ def test_generate_takes_a_checkpoint_folder_and_records_its_step(lora_runs, tiny
     assert kohya and all(k.startswith("lora_unet_") for k in kohya)
 
 
+@pytest.mark.slow
 def test_stock_diffusers_loads_a_checkpoint_folder(lora_runs, tiny_pipelines):
     from diffusers import StableDiffusionPipeline
 
@@ -120,6 +123,7 @@ def test_resume_latest_of_a_finished_run_does_nothing(lora_runs, tiny_pipelines,
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
 
 
+@pytest.mark.slow
 def test_full_finetune_checkpoints_hold_a_loadable_unet_and_the_ema_named(tiny_pipelines, pairs, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 

@@ -161,6 +161,7 @@ def test_predict_equals_the_pipelines_transformer_call(tiny, variant):
         family.predict(torch.zeros(1, 16, 2, 4), t[:1], cond[:1])
 
 
+@pytest.mark.slow
 def test_lora_round_trip_through_the_pipeline(tiny, tmp_path):
     family, file = _lora(tiny["5b"], tmp_path / "lora", 1)
     keys = list(load_file(str(file)))
@@ -211,6 +212,7 @@ def test_zero_offset_weights_give_the_plain_pipeline_bit_for_bit(tiny, neg_lora)
 
 
 @pytest.mark.parametrize("two_calls", [False, True])
+@pytest.mark.slow
 def test_negative_half_runs_the_negative_weights_under_dynamic_cfg(tiny, neg_lora, two_calls):
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
@@ -329,6 +331,7 @@ def _assert_every_lora_weight_changed(out_dir, model, rank=4, seed=0):
         assert not torch.equal(weights[key], value.detach()), f"{name} did not change"
 
 
+@pytest.mark.slow
 def test_selfnpo_from_a_config_and_mapo_on_video_pairs_train_end_to_end(tiny, video_pairs, tmp_path):
     from diffalign.cli import main
 

@@ -130,6 +130,7 @@ def _assert_logged_once(out: Path, stdout: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["dpo", "mapo", "selfnpo", "npo-dropout"])
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_at_the_same_global_batch(tiny_pipelines, data, tmp_path, method):
     """Weights and logged losses of 2 processes x batch 2 equal 1 process x batch 4; logs are written once;
     validation on the main process (every 2 steps and at the end) does not hang the other process."""
@@ -167,6 +168,7 @@ def test_two_processes_train_like_one_process_at_the_same_global_batch(tiny_pipe
 
 
 @pytest.mark.parametrize("method", ["mapo", "selfnpo-images"])
+@pytest.mark.slow
 def test_a_process_without_usable_rows_in_a_micro_batch_does_not_hang_the_others(tiny_pipelines, tmp_path, method):
     """An undecodable image that leaves one process's micro-batch empty: every process skips that micro-batch
     (a process that skipped alone would leave the other in the gradient all-reduce: a crash or a hang), it is
@@ -209,6 +211,7 @@ def _rows_and_pixels(folder: Path):
     return rows, [np.asarray(Image.open(folder / r["file"])).astype(int) for r in rows]
 
 
+@pytest.mark.slow
 def test_generate_two_processes_write_one_manifest_of_the_same_images(tiny_pipelines, tmp_path):
     from diffalign.cli import main
 
@@ -260,6 +263,7 @@ def test_generate_resumes_without_duplicates(tiny_pipelines, tmp_path):
     assert np.abs(pixels[3] - reference[3]).max() <= 1  # the deleted image was made again, the same
 
 
+@pytest.mark.slow
 def test_generate_into_a_folder_of_other_settings_needs_overwrite(tiny_pipelines, tmp_path, capsys):
     from diffalign.cli import main
 

@@ -278,6 +278,7 @@ def test_references_through_the_vae_are_read_as_their_prompts(measure):
     assert details["shape_correct"].mean() > 0.9 and details["colour_correct"].mean() > 0.9
 
 
+@pytest.mark.slow
 def test_toy_api_ranks_blurred_renders_below_ground_truth(measure):
     truth, prompts = _ground_truth(seed=11)
     blurred = _blurred(truth)
@@ -322,6 +323,7 @@ def evaluated(tmp_path_factory):
     return {"out": out, "stdout": stdout.getvalue(), "truth": truth, "prompts": prompts}
 
 
+@pytest.mark.slow
 def test_cli_distribution_gives_blurred_renders_the_larger_fd(evaluated):
     metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
     dist = metrics["distribution"]

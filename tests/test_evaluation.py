@@ -196,6 +196,7 @@ def evaluated(tmp_path_factory):
     return {"root": root, "out": out, "argv": argv, "stdout": stdout.getvalue()}
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_scores_and_prints_table(evaluated):
     out = evaluated["out"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -247,6 +248,7 @@ def test_report_loads_every_image_in_headless_chromium(evaluated, tmp_path):
     assert proc.returncode == 1 and "FAIL: 13 of 14" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_metrics(evaluated):
     out2 = evaluated["root"] / "out-2proc"
     argv = [a if a != str(evaluated["out"]) else str(out2) for a in evaluated["argv"]]

@@ -35,6 +35,7 @@ def _every(name, module):
     return True
 
 
+@pytest.mark.slow
 def test_a_full_unet_difference_of_known_rank_is_recovered_exactly(tiny_pipelines, tmp_path, capsys):
     path = tiny_pipelines["sd"]
     base = load_family(path).unet
@@ -109,6 +110,7 @@ def test_shares_per_layer_group_are_right(tiny_pipelines):
     assert report.share(attention) == pytest.approx((100 * held[attention] / total,) * 2)
 
 
+@pytest.mark.slow
 def test_the_warning_fires_below_the_threshold(tiny_pipelines, tmp_path, capsys):
     path = tiny_pipelines["sd"]
     tuned = _tuned(path, lambda n, m: ".resnets." in n, rank=8)

@@ -19,6 +19,7 @@ def _pixels(folder):
     return rows, [np.asarray(Image.open(folder / r["file"])) for r in rows]
 
 
+@pytest.mark.slow
 def test_generate_writes_pngs_and_manifest_deterministically(tiny_pipelines, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square, striped\na shape\n")
@@ -101,6 +102,7 @@ def test_bad_input_is_one_line_exit_2(tiny_pipelines, tmp_path, capsys, args, ex
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script_reports_errors_without_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "diffalign", "generate", "--model", "no/such-model-here",
@@ -129,6 +131,7 @@ def _manifest(folder):
     return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_generate_dtype_scheduler_and_device_are_used_and_recorded(tiny_pipelines, tmp_path):
     base = ["generate", "--model", str(tiny_pipelines["sd"]), "--prompt", "a red circle", "--steps", "3",
             "--num-images-per-prompt", "2"]

@@ -67,6 +67,7 @@ class _Counter:
             h.remove()
 
 
+@pytest.mark.slow
 def test_zero_weights_give_plain_cfg_exactly(tiny_pipelines, loras):
     pipe = _pipe(tiny_pipelines["sd"])
     plain = _run(pipe, negative_prompt=["a blue square"])
@@ -93,6 +94,7 @@ def _merged_unet(path, files_and_weights):
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.slow
 def test_fast_path_equals_two_call_loop_with_merged_weights(tiny_pipelines, loras, kind):
     pos, neg = loras[kind]
     steps, kw = 3, dict(num_images_per_prompt=2, negative_prompt=["a green star"], guidance_rescale=0.3)
@@ -147,6 +149,7 @@ def _hand_merged(base_unet, terms):
     return out
 
 
+@pytest.mark.slow
 def test_positive_and_negative_lora_compose_as_the_formula(tiny_pipelines, loras):
     pos, neg = loras["sd"]
     pipe = _pipe(tiny_pipelines["sd"])
@@ -175,6 +178,7 @@ def test_positive_and_negative_lora_compose_as_the_formula(tiny_pipelines, loras
 
 
 @pytest.mark.parametrize("two_calls", [False, True])
+@pytest.mark.slow
 def test_negative_prompt_reaches_the_negative_branch(tiny_pipelines, loras, two_calls):
     pipe = _pipe(tiny_pipelines["sd"])
     neg_emb, _ = pipe.encode_prompt("a green star", "cpu", 1, False)
@@ -195,6 +199,7 @@ def test_negative_prompt_reaches_the_negative_branch(tiny_pipelines, loras, two_
     torch.testing.assert_close(states[1:], pos_emb)
 
 
+@pytest.mark.slow
 def test_extract_lora_recovers_low_rank_difference_and_loads(tiny_pipelines, tmp_path):
     from diffalign.cli import main
 
@@ -220,6 +225,7 @@ def test_extract_lora_recovers_low_rank_difference_and_loads(tiny_pipelines, tmp
         torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-4)  # exact at rank >= 2
 
 
+@pytest.mark.slow
 def test_full_unet_negative_uses_two_calls_and_matches_its_lora(tiny_pipelines, loras, tmp_path):
     pipe = _pipe(tiny_pipelines["sd"])
     merged = _merged_unet(tiny_pipelines["sd"], [(loras["sd"][1], 1.0)])
@@ -232,6 +238,7 @@ def test_full_unet_negative_uses_two_calls_and_matches_its_lora(tiny_pipelines, 
     np.testing.assert_allclose(slow, _run(pipe), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_generate_with_negative_model_and_export(tiny_pipelines, loras, tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -29,6 +29,7 @@ def batch():
     return scenes, render(scenes, rng)
 
 
+@pytest.mark.slow
 def test_shipped_judge_is_accurate_on_heldout_renders():
     acc = evaluate_judge(load_judge(), n=400, seed=12345)
     assert acc["shape"] >= 0.95 and acc["colour"] >= 0.95
@@ -133,6 +134,7 @@ def test_load_judge_missing_folder(tmp_path):
         load_judge(tmp_path / "nothing-here")
 
 
+@pytest.mark.slow
 def test_train_judge_with_vae_writes_loadable_files(tmp_path):
     from diffalign.toy.builders import build_sd_pipeline
 
@@ -161,6 +163,7 @@ def test_train_judge_with_vae_writes_loadable_files(tmp_path):
     torch.testing.assert_close(s1, s2, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_toy_term_reward_scores_one_details_term(reward, batch):
     scenes, images = batch
     prompts = [caption(shape=s.shape, colour=s.colour) for s in scenes]

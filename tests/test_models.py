@@ -61,6 +61,7 @@ def _noise_inputs(fam, seed=0, n=3):
     "name, cls, prediction",
     [("sd", SDFamily, "epsilon"), ("sd-v", SDFamily, "v_prediction"), ("sdxl", SDXLFamily, "epsilon")],
 )
+@pytest.mark.slow
 def test_load_family_detects_family(fams, tiny_pipelines, name, cls, prediction):
     fam = fams[name]
     assert type(fam) is cls
@@ -105,6 +106,7 @@ def test_load_errors_are_one_line_user_errors(tiny_pipelines, tmp_path):
         load_family(odd)
 
 
+@pytest.mark.slow
 def test_load_pipeline_and_separate_vae(tiny_pipelines):
     from diffusers import StableDiffusionXLPipeline
 
@@ -252,6 +254,7 @@ def _generate(pipe, prompt="a red circle"):
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
+@pytest.mark.slow
 def test_lora_round_trip_through_stock_pipeline(tiny_pipelines, tmp_path, name):
     path = tiny_pipelines[name]
     fam = load_family(path)
@@ -298,6 +301,7 @@ def test_lora_round_trip_through_stock_pipeline(tiny_pipelines, tmp_path, name):
         torch.testing.assert_close(fresh.predict(x_t, t, cond), lora_out, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_load_lora_into_pipeline_checks_that_something_loaded(tiny_pipelines, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -328,6 +332,7 @@ def test_load_lora_into_pipeline_checks_that_something_loaded(tiny_pipelines, tm
 
 
 # ------------------------------------------------------------------------------------------------ full tuning
+@pytest.mark.slow
 def test_full_finetune_trains_only_the_unet(tiny_pipelines):
     fam = load_family(tiny_pipelines["sdxl"])
     fam.enable_full_finetune()

@@ -56,6 +56,7 @@ def test_overview_refuses_a_missing_image(tmp_path):
         overview_grid(result, ["A", "B"], [("a green diamond", 2)], {}, tmp_path / "o.png")
 
 
+@pytest.mark.slow
 def test_report_opens_with_the_lead_picture(tmp_path):
     a, b = _folders(tmp_path)
     result = evaluate_folders({"A": a, "B": b}, [Brightness()], baseline="B", bootstrap=50)

@@ -140,6 +140,7 @@ def test_shipped_configs_load_and_describe_the_toy_scenarios():
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+@pytest.mark.slow
 def test_prefix_pairs_share_seeds_and_carry_provenance(tmp_path, pipe):
     out = tmp_path / "style"
     result = run_pairs(_cfg(out, pairs_per_prompt=2, seed=3, shard_size=4), pipe=pipe)
@@ -182,6 +183,7 @@ def test_prefix_pairs_share_seeds_and_carry_provenance(tmp_path, pipe):
     assert [tuple(s["seed"] for s in _sides(r)) for r in _rows(tmp_path / "own")] == [(3, 1000003), (4, 1000004)]
 
 
+@pytest.mark.slow
 def test_ranked_pairs_are_best_against_worst_by_the_judge(tmp_path, pipe, judge):
     out = tmp_path / "ranked"
     cfg = _cfg(out, recipe="ranked", chosen_template=None, rejected_template=None, prompt_list=PROMPTS[:2],
@@ -242,6 +244,7 @@ def _toy_caption_folder(folder: Path, n: int = 4) -> list:
     return [(caption(s.shape, s.colour), image) for s, image in zip(scenes, images)]
 
 
+@pytest.mark.slow
 def test_target_pairs_real_images_against_samples(tmp_path, pipe, capsys):
     truth = _toy_caption_folder(tmp_path / "set")
     out = tmp_path / "target"
@@ -283,6 +286,7 @@ def test_target_pairs_real_images_against_samples(tmp_path, pipe, capsys):
 
 
 # ------------------------------------------------------------------------------------ resume, determinism
+@pytest.mark.slow
 def test_resume_after_interrupts_equals_one_uninterrupted_run(tmp_path, pipe, monkeypatch):
     """Killed while sampling, then while writing shards, then finished: the bytes of one uninterrupted run of
     the same config and seed (so also: the same config twice gives the same data)."""
@@ -327,6 +331,7 @@ def test_resume_after_interrupts_equals_one_uninterrupted_run(tmp_path, pipe, mo
     assert {p: p.stat().st_mtime_ns for p in (whole / "data").iterdir()} == before
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_unless_overwrite(tmp_path, pipe):
     out = tmp_path / "o"
     run_pairs(_cfg(out, num_pairs=2), pipe=pipe)
@@ -348,6 +353,7 @@ def test_changed_config_is_refused_unless_overwrite(tmp_path, pipe):
 
 
 # ------------------------------------------------------------------------------- the CLI, datasets, train
+@pytest.mark.slow
 def test_cli_output_loads_with_datasets_and_trains(tmp_path, capsys):
     import datasets
 

@@ -193,6 +193,7 @@ def test_toy_all_correct_is_every_named_attribute_judged_right():
 
 
 # -------------------------------------------------------------------------------------------- the filter
+@pytest.mark.slow
 def test_filter_keeps_exactly_the_pairs_passing_the_rule(tmp_path, pipe):
     out = tmp_path / "f"
     stub = HashReward()
@@ -230,6 +231,7 @@ def test_filter_keeps_exactly_the_pairs_passing_the_rule(tmp_path, pipe):
     assert run.pairs == 0 and run.skipped == {**counted, "gap_below_margin": len(kept)}
 
 
+@pytest.mark.slow
 def test_tries_sample_further_seeds_until_a_pair_passes(tmp_path, pipe):
     out = tmp_path / "t"
     result = run_pairs(_cfg(out, num_pairs=9, seed=5, max_tries=4, shard_size=4), pipe=pipe, filter_reward=HashReward())
@@ -272,6 +274,7 @@ def test_tries_sample_further_seeds_until_a_pair_passes(tmp_path, pipe):
         in result.summary()
 
 
+@pytest.mark.slow
 def test_target_tries_resample_only_the_model_image(tmp_path, pipe):
     """target: the real image is the same in every try, so a unit whose real image fails is not tried again."""
     from diffalign.toy.render import render
@@ -310,6 +313,7 @@ def test_target_tries_resample_only_the_model_image(tmp_path, pipe):
     assert result.skipped.get("chosen_failed", 0) == 8 - sum(real_ok.values())
 
 
+@pytest.mark.slow
 def test_tries_resume_byte_identically(tmp_path, pipe, monkeypatch):
     kw = dict(num_pairs=10, seed=1, max_tries=3, shard_size=4, batch_size=3)
     whole = tmp_path / "whole"
@@ -355,6 +359,7 @@ def test_tries_resume_byte_identically(tmp_path, pipe, monkeypatch):
     assert pick(other) == pick(whole)
 
 
+@pytest.mark.slow
 def test_changed_filter_or_tries_is_a_changed_config(tmp_path, pipe):
     out = tmp_path / "o"
     run_pairs(_cfg(out, num_pairs=6, max_tries=3), pipe=pipe, filter_reward=HashReward())

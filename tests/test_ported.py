@@ -26,6 +26,7 @@ def _yaml(tmp_path, model, data, method="dpo", extra=""):
     return config
 
 
+@pytest.mark.slow
 def test_beta_dpo_trains_exactly_as_twice_the_beta(tiny_pipelines, pairs, tmp_path, capsys):
     model = tiny_pipelines["sd"]
     assert main(["train", str(_yaml(tmp_path, model, pairs)), f"--output_dir={tmp_path / 'beta'}", "--beta=5000"]) == 0
@@ -85,6 +86,7 @@ def test_missing_tracker_package_stops_before_training_with_the_install_line(tin
     assert not (tmp_path / "w" / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_tracker_project_name_names_the_tensorboard_run(tiny_pipelines, pairs, tmp_path):
     config = _yaml(tmp_path, tiny_pipelines["sd"], pairs, extra="beta: 5000\n")
     assert main(["train", str(config), f"--output_dir={tmp_path / 't'}", "--report_to=tensorboard",

@@ -56,6 +56,7 @@ def _pairs(family, b=2):
 
 
 # ------------------------------------------------------------------------------------------- a new method
+@pytest.mark.slow
 def test_a_new_method_is_a_table_row_and_a_few_lines_of_recipe(tiny_pipelines, style_pairs, tmp_path, table):
     """A throwaway method, with its own objective (the L1 distance) and its own step, trains end to end: the
     config accepts it, the loop drives it, the model card says what it made. loop.py is not touched."""
@@ -118,6 +119,7 @@ def _raising_hook(family, trained, seen):
     return hook
 
 
+@pytest.mark.slow
 def test_an_exception_in_a_reference_forward_leaves_the_family_network(tiny_pipelines):
     family = load_family(tiny_pipelines["sd"])
     trained = family.unet

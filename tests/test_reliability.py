@@ -88,6 +88,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ numerical faults
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_warned_and_counted(tiny_pipelines, pairs, tmp_path, monkeypatch, capsys, kind):
     from diffalign.training import recipes
     from diffalign.training.loop import train
@@ -107,6 +108,7 @@ def test_nonfinite_step_is_skipped_warned_and_counted(tiny_pipelines, pairs, tmp
     assert report["status"] == "finished" and report["nonfinite_steps"] == 1 and report["consecutive_nonfinite"] == 1
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_naming_step_and_last_good_checkpoint(tiny_pipelines, tmp_path, monkeypatch):
     from diffalign.training import selfnpo
     from diffalign.training.loop import train
@@ -180,6 +182,7 @@ def python_sigint():
 
 @pytest.mark.parametrize("method,sig", [("mapo", signal.SIGINT), ("selfnpo", signal.SIGTERM)],
                          ids=["mapo-SIGINT", "selfnpo-SIGTERM"])
+@pytest.mark.slow
 def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resume_is_exact(tiny_pipelines, pairs, tmp_path,
                                                                             monkeypatch, method, sig,
                                                                             python_sigint):
@@ -280,6 +283,7 @@ def test_a_malicious_pickle_as_unet_weights_is_refused_and_never_runs(tiny_pipel
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_we_write_hold_no_pickle(tiny_pipelines, pairs, tmp_path):
     from diffalign.training.loop import train
 
@@ -311,6 +315,7 @@ def _unsafe_calls(tree) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_no_remote_code_and_no_unsafe_loading_in_the_package():
     bad = [f"{path.relative_to(SRC)} {hit}" for path in SRC.rglob("*.py")
            for hit in _unsafe_calls(ast.parse(path.read_text(encoding="utf-8")))]
@@ -371,6 +376,7 @@ def test_optimizer_and_scheduler_state_round_trip_without_pickle(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- resources
+@pytest.mark.slow
 def test_too_little_disk_for_a_checkpoint_is_reported_before_training(tiny_pipelines, pairs, tmp_path, monkeypatch):
     from diffalign.training.loop import train
 
@@ -384,6 +390,7 @@ def test_too_little_disk_for_a_checkpoint_is_reported_before_training(tiny_pipel
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))  # no step was taken
 
 
+@pytest.mark.slow
 def test_checkpoint_size_estimate_covers_what_is_written(tiny_pipelines, pairs, tmp_path):
     from diffalign.models import load_family
     from diffalign.training.checkpoint import estimate_checkpoint_bytes

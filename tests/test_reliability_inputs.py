@@ -186,6 +186,7 @@ def test_missing_column_is_named_with_the_columns_present(tiny_pipelines, tmp_pa
         train(_train_cfg(tiny_pipelines["sd"], data, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_lenient_data_skips_counts_and_reports_every_reason(tiny_pipelines, tmp_path, capsys):
     from diffalign.training.loop import train
 
@@ -207,6 +208,7 @@ def test_lenient_data_skips_counts_and_reports_every_reason(tiny_pipelines, tmp_
     assert "skipped at fetch 1 undecodable_image, 1 image_too_small" in log
 
 
+@pytest.mark.slow
 def test_no_usable_rows_is_a_clear_error(tiny_pipelines, tmp_path):
     from diffalign.training.loop import train
 

@@ -8,6 +8,7 @@ import json
 import random
 import signal
 
+import pytest
 from reliability_helpers import (
     REPO,
     assert_same_tensors,
@@ -31,6 +32,7 @@ def _args(model, data, out) -> list[str]:
             "--validation_prompts=[]", "--resume_from_checkpoint=latest"]
 
 
+@pytest.mark.slow
 def test_dpo_killed_anywhere_resumes_to_the_uninterrupted_weights(tiny_pipelines, tmp_path):
     from diffalign.config_loader import load_config
     from diffalign.training.config import TrainConfig

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import signal
 
+import pytest
 from reliability_helpers import (
     REPO,
     assert_same_tensors,
@@ -29,6 +30,7 @@ def _args(model, out) -> list[str]:
             "--validation_prompts=[]", "--resume_from_checkpoint=latest"]
 
 
+@pytest.mark.slow
 def test_selfnpo_killed_anywhere_resumes_to_the_uninterrupted_student_and_teacher(tiny_pipelines, tmp_path):
     from diffalign.config_loader import load_config
     from diffalign.training.config import TrainConfig

@@ -55,6 +55,7 @@ CONFIGS = st.fixed_dictionaries({name: _value(tp) for name, tp in FIELDS.items()
 
 @SETTINGS
 @given(cfg=CONFIGS)
+@pytest.mark.slow
 def test_dump_then_load_gives_the_same_config(tmp_path, cfg):
     assert load_config(TrainConfig, dump_config(cfg, tmp_path / "config.yaml")) == cfg
 
@@ -69,6 +70,7 @@ UNKNOWN_KEYS = st.text(min_size=1, max_size=30).filter(
 
 @SETTINGS
 @given(key=UNKNOWN_KEYS, value=st.one_of(st.integers(), st.text(max_size=5), st.booleans()))
+@pytest.mark.slow
 def test_an_unknown_key_is_always_refused_naming_it(tmp_path, key, value):
     import yaml
 
@@ -89,6 +91,7 @@ VALUES = st.text(max_size=12).filter(lambda v: not v.startswith("--"))
 @SETTINGS
 @given(items=st.lists(st.tuples(KEYS, VALUES, st.sampled_from(["--k=v", "k=v", "--k v"])), max_size=6),
        flag=st.one_of(st.none(), st.sampled_from(["use_ema", "random-flip"])))
+@pytest.mark.slow
 def test_override_forms_parse_to_the_same_pairs(items, flag):
     args, expected = [], []
     for key, value, form in items:
@@ -164,6 +167,7 @@ def _dataset(rows):
 
 @SETTINGS
 @given(rows=ROWS)
+@pytest.mark.slow
 def test_lenient_parser_keeps_valid_rows_and_counts_every_skip(rows):
     from collections import Counter
 
@@ -193,6 +197,7 @@ def test_lenient_parser_keeps_valid_rows_and_counts_every_skip(rows):
 
 @SETTINGS
 @given(rows=ROWS)
+@pytest.mark.slow
 def test_strict_parser_stops_at_the_first_bad_row(rows):
     from diffalign.data import load_pairs
 

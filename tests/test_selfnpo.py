@@ -87,6 +87,7 @@ def test_ddim_grid_trailing():
 
 
 @pytest.mark.parametrize("kind,w", [("sd", -1.0), ("sd-v", -5.0)])
+@pytest.mark.slow
 def test_teacher_walk_equals_diffusers_ddim(tiny_pipelines, kind, w):
     """From pure noise with K = N-1 the teacher's walk is a whole trailing-DDIM sampling run (eta 0): with the
     interior range it ends at the lowest grid point; with the official range a sample starting below the top
@@ -153,6 +154,7 @@ def _cheap_family(path):
 
 
 @pytest.mark.parametrize("start", ["images", "noise"])
+@pytest.mark.slow
 def test_start_range_distribution(tiny_pipelines, start):
     """(t_start, t_end) over many draws: official = start index uniform over all N grid points, end clipped at
     t = 0 (exactly when i >= N-K, a share K/N); interior = the old rule, i uniform over 0..N-1-K, never t = 0.
@@ -204,6 +206,7 @@ def test_start_range_distribution(tiny_pipelines, start):
     assert results["interior"].metrics["teacher_calls"] == (K + 1 if start == "images" else N)  # max i = N-1-K
 
 
+@pytest.mark.slow
 def test_teacher_calls_per_step_and_batching(tiny_pipelines):
     family, named = _lora_family(tiny_pipelines["sd"])
     teacher = EmaTeacher(family.unet, named, 0.999, separate_copy=False)
@@ -241,6 +244,7 @@ def test_teacher_calls_per_step_and_batching(tiny_pipelines):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.slow
 def test_teacher_takes_no_gradient_and_moves_only_by_ema(tiny_pipelines, mode):
     if mode == "full":
         family = load_family(tiny_pipelines["sd"])
@@ -278,6 +282,7 @@ def test_teacher_takes_no_gradient_and_moves_only_by_ema(tiny_pipelines, mode):
 
 
 # -------------------------------------------------------------------------------------------- the loop
+@pytest.mark.slow
 def test_lora_noise_start_trains_every_parameter_and_loads(tiny_pipelines, prompt_file, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -300,6 +305,7 @@ def test_lora_noise_start_trains_every_parameter_and_loads(tiny_pipelines, promp
     assert {"loss", "t", "s", "t_start", "teacher_calls", "lr", "grad_norm"} <= set(metrics[0])
 
 
+@pytest.mark.slow
 def test_full_finetune_images_start_v_prediction(tiny_pipelines, image_captions, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -315,6 +321,7 @@ def test_full_finetune_images_start_v_prediction(tiny_pipelines, image_captions,
     assert "NEGATIVE model" in card and "neg.unet = UNet2DConditionModel.from_pretrained" in card
 
 
+@pytest.mark.slow
 def test_sdxl_one_step(tiny_pipelines, image_captions, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -327,6 +334,7 @@ def test_sdxl_one_step(tiny_pipelines, image_captions, tmp_path):
     assert pipe.get_list_adapters()["unet"]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_student_and_teacher(tiny_pipelines, prompt_file, tmp_path):
     from diffalign.training.loop import train
 

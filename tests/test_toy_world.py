@@ -79,6 +79,7 @@ def test_offline_tokenizer_one_token_per_word(tmp_path):
     assert batch.input_ids.shape == (2, MODEL_MAX_LENGTH)
 
 
+@pytest.mark.slow
 def test_tiny_builders_load_with_stock_pipelines(tiny_pipelines):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -109,6 +110,7 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     assert any('"phase": "unet"' in line for line in log) and any('"phase": "vae"' in line for line in log)
 
 
+@pytest.mark.slow
 def test_render_captions_excludes_heldout_and_loads_as_image_captions(tmp_path):
     from diffalign.data.captions import ImageCaptions
     from diffalign.toy.prompts import heldout_rule
@@ -127,6 +129,7 @@ def test_render_captions_excludes_heldout_and_loads_as_image_captions(tmp_path):
     assert data.image(0).size == (RESOLUTION, RESOLUTION)
 
 
+@pytest.mark.slow
 def test_render_pairs_can_exclude_heldout_combinations():
     from diffalign.toy.prompts import toy_prompts
     from diffalign.toy.render_pairs import render_pairs

@@ -64,6 +64,7 @@ def test_recipe_uses_one_noise_and_timestep_per_pair(tiny_pipelines):
 
 
 @pytest.mark.parametrize("method", ["dpo", "mapo", "npo", "sft"])
+@pytest.mark.slow
 def test_every_trainable_parameter_changes_and_lora_loads(tiny_pipelines, style_pairs, tmp_path, method):
     from diffusers import StableDiffusionPipeline
 
@@ -82,6 +83,7 @@ def test_every_trainable_parameter_changes_and_lora_loads(tiny_pipelines, style_
     assert report["steps"] == 3
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipelines, style_pairs, tmp_path):
     from diffalign.training.loop import train
 
@@ -100,6 +102,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipelines, s
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_finetune_dpo_with_frozen_reference_and_ema(tiny_pipelines, style_pairs, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -116,6 +119,7 @@ def test_full_finetune_dpo_with_frozen_reference_and_ema(tiny_pipelines, style_p
     assert not torch.equal(ema[key], trained[key])
 
 
+@pytest.mark.slow
 def test_sdxl_mapo_trains(tiny_pipelines, style_pairs, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -127,6 +131,7 @@ def test_sdxl_mapo_trains(tiny_pipelines, style_pairs, tmp_path):
     assert pipe.get_list_adapters()["unet"]
 
 
+@pytest.mark.slow
 def test_kohya_export_round_trips_through_diffusers(tiny_pipelines, style_pairs, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -150,6 +155,7 @@ def test_kohya_export_round_trips_through_diffusers(tiny_pipelines, style_pairs,
     np.testing.assert_allclose(images(str(out)), images(str(tmp_path / "kohya.safetensors")), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_cli_overrides_and_bad_keys(tiny_pipelines, style_pairs, tmp_path, capsys):
     from diffalign.cli import main
 
@@ -162,6 +168,7 @@ def test_train_cli_overrides_and_bad_keys(tiny_pipelines, style_pairs, tmp_path,
     assert "learning_rate" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_uses_a_matching_cache_and_says_so(tiny_pipelines, style_pairs, tmp_path, capsys):
     from diffalign.training.loop import train
 
@@ -177,6 +184,7 @@ def test_training_uses_a_matching_cache_and_says_so(tiny_pipelines, style_pairs,
     assert (cache / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
 
 
+@pytest.mark.slow
 def test_the_cache_command_builds_the_cache_the_run_uses(tiny_pipelines, style_pairs, tmp_path, capsys):
     """Every data key reaches `diffalign cache` as it reaches `diffalign train` (min_image_size did not, so a
     prebuilt cache never matched and the run built its own)."""
@@ -196,6 +204,7 @@ def test_the_cache_command_builds_the_cache_the_run_uses(tiny_pipelines, style_p
     assert (cache / "manifest.json").stat().st_mtime_ns == built
 
 
+@pytest.mark.slow
 def test_training_with_loading_threads_gives_the_same_weights(tiny_pipelines, style_pairs, tmp_path):
     from diffalign.training.loop import train
 
@@ -206,6 +215,7 @@ def test_training_with_loading_threads_gives_the_same_weights(tiny_pipelines, st
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_latest_and_checkpoint_limit(tiny_pipelines, style_pairs, tmp_path, capsys):
     from diffalign.training.checkpoint import list_checkpoints
     from diffalign.training.loop import train
@@ -221,6 +231,7 @@ def test_resume_latest_and_checkpoint_limit(tiny_pipelines, style_pairs, tmp_pat
     assert steps[-2:] == [4, 5]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error(tiny_pipelines, style_pairs, tmp_path, monkeypatch):
     from diffalign.errors import UserError
     from diffalign.training import recipes
@@ -252,6 +263,7 @@ def fresh_accelerator_state():
 
 @pytest.mark.parametrize("method,mode,model", [("mapo", "lora", "sd"), ("dpo", "full", "sd"), ("selfnpo", "lora", "sd"),
                                               ("selfnpo", "full", "sd"), ("dpo", "lora", "sdxl")])
+@pytest.mark.slow
 def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny_pipelines, style_pairs, tmp_path,
                                                                             monkeypatch, fresh_accelerator_state,
                                                                             method, mode, model):

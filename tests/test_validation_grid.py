@@ -39,6 +39,7 @@ def test_grid_layout_places_images_and_labels(tmp_path):
         grid_layout([("base", base)], prompts[:2])
 
 
+@pytest.mark.slow
 def test_training_samples_the_base_row_once_per_run(tiny_pipelines, tmp_path, monkeypatch):
     from diffalign.training.config import TrainConfig
     from diffalign.training.loop import train

@@ -49,7 +49,6 @@ class Case:
     build: Callable[[Ctx], list[str]]
     check: Callable[[Ctx, str], None] | None = None  # extra assertion after the command (stderr given)
     exit_code: int = 2
-    slow: bool = False
 
 
 def png(side: int = 32, colour=(200, 30, 30), mode: str = "RGB") -> bytes:

@@ -23,7 +23,7 @@ OUTCOME = {"error": "clear error (exit {code}, one line, no traceback)",
 def render_table() -> str:
     lines = ["| defect | case | hostile input | outcome | the line says / what is counted |", "|---|---|---|---|---|"]
     for c in sorted(CASES, key=lambda c: (c.defect, c.id)):
-        outcome = OUTCOME[c.outcome].format(code=c.exit_code) + (" (slow)" if c.slow else "")
+        outcome = OUTCOME[c.outcome].format(code=c.exit_code)
         expect = c.expect.replace("|", "\\|")
         lines.append(f"| {c.defect} | `{c.id}` | {c.input} | {outcome} | `{expect}` |")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ TOY_PROMPT_SETS = ("toy:train", "toy:heldout")
 RUN_ONLY_KEYS = ("output_dir", "overwrite", "batch_size", "keep_images", "images_dir")
 # Keys added after datasets had been made with this tool: left out of the fingerprint while at their default,
 # so a folder made before they existed is still the same config (its shards are not written again).
-ADDED_KEYS = {"filter_reward": None, "filter_chosen": (), "filter_rejected": (), "max_tries": 1}
+ADDED_KEYS = {"filter_reward": None, "filter_chosen": (), "filter_rejected": (), "max_tries": 1, "image_root": None}
 
 
 def _f(default: Any, help: str):
