@@ -272,6 +272,7 @@ def load_pairs(
     swap: bool = False,
     min_size: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    data_files: Sequence[str] | None = None,
 ) -> PreferencePairs:
     """Load preference pairs from a hub id, `save_to_disk` folder, parquet file(s)/glob or image folder.
 
@@ -279,6 +280,7 @@ def load_pairs(
     many pairs remain). `min_size` refuses images whose shorter side is smaller (0: no check; set it to the
     training resolution to refuse upsampling). `cache_dir` is where `datasets` keeps its Arrow copy of hub and
     parquet data. Column names are ignored for image folders (their layout fixes them, see `sources.py`).
+    `data_files`: only these files (patterns inside the repo) of a hub dataset, e.g. a few shards.
     """
     if ties not in TIES:
         raise UserError(f"ties={ties!r} is not a tie policy; use one of: {', '.join(TIES)} (ties never mean image 0 wins)")
@@ -288,7 +290,8 @@ def load_pairs(
     if max_samples is not None and int(max_samples) < 1:
         raise UserError(f"max_samples must be at least 1, got {max_samples}")
 
-    source = resolve_source(dataset_name, split=split, caption_column=caption_column, strict=strict, cache_dir=cache_dir)
+    source = resolve_source(dataset_name, split=split, caption_column=caption_column, strict=strict, cache_dir=cache_dir,
+                            data_files=data_files)
     is_folder = source.kind == "folder"
     if is_folder:
         image_columns, label_columns = ("w", "l"), None

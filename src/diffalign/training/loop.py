@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .guards import StepBoundary, check_disk_for_checkpoints
+from .hub import HubPush
 from .methods import get_method
 from .pair_data import load_config_pairs
 from .protocol import RunContext
@@ -63,6 +64,7 @@ def train(cfg: TrainConfig) -> Path:
     run = start_run(cfg)
     accelerator, out, family, resolution = run.accelerator, run.out, run.family, run.resolution
     rank, world, main, log = run.rank, run.world, run.main, run.log
+    hub = HubPush.start(cfg, log, main=main)  # push_to_hub: the repo exists (or the run stops) before training
 
     method = get_method(cfg.method)
     keys = method.keys(cfg)
@@ -91,9 +93,12 @@ def train(cfg: TrainConfig) -> Path:
                 **boundary.nonfinite.state(), "data": data.report()}
 
     def save(at: int) -> Path:
-        return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts, **notes),
-                               total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
+        saved = save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                ema=recipe.checkpoint_state(), extra=boundary.checkpoint_extra(**counts, **notes),
+                                total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
+        if hub is not None and cfg.hub_push_checkpoints:
+            hub.push_checkpoint(saved)
+        return saved
 
     notes = {"weights": recipe.weights_note()} if recipe.weights_note() else {}
 
@@ -162,6 +167,8 @@ def train(cfg: TrainConfig) -> Path:
         write_train_report(out, report("finished"))
         log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
         log(f"saved to {out}")
+        if hub is not None:
+            hub.push_final(out)
     accelerator.end_training()
     return out
 

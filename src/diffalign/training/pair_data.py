@@ -22,7 +22,8 @@ def load_config_pairs(cfg):
     built ahead of time has the fingerprint the run looks for (every data key is part of it)."""
     return load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
                       image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
-                      strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0)
+                      strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0,
+                      **({"data_files": tuple(cfg.data_files)} if cfg.data_files else {}))
 
 
 def load_pair_items(cfg, family: ModelFamily, resolution: int, log):
