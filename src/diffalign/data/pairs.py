@@ -146,9 +146,12 @@ class PreferencePairs(Dataset):
         min_size: int = 0,
         strict: bool = False,
         image_root: str | None = None,
+        confine_paths: bool | None = None,
     ):
         self.source = source
         self.image_root = image_root
+        # Folders are confined when read; in-memory data is the caller's, unless it came from files (a stream).
+        self._confine = source.kind not in ("folder", "memory") if confine_paths is None else confine_paths
         self._table = source.table
         self._table.prepare_images(image_columns)
         self._rows = np.asarray(rows, dtype=np.int64)
@@ -186,7 +189,7 @@ class PreferencePairs(Dataset):
         for pos in order:
             column = self.image_columns[pos]
             cell = raw[pos]
-            if self.source.kind not in ("folder", "memory"):  # folders are confined when read; memory: the caller
+            if self._confine:
                 from ..safety.paths import confine_image_cell
 
                 cell = confine_image_cell(cell, self.image_root, f"{self.source.description}: row {row}, column "
@@ -286,6 +289,8 @@ def load_pairs(
     min_size: int = 0,
     cache_dir: str | os.PathLike | None = None,
     image_root: str | None = None,
+    data_files: Sequence[str] | None = None,
+    confine_paths: bool | None = None,
 ) -> PreferencePairs:
     """Load preference pairs from a hub id, `save_to_disk` folder, parquet file(s)/glob or image folder.
 
@@ -295,6 +300,9 @@ def load_pairs(
     parquet data. Column names are ignored for image folders (their layout fixes them, see `sources.py`).
     `image_root`: cells that hold a file path instead of image bytes are read only from inside this folder
     (relative paths are relative to it); without it such cells are refused.
+    `data_files`: only these files (patterns inside the repo) of a hub dataset, e.g. a few shards.
+    `confine_paths`: apply `image_root` to in-memory data too (rows a stream read from files); default: to every
+    source but folders (confined as they are read) and in-memory datasets.
     """
     if ties not in TIES:
         raise UserError(f"ties={ties!r} is not a tie policy; use one of: {', '.join(TIES)} (ties never mean image 0 wins)")
@@ -304,7 +312,8 @@ def load_pairs(
     if max_samples is not None and int(max_samples) < 1:
         raise UserError(f"max_samples must be at least 1, got {max_samples}")
 
-    source = resolve_source(dataset_name, split=split, caption_column=caption_column, strict=strict, cache_dir=cache_dir)
+    source = resolve_source(dataset_name, split=split, caption_column=caption_column, strict=strict, cache_dir=cache_dir,
+                            data_files=data_files)
     is_folder = source.kind == "folder"
     if is_folder:
         image_columns, label_columns = ("w", "l"), None
@@ -402,5 +411,6 @@ def load_pairs(
         min_size=min_size,
         strict=strict,
         image_root=image_root,
+        confine_paths=confine_paths,
     )
 

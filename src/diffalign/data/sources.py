@@ -167,9 +167,11 @@ class FolderTable:
 
 # ----------------------------------------------------------------------------------------------- resolve
 def resolve_source(
-    dataset_name: Any, *, split: str, caption_column: str, strict: bool, cache_dir: str | os.PathLike | None
+    dataset_name: Any, *, split: str, caption_column: str, strict: bool, cache_dir: str | os.PathLike | None,
+    data_files: Sequence[str] | None = None,
 ) -> Source:
-    """Find and open the rows behind `dataset_name` (see the module docstring for what is accepted)."""
+    """Find and open the rows behind `dataset_name` (see the module docstring for what is accepted).
+    `data_files`: only these files (patterns inside the repo) of a hub dataset."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - a core dependency
@@ -183,6 +185,9 @@ def resolve_source(
 
     text = os.fspath(dataset_name)
     path = Path(text).expanduser()
+    if data_files and (path.exists() or _GLOB_CHARS & set(text)):
+        raise UserError(f"data_files selects files of a hub dataset; {text!r} is local: give its files as "
+                        "dataset_name (a parquet file or a glob such as 'data/train-*.parquet') and no data_files")
     if path.is_file():
         if path.suffix.lower() != ".parquet":
             raise UserError(
@@ -199,7 +204,7 @@ def resolve_source(
         return _parquet_source(files, text, cache_dir)
     if text.startswith(("/", "./", "../", "~")) or path.suffix.lower() == ".parquet" or text.count("/") > 1:
         raise UserError(f"dataset path {text!r} does not exist; give parquet file(s), a save_to_disk folder or an image folder")
-    return _hub_source(text, split, cache_dir)
+    return _hub_source(text, split, cache_dir, data_files)
 
 
 def _pick_split(obj, split: str, shown: str):
@@ -233,11 +238,12 @@ def _parquet_source(files: list[Path], shown: str, cache_dir) -> Source:
     return Source("parquet", desc, HFTable(ds), identity)
 
 
-def _hub_source(name: str, split: str, cache_dir) -> Source:
+def _hub_source(name: str, split: str, cache_dir, data_files: Sequence[str] | None = None) -> Source:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split, cache_dir=None if cache_dir is None else str(cache_dir))
+        ds = datasets.load_dataset(name, split=split, cache_dir=None if cache_dir is None else str(cache_dir),
+                                   data_files=list(data_files) if data_files else None)
     except ValueError as exc:
         if "split" in str(exc).lower():
             raise UserError(f"hub dataset {name!r} has no split {split!r}: {_first_line(exc)}") from exc
@@ -256,7 +262,11 @@ def _hub_source(name: str, split: str, cache_dir) -> Source:
         "kind": "hub", "name": name, "split": split, "fingerprint": ds._fingerprint,
         "files": _stat_files([Path(c["filename"]) for c in ds.cache_files]),
     }
-    return Source("hub", f"hub dataset {name!r} split {split!r}", HFTable(ds), identity)
+    shown = f"hub dataset {name!r} split {split!r}"
+    if data_files:
+        identity["data_files"] = list(data_files)
+        shown += f" (data_files {', '.join(data_files)})"
+    return Source("hub", shown, HFTable(ds), identity)
 
 
 def _folder_source(path: Path, shown: str, split: str, caption_column: str, strict: bool, cache_dir) -> Source:

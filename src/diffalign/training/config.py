@@ -101,6 +101,16 @@ class _Data:
     dataloader_num_workers: int = _f(
         0, "Threads that decode and augment the next micro-batches while one trains (images only; a latent cache "
         "needs none); 0 loads in the main thread. The batches are the same for any value.")
+    streaming: bool = _f(
+        False, "Pair methods: read the rows as a stream (datasets' streaming=True) instead of downloading the whole "
+        "dataset first; for hub datasets and parquet files (docs/streaming.md). Rows are validated and skips "
+        "counted as without streaming; max_train_samples then reads only that many rows.")
+    shuffle_buffer_size: int = _f(
+        1000, "streaming: the rows come through a shuffle buffer of this size, seeded by seed (+ epoch); 0: stream "
+        "order. Without streaming the whole dataset is shuffled and this is not read.")
+    data_files: tuple[str, ...] = _f(
+        (), "Only these files of a hub dataset (patterns inside its repo, e.g. "
+        "'data/train-0000[0-4]-of-*.parquet' for 5 shards of Pick-a-Pic v2), with or without streaming.")
 
 
 @dataclass
@@ -172,6 +182,15 @@ class _Run:
     validation_guidance_scale: float = _f(7.5, "CFG scale of the validation images.")
     validation_num_inference_steps: int = _f(25, "Sampler steps of the validation images.")
     validation_seed: int = _f(0, "Seed of the validation images (prompt i gets seed + i, the same each time).")
+    push_to_hub: bool = _f(
+        False, "At the end, upload the final weights, the model card and the last validation grid to hub_model_id "
+        "(created if missing). The token comes from HF_TOKEN or `hf auth login`, never from the config.")
+    hub_model_id: Optional[str] = _f(
+        None, "Hub repo of push_to_hub, 'name' (under your account) or 'namespace/name'; none: the name of "
+        "output_dir. Recorded as the full namespace/name once the run has created the repo.")
+    hub_push_checkpoints: bool = _f(
+        False, "push_to_hub: also upload each checkpoint's weights (checkpoint-N/ in the repo, in the background); "
+        "the resume state (optimizer, ...) stays local.")
 
 
 @dataclass
@@ -246,6 +265,9 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
         self._validate_optimisation()
         self._validate_model()
         self._validate_run()
+        from .hub_keys import check_hub_and_streaming
+
+        check_hub_and_streaming(self)
         return self
 
     def _validate_finite(self) -> None:

@@ -23,6 +23,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, re
 from .config import TrainConfig
 from .fetch_guard import FetchFailures, add_fetch_failures
 from .guards import StepBoundary, check_disk_for_checkpoints
+from .hub import HubPush
 from .methods import get_method
 from .pair_data import load_config_pairs
 from .protocol import RunContext
@@ -67,6 +68,7 @@ def train(cfg: TrainConfig) -> Path:
     run = start_run(cfg)
     accelerator, out, family, resolution = run.accelerator, run.out, run.family, run.resolution
     rank, world, main, log = run.rank, run.world, run.main, run.log
+    hub = HubPush.start(cfg, log, main=main)  # push_to_hub: the repo exists (or the run stops) before training
 
     method = get_method(cfg.method)
     keys = method.keys(cfg)
@@ -97,10 +99,13 @@ def train(cfg: TrainConfig) -> Path:
                 **boundary.nonfinite.state(), **fetch.state(), "data": data.report()}
 
     def save(at: int) -> Path:
-        return save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               ema=recipe.checkpoint_state(),
-                               extra=boundary.checkpoint_extra(**counts, **fetch.state(), **notes),
-                               total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
+        saved = save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                ema=recipe.checkpoint_state(),
+                                extra=boundary.checkpoint_extra(**counts, **fetch.state(), **notes),
+                                total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
+        if hub is not None and cfg.hub_push_checkpoints:
+            hub.push_checkpoint(saved)
+        return saved
 
     notes = {"weights": recipe.weights_note()} if recipe.weights_note() else {}
 
@@ -175,6 +180,8 @@ def train(cfg: TrainConfig) -> Path:
             write_train_report(out, report("finished"))
             log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
             log(f"saved to {out}")
+            if hub is not None:
+                hub.push_final(out)
     except Exception as exc:
         if not is_disk_full(exc):
             raise

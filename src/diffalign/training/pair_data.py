@@ -10,7 +10,9 @@ import torch
 
 from ..data import PairTransform, build_cache, fingerprint, load_pairs, open_cache
 from ..data.cache import cached_text
+from ..data.streaming import StreamingPairs, StreamItems
 from ..data.video_pairs import load_video_pairs
+from ..errors import UserError
 from .batches import CachedItems, PixelPairs
 
 if TYPE_CHECKING:
@@ -23,15 +25,32 @@ def load_config_pairs(cfg):
     return load_pairs(cfg.dataset_name, split=cfg.dataset_split_name, caption_column=cfg.caption_column,
                       image_columns=tuple(cfg.image_columns), label_columns=tuple(cfg.label_columns), ties=cfg.ties,
                       strict=cfg.strict_data, max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0,
-                      image_root=cfg.image_root)
+                      image_root=cfg.image_root, **({"data_files": tuple(cfg.data_files)} if cfg.data_files else {}))
+
+
+def open_streaming_pairs(cfg) -> StreamingPairs:
+    """The preference pairs of a config with streaming=true: the same keys as :func:`load_config_pairs`."""
+    return StreamingPairs(cfg.dataset_name, split=cfg.dataset_split_name, data_files=tuple(cfg.data_files),
+                          caption_column=cfg.caption_column, image_columns=tuple(cfg.image_columns),
+                          label_columns=tuple(cfg.label_columns), ties=cfg.ties, strict=cfg.strict_data,
+                          max_samples=cfg.max_train_samples, min_size=cfg.min_image_size or 0, seed=cfg.seed,
+                          shuffle_buffer_size=cfg.shuffle_buffer_size, image_root=cfg.image_root)
 
 
 def load_pair_items(cfg, family: ModelFamily, resolution: int, log):
     """(pairs, items for the BatchStream): decoded and augmented pixels, the latent cache (built when missing),
     or clips for a video family."""
     if family.is_video:  # pairs of clips (CogVideoX, issue 10): see data/video_pairs.py
-
+        if cfg.streaming:
+            raise UserError(f"streaming=true reads image pairs; {family.name} trains on clips, read whole: set "
+                            "--streaming=false")
         return load_video_pairs(cfg, family)
+    if cfg.streaming:  # read as a stream, validated chunk by chunk (data/streaming.py)
+        pairs = open_streaming_pairs(cfg)
+        transform = PairTransform(resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop)
+        order = f"shuffle buffer {cfg.shuffle_buffer_size}" if cfg.shuffle_buffer_size else "stream order"
+        log(f"streaming {pairs.description} ({order})")
+        return pairs, StreamItems(pairs, transform, cfg.seed)
     pairs = load_config_pairs(cfg)
     if cfg.use_cache:
         cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
@@ -57,4 +76,4 @@ def empty_prompt(cfg, family: ModelFamily, items) -> dict | None:
         return {k: v[0] for k, v in cached_text(family, [""]).items()}
 
 
-__all__ = ["empty_prompt", "load_config_pairs", "load_pair_items"]
+__all__ = ["empty_prompt", "load_config_pairs", "load_pair_items", "open_streaming_pairs"]

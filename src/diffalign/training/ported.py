@@ -45,6 +45,9 @@ PORTED_KEYS = {
                         "Diffusion-DPO, MaPO and NPO recipes do not use it): remove it"),
     "noise_offset": (None, "noise offset is not implemented here (the Diffusion-DPO, MaPO and NPO recipes do not "
                            "use it): remove it"),
+    "hub_token": (None, "the hub token is read from the environment (HF_TOKEN) or the huggingface_hub login "
+                        "(`hf auth login`), never from a config, so it is not written to config.yaml: remove it "
+                        "and set HF_TOKEN"),
     "prediction_type": (None, "the prediction type comes from the model's scheduler config (epsilon or "
                               "v_prediction, as the model was trained): remove it; to train a model under another "
                               "prediction type, save its scheduler config with that type first"),

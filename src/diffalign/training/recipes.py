@@ -135,7 +135,8 @@ class PreferenceRecipe(RecipeBase):
         cfg = self._context().cfg
         dropout = (f", a share {cfg.proportion_empty_prompts:g} of the captions dropped to the empty prompt"
                    if cfg.proportion_empty_prompts else "")
-        return f"{self.method.title(self.keys)} on {len(self._pairs)} pairs{dropout}"
+        count = "a stream of" if getattr(self._pairs, "streaming", False) else len(self._pairs)
+        return f"{self.method.title(self.keys)} on {count} pairs{dropout}"
 
     def make_batch(self, rows: list, generator: torch.Generator) -> tuple[PairBatch | None, dict[str, int]]:
         """Caption dropout (drawn first, per global sample), then encoding (or stacking the cached latents)."""

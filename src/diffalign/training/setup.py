@@ -101,6 +101,8 @@ def start_run(cfg) -> Run:
 
 def make_stream(items, cfg, rank: int, world: int, describe: Callable[[], str]):
     """The BatchStream over `items`, or a UserError saying why there is not even one batch of usable rows."""
+    if getattr(items, "streaming", False):  # streaming=true: batches in stream order (data/streaming.py)
+        return items.batches(cfg.train_batch_size, rank, world, workers=cfg.dataloader_num_workers)
     try:
         return BatchStream(items, cfg.train_batch_size, cfg.seed, rank, world, workers=cfg.dataloader_num_workers)
     except ValueError as exc:
