@@ -73,6 +73,7 @@ def test_detect_load_and_noise_schedule(tiny):
         family.latent_shape(num_frames=8)
 
 
+@pytest.mark.slow
 def test_prompts_and_videos_encode_as_the_pipeline_does(tiny):
     family, pipe = load_family(tiny["2b"]), _pipe(tiny["2b"])
     prompts = ["a red circle", "a zebra on a bicycle"]  # the second one falls back to single letters

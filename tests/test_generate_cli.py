@@ -40,6 +40,7 @@ def test_generate_writes_pngs_and_manifest_deterministically(tiny_pipelines, tmp
     assert np.abs(imgs_c[0].astype(int) - imgs_a[0].astype(int)).max() > 5
 
 
+@pytest.mark.slow
 def test_generate_jsonl_prompts_sdxl_and_images_per_prompt(tiny_pipelines, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "a red circle", "id": 1}) + "\n" + json.dumps({"prompt": ""}) + "\n")

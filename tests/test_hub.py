@@ -43,6 +43,7 @@ def _absolute_paths(text: str) -> list[str]:
     return re.findall(r"(?<![\w.:/~])(?:/|~/)[\w.-]+/[\w./-]*", text)
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_weights_card_grid_and_checkpoint_weights(tiny_pipelines, style_pairs, tmp_path, hub,
                                                                        capsys):
     from diffalign.training.loop import train

@@ -168,6 +168,7 @@ def _train_cfg(model, data, out, **kw):
 
 
 @pytest.mark.parametrize("case", list(DATA_CORPUS))
+@pytest.mark.slow
 def test_strict_data_stops_naming_row_column_and_reason(tiny_pipelines, tmp_path, case):
     from diffalign.training.loop import train
 

@@ -50,6 +50,7 @@ def _whole(pairs):
     return _rows(pairs, [None if not isinstance(pairs[i], dict) else pairs[i] for i in range(len(pairs))])
 
 
+@pytest.mark.slow
 def test_streaming_reads_the_rows_and_counts_of_the_whole_dataset(flawed_pairs):
     whole = load_pairs(str(flawed_pairs))
     expected = _whole(whole)
@@ -97,6 +98,7 @@ def _cfg(model, data, out, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_streaming_run_resumed_gives_the_weights_of_an_uninterrupted_run(tiny_pipelines, flawed_pairs, tmp_path,
                                                                          capsys):
     import json
