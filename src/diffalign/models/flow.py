@@ -70,7 +70,8 @@ class FlowSchedule:
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """The velocity ``eps - x0`` (the same at every sigma)."""
-        return (noise.float() - x0.float()).to(x0.dtype)
+        work = torch.promote_types(x0.dtype, torch.float32)  # half inputs subtract in float32
+        return (noise.to(work) - x0.to(work)).to(x0.dtype)
 
     def pred_x0(self, x_t: Tensor, t: Tensor | int, model_output: Tensor) -> Tensor:
         """``x0_hat = x_t - sigma v``."""
