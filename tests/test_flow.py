@@ -348,3 +348,49 @@ def test_lora_round_trip_through_the_stock_pipeline_gives_identical_images(tiny,
     fresh.load_lora(tmp_path / "lora")
     with torch.no_grad():
         torch.testing.assert_close(_sample(fresh.make_pipeline(), name), own, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ the recipes
+RECIPES = ("sd35_mapo", "sd35_dpo", "sd35_selfnpo", "flux_mapo", "flux_dpo")
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """The recipes start accelerate in bf16; accelerate keeps one state per process (see test_training.py)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_shipped_recipes_validate_and_fail_offline_only_for_the_weights(recipe, tmp_path, capsys,
+                                                                        fresh_accelerator_state):
+    from diffalign.cli import main
+    from diffalign.config_loader import load_config
+    from diffalign.shipped_configs import resolve_config
+    from diffalign.training.config import TrainConfig
+
+    cfg = load_config(TrainConfig, resolve_config(recipe))
+    cfg.dataset_name = str(tmp_path / "missing.parquet")
+    cfg.output_dir = str(tmp_path / "out")
+    cfg.validate()
+    assert cfg.train_mode == "lora" and cfg.mixed_precision == "bf16"
+    code = main(["train", recipe, f"--dataset_name={tmp_path / 'missing.parquet'}", f"--output_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert "is not a local folder and is not in the Hugging Face cache" in err[0]
+    assert cfg.pretrained_model_name_or_path in err[0]
+
+
+def test_a_shipped_flux_recipe_trains_the_tiny_model(tiny, pairs, tmp_path, fresh_accelerator_state):
+    from diffalign.cli import main
+
+    code = main(["train", "flux_dpo", f"--pretrained_model_name_or_path={tiny['flux']}", f"--dataset_name={pairs}",
+                 f"--output_dir={tmp_path / 'run'}", "--resolution=32", "--train_batch_size=2",
+                 "--gradient_accumulation_steps=1", "--max_train_steps=2", "--lr_warmup_steps=1", "--learning_rate=1e-3",
+                 "--rank=4", "--use_8bit_adam=false", "--mixed_precision=no", "--report_to=none",
+                 "--gradient_checkpointing=false", "--validation_steps=1000", "--validation_num_inference_steps=2"])
+    assert code == 0
+    _assert_every_lora_weight_changed(tmp_path / "run", tiny["flux"])
