@@ -92,8 +92,9 @@ def test_load_errors_are_one_line_user_errors(tiny_pipelines, tmp_path):
     with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
         load_family("nobody-here/no-such-model")
 
-    with pytest.raises(UserError, match="unknown model family 'sd3'.*sd, sdxl, cogvideox"):
-        load_family(tiny_pipelines["sd"], family="sd3")
+    with pytest.raises(UserError, match="unknown model family 'pixart'.*sd, sdxl, cogvideox, sd3, flux"):
+        load_family(tiny_pipelines["sd"], family="pixart")
+    assert family_class("sd3").name == "sd3" and family_class("flux").name == "flux"  # issue 20 (test_flow.py)
     assert family_class("cogvideox").name == "cogvideox"  # implemented in issue 10 (tests/test_cogvideox.py)
     # forcing the wrong family names the missing component instead of failing deep in diffusers
     with pytest.raises(UserError, match="text_encoder_2"):

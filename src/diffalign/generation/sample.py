@@ -79,7 +79,8 @@ def accelerate_processes() -> Processes:
 
 
 def native_size(pipe: DiffusionPipeline) -> int:
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    size = getattr(pipe, "default_sample_size", None)  # SD3 / FLUX pipelines: no unet, their own default
+    return int((size or pipe.unet.config.sample_size) * pipe.vae_scale_factor)
 
 
 def _settings_record(pipe: DiffusionPipeline, settings: GenerationSettings, height: int, width: int) -> dict:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 from ..errors import UserError
 from ..models.lora import load_lora_into_pipeline
 from .denoiser import BASE, NEG_ADAPTER, POS_ADAPTER, GuidanceInfo, GuidedDenoiser
+from .flow import is_flow_pipeline, wrap_flow_transformer
 from .offsets import add_factor_adapter, as_offset, compose_dense_unet, compose_lora_factors, load_unet, lora_factors, read_lora
 from .unet import wrap_unet
 from .video import unwatch_cfg, wrap_transformer
@@ -37,14 +38,20 @@ class Denoiser:
     full_offsets: bool  # full-model offsets (a tuned denoiser folder) can be composed
     unwrap: Callable[..., None] = lambda pipe: None  # undo what `wrap` did to the pipeline besides the attribute
     lora_hint: str = ""  # how the user passes the positive LoRA
+    fast_calls: int = 1  # network calls per CFG step on the fast path (FLUX's true CFG makes two anyway)
 
 
 UNET = Denoiser("unet", "UNet", wrap_unet, full_offsets=True, lora_hint=" (--lora)")
 TRANSFORMER = Denoiser("transformer", "transformer", wrap_transformer, full_offsets=False, unwrap=unwatch_cfg)
+#: SD3 / FLUX (guidance/flow.py): SD3's CFG is one call on both halves, FLUX's true CFG two calls of one model.
+FLOW = Denoiser("transformer", "transformer", wrap_flow_transformer, full_offsets=False)
+FLUX = Denoiser("transformer", "transformer", wrap_flow_transformer, full_offsets=False, fast_calls=2)
 
 
 def pipeline_denoiser(pipe: DiffusionPipeline) -> Denoiser:
     """`TRANSFORMER` for a pipeline whose denoiser is `transformer` (CogVideoX), `UNET` otherwise."""
+    if is_flow_pipeline(pipe):
+        return FLUX if type(pipe).__name__.startswith("Flux") else FLOW
     if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
         return TRANSFORMER
     return UNET
@@ -93,7 +100,7 @@ def attach_negative_guidance(
     lora_only = all(o is None or o.is_lora for o in (eta, delta))
     info = GuidanceInfo(
         fast=lora_only and not force_two_calls,
-        calls_per_step=1 if lora_only and not force_two_calls else 2,
+        calls_per_step=denoiser.fast_calls if lora_only and not force_two_calls else 2,
         positive=eta.path if eta else None,
         negative=delta.path if delta else None,
         alpha=alpha,
@@ -150,5 +157,5 @@ def detach_negative_guidance(pipe: DiffusionPipeline) -> None:
     pipe.__dict__.pop("_npo_guidance", None)
 
 
-__all__ = ["Denoiser", "TRANSFORMER", "UNET", "attach_negative_guidance", "detach_negative_guidance",
+__all__ = ["Denoiser", "FLOW", "FLUX", "TRANSFORMER", "UNET", "attach_negative_guidance", "detach_negative_guidance",
            "pipeline_denoiser"]

@@ -7,6 +7,8 @@ loudly when nothing matched.
 
 from .base import Conditioning, ModelFamily
 from .cogvideox import CogVideoXFamily
+from .flow import FlowFamily, FlowSchedule
+from .flux import FluxFamily
 from .loading import FAMILIES, PIPELINE_FAMILIES, detect_family, family_class, load_family, load_pipeline
 from .lora import (
     DEFAULT_TARGET_MODULES,
@@ -21,6 +23,7 @@ from .lora import (
 )
 from .schedule import NoiseSchedule
 from .sd import SDFamily
+from .sd3 import SD3Family
 from .sdxl import SDXLFamily
 from .source import ModelSource, resolve_model, resolve_source
 
@@ -31,6 +34,10 @@ __all__ = [
     "SDFamily",
     "SDXLFamily",
     "CogVideoXFamily",
+    "FlowFamily",
+    "FlowSchedule",
+    "FluxFamily",
+    "SD3Family",
     "FAMILIES",
     "PIPELINE_FAMILIES",
     "detect_family",

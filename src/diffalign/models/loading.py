@@ -16,16 +16,21 @@ from .base import ModelFamily
 from .cogvideox import CogVideoXFamily
 from .sd import SDFamily
 from .sdxl import SDXLFamily
+from .sd3 import SD3Family
+from .flux import FluxFamily
 from .source import VaeRequest, first_line, resolve_source
 
 #: Family name -> adapter class; None marks a family that has a name but no adapter yet.
-FAMILIES: dict[str, type[ModelFamily] | None] = {"sd": SDFamily, "sdxl": SDXLFamily, "cogvideox": CogVideoXFamily}
+FAMILIES: dict[str, type[ModelFamily] | None] = {"sd": SDFamily, "sdxl": SDXLFamily, "cogvideox": CogVideoXFamily,
+                                                 "sd3": SD3Family, "flux": FluxFamily}
 
 #: diffusers pipeline class (model_index.json `_class_name`) -> family name.
 PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "CogVideoXPipeline": "cogvideox",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 
 

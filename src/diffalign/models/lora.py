@@ -222,9 +222,14 @@ def load_lora_into_unet(
                 state_dict, network_alphas=alphas, unet=unet, adapter_name=adapter_name, metadata=metadata
             )
         else:  # DiT mixins return no network alphas (the alpha travels in the metadata)
+            import inspect
+
             state_dict, metadata = pipeline_class.lora_state_dict(file, return_lora_metadata=True)
+            extra = {}  # FLUX's loader also takes kohya-style network alphas (none in a diffusers/peft file)
+            if "network_alphas" in inspect.signature(pipeline_class.load_lora_into_transformer).parameters:
+                extra["network_alphas"] = None
             pipeline_class.load_lora_into_transformer(
-                state_dict, transformer=unet, adapter_name=adapter_name, metadata=metadata
+                state_dict, transformer=unet, adapter_name=adapter_name, metadata=metadata, **extra
             )
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise UserError(f"cannot load LoRA {file!r} into the UNet: {first_line(exc)} ({_key_sample(file)})") from exc

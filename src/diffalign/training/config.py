@@ -155,6 +155,23 @@ class _WhatIsTrained:
 
 
 @dataclass
+class _FlowMatching:
+    weighting_scheme: Literal["none", "logit_normal", "mode"] = _f(
+        "none", "Flow-matching models (sd3, flux) only: how training timesteps are drawn, as the diffusers SD3/FLUX "
+        "scripts offer it. none: uniform over the scheduler's sigmas; logit_normal: sigmoid of N(logit_mean, "
+        "logit_std^2) (the SD3 paper's choice, the SD3 script's default); mode: the SD3 paper's mode density "
+        "with mode_scale. One timestep per pair, shared by winner and loser.")
+    logit_mean: float = _f(0.0, "Mean of the logit-normal timestep density (weighting_scheme=logit_normal).")
+    logit_std: float = _f(1.0, "Standard deviation of the logit-normal timestep density (weighting_scheme="
+                          "logit_normal).")
+    mode_scale: float = _f(1.29, "Scale of the mode timestep density (weighting_scheme=mode).")
+    guidance_scale: float = _f(
+        1.0, "FLUX-dev only (a transformer with guidance embeddings): the guidance value every training call "
+        "gets, as the diffusers FLUX scripts pass it (they default to 1.0 or 3.5). Not the sampling CFG scale "
+        "(validation_guidance_scale).")
+
+
+@dataclass
 class _Run:
     output_dir: Optional[str] = _f(None, "Run folder (required): weights, checkpoints, logs, resolved config.")
     logging_dir: str = _f("logs", "Tracker log folder, relative to output_dir unless absolute.")
@@ -194,7 +211,8 @@ class _Run:
 
 
 @dataclass
-class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimisation, _Data, _WhatToTrain):
+class TrainConfig(_Run, *reversed(_methods.sections()), _FlowMatching, _WhatIsTrained, _Optimisation, _Data,
+                  _WhatToTrain):
     """Settings of one training run. Method, model, dataset and output folder have no default: give them.
 
     The keys, in order: what to train, data, optimisation, what is trained, each method's section (sections.py,
@@ -373,6 +391,10 @@ class TrainConfig(_Run, *reversed(_methods.sections()), _WhatIsTrained, _Optimis
                                 "set --use_ema=false or --train_mode=full")
         if not 0 < self.ema_decay < 1:
             raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not self.logit_std > 0:
+            raise UserError(f"logit_std must be > 0, got {self.logit_std}")
+        if not self.guidance_scale > 0:
+            raise UserError(f"guidance_scale must be > 0, got {self.guidance_scale}")
 
     def _validate_run(self) -> None:
         from ..safety.seeds import seed_problem

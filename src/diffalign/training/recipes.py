@@ -26,7 +26,7 @@ from .pair_data import empty_prompt, load_pair_items
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .reference import AdaptersOff
 from .sections import section_keys
-from .timesteps import UniformTimesteps, sample_noise_and_t
+from .timesteps import UniformTimesteps, sample_noise_and_t, timestep_sampler
 
 if TYPE_CHECKING:
     from ..models import ModelFamily
@@ -76,7 +76,8 @@ class PreferenceRecipe(RecipeBase):
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> "PreferenceRecipe":
-        recipe = cls(ctx.family, ctx.method, keys=ctx.keys, reference=ctx.reference, shard=ctx.shard, run=ctx)
+        recipe = cls(ctx.family, ctx.method, keys=ctx.keys, reference=ctx.reference, shard=ctx.shard, run=ctx,
+                     timesteps=timestep_sampler(ctx.cfg, ctx.family))
         if ctx.cfg.use_ema:
             recipe.ema = WeightEma(ctx.trainable, ctx.cfg.ema_decay)
         return recipe

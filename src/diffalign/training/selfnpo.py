@@ -62,7 +62,7 @@ from ..objectives import SELFNPO_LOSSES, per_sample_mse, renoise, selfnpo_distan
 from .model_card import write_selfnpo_model_card
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .selfnpo_data import SelfNPOBatch, load_selfnpo_data, make_batch
-from .timesteps import UniformTimesteps, draw_global
+from .timesteps import UniformTimesteps, draw_global, timestep_sampler
 
 if TYPE_CHECKING:
     from ..models import ModelFamily
@@ -219,7 +219,8 @@ class SelfNPORecipe(RecipeBase):
                    grid_steps=keys.ddim_grid, teacher_steps=keys.teacher_steps,
                    latent_shape=family.latent_shape(cfg.resolution),  # video: (F', C, H', W')
                    shard=ctx.shard,  # draws cover the global batch: same weights on any process count
-                   start_range=keys.selfnpo_start_range, distance=ctx.method.objective(keys), run=ctx)
+                   start_range=keys.selfnpo_start_range, distance=ctx.method.objective(keys), run=ctx,
+                   timesteps=timestep_sampler(cfg, family))
 
     def _draw(self, fn, n: int, *args, generator: torch.Generator, **kwargs) -> Tensor:
         """``fn(..., (n, ...))`` drawn for the global batch, this process's rows (see ``shard``)."""
@@ -297,7 +298,10 @@ class SelfNPORecipe(RecipeBase):
         s = self.timesteps.sample_above(teacher.t.cpu(), generator, self.shard)  # U{t+1..T-1}
         z = self._draw(torch.randn, batch.size, teacher.x_t.shape[1:], generator=generator).to(teacher.x_t.device)
         s = s.to(teacher.x_t.device)
-        x_s = renoise(teacher.x_t, teacher.t, s, self.schedule.alphas_cumprod, z)
+        if hasattr(self.schedule, "renoise"):  # flow matching: along the straight path (models/flow.py)
+            x_s = self.schedule.renoise(teacher.x_t, teacher.t, s, z)
+        else:
+            x_s = renoise(teacher.x_t, teacher.t, s, self.schedule.alphas_cumprod, z)
         x_s = x_s.to(family.dtype)
         out = family.predict(x_s, s, batch.cond, net=self.net)
         x0_pred = self.schedule.pred_x0(x_s, s, out).float()

@@ -92,11 +92,21 @@ def start_run(cfg) -> Run:
                          pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path,
                          dtype=frozen_weight_dtype(accelerator.mixed_precision))
     family.to(accelerator.device)
+    apply_flow_settings(cfg, family)
     for module in (family.vae, *family.text_encoders):
         module.requires_grad_(False).eval()
     set_seed(cfg.seed)  # LoRA initialisation is reproducible from the seed
     return Run(accelerator, out, family, cfg.resolution or family.default_resolution, accelerator.process_index,
                accelerator.num_processes, main, (lambda msg: print(msg, flush=True)) if main else (lambda msg: None))
+
+
+def apply_flow_settings(cfg, family) -> None:
+    """The FLUX-dev training guidance (`guidance_scale`); refused for a model without guidance embeddings."""
+    if getattr(family, "guidance_embeds", False):
+        family.training_guidance = float(cfg.guidance_scale)
+    elif cfg.guidance_scale != 1.0:
+        raise UserError(f"guidance_scale={cfg.guidance_scale:g} applies to a transformer with guidance embeddings "
+                        f"(FLUX-dev); the {family.name} model has none: remove it")
 
 
 def make_stream(items, cfg, rank: int, world: int, describe: Callable[[], str]):
