@@ -1,6 +1,6 @@
 """Flow-matching families (issue 20): SD3 and FLUX against their stock pipelines, the flow training maths with
 golden values, every method training, LoRA round trips through the pipelines' own loaders, exact resume.
-All on tiny random-init pipelines built offline (diffalign.toy.flow_builders)."""
+All on tiny random-init pipelines built offline (tests/flow_builders.py)."""
 
 import json
 import math
@@ -22,7 +22,7 @@ FLOW = ("sd3", "flux")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffalign.toy.flow_builders import save_tiny_flow_pipelines
+    from flow_builders import save_tiny_flow_pipelines
 
     return save_tiny_flow_pipelines(tmp_path_factory.mktemp("flow"))
 

@@ -11,7 +11,7 @@ from diffalign.models import load_family
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffalign.toy.flow_builders import save_tiny_flow_pipelines
+    from flow_builders import save_tiny_flow_pipelines
 
     return save_tiny_flow_pipelines(tmp_path_factory.mktemp("flow"))
 

@@ -16,7 +16,7 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffalign.toy.flow_builders import save_tiny_flow_pipelines
+    from flow_builders import save_tiny_flow_pipelines
 
     return save_tiny_flow_pipelines(tmp_path_factory.mktemp("flow"))
 

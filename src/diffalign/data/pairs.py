@@ -126,6 +126,21 @@ def _fmt_label(values: np.ndarray, i: int) -> str:
     return "missing" if np.isnan(v) else f"{v:g}"
 
 
+def count_parts(r: dict) -> list[str]:
+    """The skip and keep counts of a pairs report as summary phrases (rows skipped up front, at fetch, empty
+    captions kept)."""
+    parts = []
+    skipped = [f"{r[k]} {k}" for k in ROW_REASONS if r[k]]
+    if skipped:
+        parts.append("skipped " + ", ".join(skipped))
+    fetched = [f"{r[k]} {k}" for k in FETCH_REASONS if r[k]]
+    if fetched:
+        parts.append("skipped at fetch " + ", ".join(fetched))
+    if r["empty_caption"]:
+        parts.append(f"{r['empty_caption']} empty captions kept")
+    return parts
+
+
 class PreferencePairs(Dataset):
     """Validated preference pairs; `pairs[i]` -> {"index", "row", "caption", "image_w", "image_l"} (PIL RGB).
 
@@ -243,15 +258,7 @@ class PreferencePairs(Dataset):
 
     def summary(self) -> str:
         r = self.report()
-        parts = [f"{self.source.description}: {r['rows']} rows -> {r['pairs']} pairs"]
-        skipped = [f"{r[k]} {k}" for k in ROW_REASONS if r[k]]
-        if skipped:
-            parts.append("skipped " + ", ".join(skipped))
-        fetched = [f"{r[k]} {k}" for k in FETCH_REASONS if r[k]]
-        if fetched:
-            parts.append("skipped at fetch " + ", ".join(fetched))
-        if r["empty_caption"]:
-            parts.append(f"{r['empty_caption']} empty captions kept")
+        parts = [f"{self.source.description}: {r['rows']} rows -> {r['pairs']} pairs", *count_parts(r)]
         if r.get("unlisted_file"):
             parts.append(f"{r['unlisted_file']} image files without a captions entry ignored")
         if self.settings.get("swap"):

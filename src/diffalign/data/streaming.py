@@ -19,12 +19,12 @@ import glob
 import os
 import re
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import UserError
-from .pairs import FETCH_REASONS, ROW_REASONS, is_skipped, load_pairs
+from .pairs import FETCH_REASONS, ROW_REASONS, count_parts, is_skipped, load_pairs
+from .prefetch import Prefetching
 from .transforms import deterministic_rng
 
 _GLOB_CHARS = set("*?[")
@@ -178,15 +178,7 @@ class StreamingPairs:
 
     def summary(self) -> str:
         r = self.report()
-        parts = [f"{self.description}, streamed: {r['rows']} rows read -> {r['pairs']} pairs"]
-        skipped = [f"{r[k]} {k}" for k in ROW_REASONS if r[k]]
-        if skipped:
-            parts.append("skipped " + ", ".join(skipped))
-        fetched = [f"{r[k]} {k}" for k in FETCH_REASONS if r[k]]
-        if fetched:
-            parts.append("skipped at fetch " + ", ".join(fetched))
-        if r["empty_caption"]:
-            parts.append(f"{r['empty_caption']} empty captions kept")
+        parts = [f"{self.description}, streamed: {r['rows']} rows read -> {r['pairs']} pairs", *count_parts(r)]
         return "; ".join(parts)
 
 
@@ -206,21 +198,17 @@ class StreamItems:
         return StreamBatches(self, batch_size, rank, world, workers)
 
 
-class StreamBatches:
+class StreamBatches(Prefetching):
     """``BatchStream``'s interface (``get(micro)``, ``close()``) over a stream: micro-batch m is the m-th run of
     batch_size x world usable pairs; asked for a later micro-batch (a resume), it reads forward without decoding.
     ``workers > 0``: that many threads decode and augment the next micro-batches while one trains."""
 
     def __init__(self, items: StreamItems, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0):
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
         self.items, self.batch_size, self.rank, self.world = items, batch_size, rank, world
-        self.workers = workers
         # A stream's epoch length is unknown until it ends: the fetch-failure guard (training/fetch_guard.py) then
         # treats the whole run as one epoch.
         self.per_epoch = 2**62
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="diffalign-stream") if workers else None
-        self._ahead: dict[int, Future] = {}
+        self._start_prefetch(workers, "diffalign-stream")
         self._restart()
 
     def _restart(self) -> None:
@@ -258,25 +246,6 @@ class StreamBatches:
 
     def _load(self, refs: list, epoch: int) -> list:
         return [self.items.item(ref, epoch) for ref in refs]
-
-    def get(self, micro: int):
-        if self._pool is None:
-            return self._load(*self.indices(micro))
-        wanted = range(micro, micro + self.workers + 1)
-        for m in [m for m in self._ahead if m not in wanted]:
-            self._ahead.pop(m).cancel()
-        for m in wanted:
-            if m not in self._ahead:
-                self._ahead[m] = self._pool.submit(self._load, *self.indices(m))  # the stream is read in this thread
-        return self._ahead.pop(micro).result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            for future in self._ahead.values():
-                future.cancel()
-            self._ahead.clear()
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 __all__ = ["StreamBatches", "StreamItems", "StreamingPairs", "open_row_stream"]

@@ -122,6 +122,29 @@ class FlowFamily(ModelFamily):
     #: What the transformer takes as ``timestep``: sigma * this (SD3: 1000; FLUX: 1, it multiplies by 1000 itself).
     timestep_scale: ClassVar[float] = 1000.0
 
+    TEXT_STACK: ClassVar[tuple] = ()  # (encoder subfolder, tokenizer subfolder, default encoder class) per encoder
+    TRANSFORMER_CLASS: ClassVar[str] = ""  # the diffusers transformer class of the family
+
+    @classmethod
+    def _load(cls, source, vae, dtype: torch.dtype, variant: str | None) -> "FlowFamily":
+        import diffusers
+
+        common = load_flow_common(source, vae, dtype, variant, getattr(diffusers, cls.TRANSFORMER_CLASS))
+        tokenizers, encoders = load_text_stack(source, dtype, variant, cls.TEXT_STACK)
+        return cls(text_encoders=encoders, tokenizers=tokenizers, **common)
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kw) -> "FlowFamily":
+        """The components of an in-memory pipeline, shared: its text encoders and tokenizers in TEXT_STACK order,
+        a copy of its scheduler for the training maths."""
+        from .base import _scalar_config
+
+        return cls(unet=pipe.transformer, vae=pipe.vae,
+                   noise_scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config), scheduler=pipe.scheduler,
+                   text_encoders=[getattr(pipe, sub) for sub, _, _ in cls.TEXT_STACK],
+                   tokenizers=[getattr(pipe, tok) for _, tok, _ in cls.TEXT_STACK],
+                   pipeline_config=_scalar_config(pipe.config), **kw)
+
     @property
     def transformer(self):
         return self.unet
@@ -168,23 +191,14 @@ def load_flow_common(source, vae_request, dtype, variant, transformer_class) -> 
     """Transformer, VAE and the FlowMatchEulerDiscreteScheduler of a pipeline folder (text encoders: the family)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from .base import _HALF, _scalar_config
+    from .base import _scalar_config, load_pipeline_vae
     from .source import load_component
 
     kw = dict(local_files_only=source.local_files_only)
     shown = source.path
     transformer = load_component(transformer_class.from_pretrained, "transformer", shown, source.path,
                                  subfolder="transformer", variant=variant, dtype=dtype, **kw)
-    if vae_request.path is None:
-        vae_dtype = dtype
-        if dtype in _HALF:
-            config = load_component(AutoencoderKL.load_config, "vae", shown, source.path, subfolder="vae", **kw)
-            if config.get("force_upcast", False):
-                vae_dtype = torch.float32
-        vae = load_component(AutoencoderKL.from_pretrained, "vae", shown, source.path, subfolder="vae",
-                             variant=variant, dtype=vae_dtype, **kw)
-    else:
-        vae = vae_request.load(dtype)
+    vae = load_pipeline_vae(AutoencoderKL, source, dtype, variant) if vae_request.path is None else vae_request.load(dtype)
     scheduler = load_component(FlowMatchEulerDiscreteScheduler.from_pretrained, "scheduler", shown, source.path,
                                subfolder="scheduler", **kw)
     return dict(unet=transformer, vae=vae, scheduler=scheduler,
@@ -192,4 +206,26 @@ def load_flow_common(source, vae_request, dtype, variant, transformer_class) -> 
                 pipeline_config=_scalar_config(source.model_index))
 
 
-__all__ = ["FLOW_PREDICTION", "FlowFamily", "FlowSchedule", "load_flow_common", "training_sigmas"]
+def load_text_stack(source, dtype, variant, stack) -> tuple[list, list]:
+    """(tokenizers, text encoders) of a pipeline folder; `stack` lists (encoder subfolder, tokenizer subfolder,
+    default encoder class name). The classes model_index.json names are used (AutoTokenizer / the default when it
+    names none that transformers has)."""
+    import transformers
+
+    from .source import load_component
+
+    kw = dict(local_files_only=source.local_files_only)
+    tokenizers, encoders = [], []
+    for sub, tok_sub, default_cls in stack:
+        tok_name = source.model_index.get(tok_sub, [None, "AutoTokenizer"])[1]
+        tok_cls = getattr(transformers, str(tok_name), None) or transformers.AutoTokenizer
+        tokenizers.append(load_component(tok_cls.from_pretrained, tok_sub, source.path, source.path, subfolder=tok_sub,
+                                         **kw))
+        enc_name = source.model_index.get(sub, [None, default_cls])[1]
+        enc_cls = getattr(transformers, str(enc_name), None) or getattr(transformers, default_cls)
+        encoders.append(load_component(enc_cls.from_pretrained, sub, source.path, source.path, subfolder=sub,
+                                       variant=variant, dtype=dtype, **kw))
+    return tokenizers, encoders
+
+
+__all__ = ["FLOW_PREDICTION", "FlowFamily", "FlowSchedule", "load_flow_common", "load_text_stack", "training_sigmas"]

@@ -24,12 +24,11 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .base import Conditioning, _as_prompt_list, _scalar_config, weight_dtype
-from .flow import FlowFamily, load_flow_common
-from .source import ModelSource, load_component
+from .base import Conditioning, _as_prompt_list, weight_dtype
+from .flow import FlowFamily
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    pass
 
 #: `FluxPipeline.__call__`'s default T5 length (FLUX-dev; schnell was trained with 256).
 FLUX_MAX_SEQUENCE_LENGTH = 512
@@ -59,8 +58,18 @@ def image_ids(h: int, w: int, device, dtype) -> Tensor:
     return ids.to(device=device, dtype=dtype)
 
 
+# (encoder subfolder, tokenizer subfolder, default encoder class) of the pipeline folder
+FLUX_TEXT_STACK = (
+    ("text_encoder", "tokenizer", "CLIPTextModel"),
+    ("text_encoder_2", "tokenizer_2", "T5EncoderModel"),
+)
+
+
 class FluxFamily(FlowFamily):
     """FLUX.1 adapter over `FluxPipeline` components (see the module docstring)."""
+
+    TEXT_STACK = FLUX_TEXT_STACK
+    TRANSFORMER_CLASS = "FluxTransformer2DModel"
 
     name = "flux"
     pipeline_class_name = "FluxPipeline"
@@ -73,40 +82,6 @@ class FluxFamily(FlowFamily):
         self.max_sequence_length = int(max_sequence_length)
         #: The guidance value a guidance-distilled transformer (FLUX-dev) gets during training (and Self-NPO).
         self.training_guidance = float(training_guidance)
-
-    @classmethod
-    def _load(cls, source: ModelSource, vae, dtype: torch.dtype, variant: str | None) -> "FluxFamily":
-        import transformers
-        from diffusers import FluxTransformer2DModel
-
-        common = load_flow_common(source, vae, dtype, variant, FluxTransformer2DModel)
-        kw = dict(local_files_only=source.local_files_only)
-        shown = source.path
-        tokenizers, encoders = [], []
-        for sub, tok_sub, default_cls in (("text_encoder", "tokenizer", "CLIPTextModel"),
-                                          ("text_encoder_2", "tokenizer_2", "T5EncoderModel")):
-            tok_name = source.model_index.get(tok_sub, [None, "AutoTokenizer"])[1]
-            tok_cls = getattr(transformers, str(tok_name), None) or transformers.AutoTokenizer
-            tokenizers.append(load_component(tok_cls.from_pretrained, tok_sub, shown, source.path, subfolder=tok_sub,
-                                             **kw))
-            enc_name = source.model_index.get(sub, [None, default_cls])[1]
-            enc_cls = getattr(transformers, str(enc_name), None) or getattr(transformers, default_cls)
-            encoders.append(load_component(enc_cls.from_pretrained, sub, shown, source.path, subfolder=sub,
-                                           variant=variant, dtype=dtype, **kw))
-        return cls(text_encoders=encoders, tokenizers=tokenizers, **common)
-
-    @classmethod
-    def from_pipeline(cls, pipe: DiffusionPipeline, **kw) -> "FluxFamily":
-        return cls(
-            unet=pipe.transformer,
-            vae=pipe.vae,
-            noise_scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
-            scheduler=pipe.scheduler,
-            text_encoders=[pipe.text_encoder, pipe.text_encoder_2],
-            tokenizers=[pipe.tokenizer, pipe.tokenizer_2],
-            pipeline_config=_scalar_config(pipe.config),
-            **kw,
-        )
 
     @property
     def sample_size(self) -> int:

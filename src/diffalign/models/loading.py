@@ -14,10 +14,10 @@ import torch
 from ..errors import UserError
 from .base import ModelFamily
 from .cogvideox import CogVideoXFamily
-from .sd import SDFamily
-from .sdxl import SDXLFamily
-from .sd3 import SD3Family
 from .flux import FluxFamily
+from .sd import SDFamily
+from .sd3 import SD3Family
+from .sdxl import SDXLFamily
 from .source import VaeRequest, first_line, resolve_source
 
 #: Family name -> adapter class; None marks a family that has a name but no adapter yet.

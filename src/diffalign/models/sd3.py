@@ -15,20 +15,30 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
-from .base import Conditioning, _as_prompt_list, _scalar_config, weight_dtype
-from .flow import FlowFamily, load_flow_common
+from .base import Conditioning, _as_prompt_list, weight_dtype
+from .flow import FlowFamily
 from .sd import _tokenize
-from .source import ModelSource, load_component
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    pass
 
 #: `StableDiffusion3Pipeline.__call__`'s default T5 length.
 SD3_MAX_SEQUENCE_LENGTH = 256
 
 
+# (encoder subfolder, tokenizer subfolder, default encoder class) of the pipeline folder
+SD3_TEXT_STACK = (
+    ("text_encoder", "tokenizer", "CLIPTextModelWithProjection"),
+    ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
+    ("text_encoder_3", "tokenizer_3", "T5EncoderModel"),
+)
+
+
 class SD3Family(FlowFamily):
     """SD3 / SD3.5 adapter over `StableDiffusion3Pipeline` components (see the module docstring)."""
+
+    TEXT_STACK = SD3_TEXT_STACK
+    TRANSFORMER_CLASS = "SD3Transformer2DModel"
 
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
@@ -39,41 +49,6 @@ class SD3Family(FlowFamily):
     def __init__(self, *, max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH, **kw):
         super().__init__(**kw)
         self.max_sequence_length = int(max_sequence_length)
-
-    @classmethod
-    def _load(cls, source: ModelSource, vae, dtype: torch.dtype, variant: str | None) -> "SD3Family":
-        import transformers
-        from diffusers import SD3Transformer2DModel
-
-        common = load_flow_common(source, vae, dtype, variant, SD3Transformer2DModel)
-        kw = dict(local_files_only=source.local_files_only)
-        shown = source.path
-        tokenizers, encoders = [], []
-        for sub, tok_sub, default_cls in (("text_encoder", "tokenizer", "CLIPTextModelWithProjection"),
-                                          ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
-                                          ("text_encoder_3", "tokenizer_3", "T5EncoderModel")):
-            tok_name = source.model_index.get(tok_sub, [None, "AutoTokenizer"])[1]
-            tok_cls = getattr(transformers, str(tok_name), None) or transformers.AutoTokenizer
-            tokenizers.append(load_component(tok_cls.from_pretrained, tok_sub, shown, source.path, subfolder=tok_sub,
-                                             **kw))
-            enc_name = source.model_index.get(sub, [None, default_cls])[1]
-            enc_cls = getattr(transformers, str(enc_name), None) or getattr(transformers, default_cls)
-            encoders.append(load_component(enc_cls.from_pretrained, sub, shown, source.path, subfolder=sub,
-                                           variant=variant, dtype=dtype, **kw))
-        return cls(text_encoders=encoders, tokenizers=tokenizers, **common)
-
-    @classmethod
-    def from_pipeline(cls, pipe: DiffusionPipeline, **kw) -> "SD3Family":
-        return cls(
-            unet=pipe.transformer,
-            vae=pipe.vae,
-            noise_scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
-            scheduler=pipe.scheduler,
-            text_encoders=[pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
-            tokenizers=[pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
-            pipeline_config=_scalar_config(pipe.config),
-            **kw,
-        )
 
     # --------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()

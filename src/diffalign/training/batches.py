@@ -7,7 +7,6 @@ position without loading the skipped data.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from torch import Tensor
 
 from ..data import deterministic_rng
 from ..data.pairs import is_skipped
+from ..data.prefetch import Prefetching
 from ..models import Conditioning
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class PairBatch:
         return self.latents_w.shape[0]
 
 
-class BatchStream:
+class BatchStream(Prefetching):
     """Yields lists of dataset items for micro-batch number m = 0, 1, 2, ... of this process.
 
     ``workers > 0`` (``dataloader_num_workers``): that many threads decode and augment the next micro-batches
@@ -48,14 +48,10 @@ class BatchStream:
         if len(dataset) < batch_size * world:
             raise ValueError(f"the dataset has {len(dataset)} usable rows, fewer than one global batch "
                              f"({batch_size} x {world} processes)")
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.per_epoch = len(dataset) // (batch_size * world)  # incomplete last batches are dropped
         self._order: tuple[int, list[int]] | None = None  # (epoch, permutation): drawn once per epoch
-        self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="diffalign-data") if workers else None
-        self._ahead: dict[int, Future] = {}  # micro-batch -> its items being loaded
+        self._start_prefetch(workers, "diffalign-data")
 
     def indices(self, micro: int) -> tuple[list[int], int]:
         """This process's dataset rows for micro-batch `micro`, and the epoch they belong to."""
@@ -69,26 +65,6 @@ class BatchStream:
 
     def _load(self, idx: list[int], epoch: int) -> list:
         return [self.dataset.item(i, epoch) for i in idx]
-
-    def get(self, micro: int):
-        if self._pool is None:
-            return self._load(*self.indices(micro))
-        wanted = range(micro, micro + self.workers + 1)
-        for m in [m for m in self._ahead if m not in wanted]:  # after a jump (resume): not needed any more
-            self._ahead.pop(m).cancel()
-        for m in wanted:
-            if m not in self._ahead:
-                self._ahead[m] = self._pool.submit(self._load, *self.indices(m))  # indices in this thread
-        return self._ahead.pop(micro).result()  # a worker's exception (strict data) is raised here
-
-    def close(self) -> None:
-        """Stop the loading threads (micro-batches loaded ahead are dropped)."""
-        if self._pool is not None:
-            for future in self._ahead.values():
-                future.cancel()
-            self._ahead.clear()
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 class PixelPairs:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from video_builders import build_t5_tokenizer
 
-from .builders import TINY, _text_config, _tokenizer
-from .video_builders import build_t5_tokenizer
+from diffalign.toy.builders import TINY, _text_config, _tokenizer
 
 SIZE = 32  # pixels of the tiny models' images (latents 4 x 16 x 16: VAE factor 2)
 T5_DIM = 64
