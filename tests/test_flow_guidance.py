@@ -90,3 +90,28 @@ def test_zero_weights_give_the_plain_pipeline_and_no_cfg_runs_the_positive_only(
     attach_negative_guidance(pipe, negative=neg, beta=2.0)
     torch.testing.assert_close(_sample(pipe, name, **no_cfg), base, rtol=1e-5, atol=1e-5)
     detach_negative_guidance(pipe)
+
+
+@pytest.mark.slow
+def test_generate_on_flux_runs_the_negative_branch_only_under_true_cfg(tiny, tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from diffalign.cli import main
+
+    neg = _lora(tiny["flux"], tmp_path / "neg", seed=5)
+    base = ["generate", "--model", str(tiny["flux"]), "--prompt", "a red circle", "--steps", "2"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "no_cfg"), "--negative-model", str(neg)]) == 2
+    assert "pass --true-cfg-scale above 1" in capsys.readouterr().err
+    for name, extra in (("cfg", []), ("cfg_neg", ["--negative-model", str(neg)])):
+        assert main([*base, "--out", str(tmp_path / name), "--true-cfg-scale", "3", *extra]) == 0
+    pixels = {n: np.asarray(Image.open(tmp_path / n / "00000.png"), dtype=np.int16) for n in ("plain", "cfg", "cfg_neg")}
+    assert np.abs(pixels["cfg"] - pixels["plain"]).max() > 0  # true CFG ran a negative branch
+    assert np.abs(pixels["cfg_neg"] - pixels["cfg"]).max() > 0  # and the negative model acted in it
+    row = json.loads((tmp_path / "cfg_neg" / "manifest.jsonl").read_text().splitlines()[0])
+    assert row["settings"]["true_cfg_scale"] == 3.0 and row["settings"]["negative_model"] == str(neg)
+    assert main([*base[:2], str(tiny["sd3"]), *base[3:], "--out", str(tmp_path / "sd3"), "--true-cfg-scale", "3"]) == 2
+    assert "--true-cfg-scale applies to FLUX pipelines" in capsys.readouterr().err

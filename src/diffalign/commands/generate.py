@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--npo-alpha", type=float, default=1.0,
                    help="weight of the positive offset (--lora) in the negative model base + alpha*eta + beta*delta")
     p.add_argument("--npo-beta", type=float, default=1.0, help="weight of the negative offset delta (--negative-model)")
+    p.add_argument("--true-cfg-scale", type=float, default=None,
+                   help="FLUX: classifier-free guidance with a negative branch at this scale (FLUX's --guidance-scale "
+                        "is its distilled guidance); needed for --negative-model / --negative-prompt to act on FLUX")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="weights and sampling dtype (float16 / bfloat16 halve memory on a GPU; SDXL in float32 needs "
                         "about 10 GB)")
@@ -73,6 +76,13 @@ def cmd(args) -> int:
 
     pipe = load_pipeline(args.model, vae_path=args.vae, device=args.device or processes.device,
                          dtype=DTYPES[args.dtype], variant=args.variant, scheduler=args.scheduler)
+    is_flux = type(pipe).__name__.startswith("Flux")
+    if args.true_cfg_scale is not None and not is_flux:
+        raise UserError(f"--true-cfg-scale applies to FLUX pipelines; {type(pipe).__name__} runs classifier-free "
+                        "guidance at --guidance-scale already")
+    if is_flux and (args.negative_model or args.negative_prompt) and not (args.true_cfg_scale or 0) > 1:
+        raise UserError("FLUX uses a negative branch only under true CFG: pass --true-cfg-scale above 1 (e.g. 4) with "
+                        "--negative-model / --negative-prompt")
     npo_record = {}
     if args.negative_model:
         from ..guidance import attach_negative_guidance
@@ -93,6 +103,7 @@ def cmd(args) -> int:
         batch_size=args.batch_size,
         num_images_per_prompt=args.num_images_per_prompt,
         negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg_scale,
         extra={"model": args.model, "lora": args.lora, "vae": args.vae, "dtype": args.dtype, "variant": args.variant,
                **npo_record, **step_record(lora=args.lora, negative_model=args.negative_model)},
     )

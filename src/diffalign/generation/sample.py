@@ -43,6 +43,7 @@ class GenerationSettings:
     batch_size: int = 16
     num_images_per_prompt: int = 1
     negative_prompt: str | None = None
+    true_cfg_scale: float | None = None  # FLUX: classifier-free guidance with a negative branch (true CFG)
     extra: dict = field(default_factory=dict)  # recorded in the manifest as given (model, lora, ...)
 
 
@@ -92,6 +93,7 @@ def _settings_record(pipe: DiffusionPipeline, settings: GenerationSettings, heig
         "width": width,
         "negative_prompt": settings.negative_prompt,
         "scheduler": type(pipe.scheduler).__name__,
+        **({"true_cfg_scale": settings.true_cfg_scale} if settings.true_cfg_scale is not None else {}),
         **settings.extra,
     }
     return json.loads(json.dumps(record))  # the form it has when read back (tuples -> lists)
@@ -168,6 +170,9 @@ def generate_to_folder(pipe: DiffusionPipeline, prompts: list[str], out_dir: str
             kwargs = {}
             if settings.negative_prompt is not None:
                 kwargs["negative_prompt"] = [settings.negative_prompt] * len(batch)
+            if settings.true_cfg_scale is not None:  # FLUX runs its negative branch only with a negative prompt
+                kwargs["true_cfg_scale"] = settings.true_cfg_scale
+                kwargs.setdefault("negative_prompt", [""] * len(batch))
             images = pipe(
                 prompt=[jobs[index][0] for index in batch],
                 height=height,
