@@ -113,7 +113,8 @@ class GuidanceInfo:
     negative: str | None
     alpha: float
     beta: float
-    rank: int | None = None  # rank of the composed negative LoRA (fast path)
+    rank: int | None = None  # rank of the composed negative LoRA (fast path; 0: none needed)
+    positive_folded: bool = False  # fast path: the positive LoRA was added into the denoiser's base weights
 
     def record(self) -> dict:
         return {
