@@ -319,7 +319,7 @@ def test_frozen_weight_dtype_follows_mixed_precision():
 
 @pytest.mark.slow
 def test_use_cache_auto_gives_the_pixel_paths_batches_with_flips(tiny_pipelines, style_pairs, tmp_path):
-    """use_cache=auto (the default) on local data trains from a cache holding both views of every pair, and picks
+    """use_cache=auto on local data trains from a cache holding both views of every pair, and picks
     per pair and epoch the view the pixel path flips to: the same batches as use_cache=false, up to VAE rounding."""
     from diffalign.training.batches import CachedItems, PixelPairs, to_pair_batch
     from diffalign.training.pair_data import load_pair_items
@@ -327,7 +327,8 @@ def test_use_cache_auto_gives_the_pixel_paths_batches_with_flips(tiny_pipelines,
     family = load_family(tiny_pipelines["sd"])
     logs = []
     kw = dict(random_flip=True, center_crop=True, cache_dir=str(tmp_path / "cache"))
-    _, cached = load_pair_items(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "a", **kw), family, 32, logs.append)
+    _, cached = load_pair_items(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "a", use_cache="auto", **kw),
+                                family, 32, logs.append)
     _, pixels = load_pair_items(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "b", use_cache=False, **kw),
                                 family, 32, logs.append)
     assert isinstance(cached, CachedItems) and isinstance(pixels, PixelPairs) and len(cached) == len(pixels) == 24
@@ -372,7 +373,7 @@ def test_use_cache_auto_keeps_pixels_for_random_crops_and_says_why(tiny_pipeline
     pq.write_table(pa.Table.from_pylist(rows), wide)
     family = load_family(tiny_pipelines["sd"])
     logs = []
-    cfg = _cfg(tiny_pipelines["sd"], wide, tmp_path / "o", random_flip=True, center_crop=False)
+    cfg = _cfg(tiny_pipelines["sd"], wide, tmp_path / "o", random_flip=True, center_crop=False, use_cache="auto")
     _, items = load_pair_items(cfg, family, 32, logs.append)
     assert isinstance(items, PixelPairs)
     assert sum("training on pixels" in m and "random crop" in m for m in logs) == 1
