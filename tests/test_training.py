@@ -377,3 +377,28 @@ def test_use_cache_auto_keeps_pixels_for_random_crops_and_says_why(tiny_pipeline
     _, items = load_pair_items(cfg, family, 32, logs.append)
     assert isinstance(items, PixelPairs)
     assert sum("training on pixels" in m and "random crop" in m for m in logs) == 1
+
+
+@pytest.mark.slow
+def test_adapters_off_reference_equals_peft_disable_and_restores_the_flags(tiny_pipelines):
+    from diffalign.models.lora import lora_disabled
+    from diffalign.training.reference import AdaptersOff
+
+    family = load_family(tiny_pipelines["sd"])
+    family.add_lora(4)
+    with torch.no_grad():
+        for name, p in family.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # adapters that change the output
+    batch = _batch(family, b=2)
+    x, t = batch.latents_w, torch.tensor([10, 700])
+    with torch.no_grad():
+        on = family.predict(x, t, batch.cond_w)
+        with lora_disabled(family.unet):
+            peft_off = family.predict(x, t, batch.cond_w)
+        off = AdaptersOff(family.unet)
+        with off.active(family.unet) as net:
+            ours = family.predict(x, t, batch.cond_w, net=net)
+        again = family.predict(x, t, batch.cond_w)
+    assert not torch.equal(on, peft_off)
+    assert torch.equal(ours, peft_off) and torch.equal(again, on)
