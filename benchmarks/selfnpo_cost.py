@@ -89,6 +89,16 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def target_rows(res: dict) -> list[tuple[str, float, float]]:
+    """(claim, measured, limit): the data-free Self-NPO step against a DPO step, median of same-round ratios.
+
+    Expected MISS: the walk from noise alone costs E[end+1] = 17.6 single-branch teacher rows per sample (official
+    start range, N = 25, K = 5), more than the ~8 forward-equivalents of a DPO pair (RESULTS.md)."""
+    t = res["times"]
+    ratio = statistics.median(a / b for a, b in zip(t["selfnpo-noise"], t["dpo"]))
+    return [("Self-NPO step from noise / Diffusion-DPO step (same batch)", ratio, 2.0)]
+
+
 def add_args(ap: argparse.ArgumentParser, quick: bool = False) -> None:
     ap.add_argument("--batch", type=int, default=4 if quick else 8)
     ap.add_argument("--reps", type=int, default=3 if quick else 10)
@@ -105,6 +115,8 @@ def main():
     res = measure(args.batch, args.reps, args.warmup)
     print(f"batch {args.batch}, {args.reps} interleaved rounds, {args.threads} thread(s), toy model, LoRA rank 8\n")
     print(table(res))
+    for claim, value, limit in target_rows(res):
+        print(f"{'PASS' if value <= limit else 'MISS'}  {claim}: {value:.2f}x (target <= {limit:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ def main() -> int:
     targets += guidance_cost.target_rows(res)
 
     s = _defaults(selfnpo_cost, args.quick)
+    sres = selfnpo_cost.measure(s.batch, s.reps, s.warmup)
     out += ["## Self-NPO step (selfnpo_cost.py)", "", f"Toy model, batch {s.batch}, {s.reps} rounds.", "",
-            selfnpo_cost.table(selfnpo_cost.measure(s.batch, s.reps, s.warmup)), ""]
+            selfnpo_cost.table(sres), ""]
+    targets += selfnpo_cost.target_rows(sres)
 
     out += ["## Targets", "", targets_table(targets), "",
             f"Wall time {time.time() - started:.0f} s; 1-min load average {load0:.2f} at start, "

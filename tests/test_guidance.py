@@ -109,8 +109,10 @@ def test_fast_path_equals_two_call_loop_with_merged_weights(tiny_pipelines, lora
     assert counter.calls == 2 * steps
 
     pipe = _pipe(tiny_pipelines[kind])
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     info = attach_negative_guidance(pipe, negative=neg, positive=pos, alpha=ALPHA, beta=BETA)
-    assert info.fast and info.rank == 8
+    assert info.fast and info.rank == 8 and info.positive_folded  # (ALPHA-1)*eta + BETA*delta: rank 4 + 4
+    assert "npo_pos" not in pipe.unet.positive.peft_config  # folded: the positive half runs no adapter
     counter = _Counter(pipe.unet.positive)
     fast = _run(pipe, num_inference_steps=steps, **kw)
     counter.close()
@@ -119,6 +121,8 @@ def test_fast_path_equals_two_call_loop_with_merged_weights(tiny_pipelines, lora
 
     # The built-in two-call path agrees too and costs two calls per step.
     detach_negative_guidance(pipe)
+    after = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())  # unfolded exactly
     info = attach_negative_guidance(pipe, negative=neg, positive=pos, alpha=ALPHA, beta=BETA, force_two_calls=True)
     assert not info.fast
     counter = _Counter(pipe.unet.positive, pipe.unet.negative)
@@ -169,7 +173,8 @@ def test_positive_and_negative_lora_compose_as_the_formula(tiny_pipelines, loras
     states = states[:, : pipe.tokenizer.model_max_length]
     with torch.no_grad():
         batched = pipe.unet(x, 10, states, return_dict=False)[0]
-        with mixed_adapter_batch(pipe.unet.positive, ["npo_neg", "npo_pos"]):  # peft's own mixed-batch forward
+        # peft's own mixed-batch forward; the positive LoRA is folded into the weights, so its half runs the base
+        with mixed_adapter_batch(pipe.unet.positive, ["npo_neg", "__base__"]):
             peft_mixed = pipe.unet.positive(x, 10, states, return_dict=False)[0]
         torch.testing.assert_close(batched, peft_mixed, atol=1e-6, rtol=1e-5)
         composed.load_state_dict(expected)
@@ -262,3 +267,27 @@ def test_cli_generate_with_negative_model_and_export(tiny_pipelines, loras, tmp_
     assert set(exported) == set(expected)
     for k, v in expected.items():
         torch.testing.assert_close(exported[k], v, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fast_path_with_alpha_one_runs_only_delta_on_the_negative_half(tiny_pipelines, loras):
+    """alpha = 1: the folded positive LoRA already is theta_base + eta, so the negative adapter is beta*delta alone
+    (rank of delta), and the one-call path still equals the two-call path."""
+    pos, neg = loras["sd"]
+    kw = dict(num_inference_steps=3, negative_prompt=["a green star"])
+    pipe = _pipe(tiny_pipelines["sd"])
+    attach_negative_guidance(pipe, negative=neg, positive=pos, alpha=1.0, beta=BETA, force_two_calls=True)
+    slow = _run(pipe, **kw)
+    detach_negative_guidance(pipe)
+    info = attach_negative_guidance(pipe, negative=neg, positive=pos, alpha=1.0, beta=BETA)
+    assert info.fast and info.positive_folded and info.rank == 4
+    np.testing.assert_allclose(_run(pipe, **kw), slow, atol=1e-4)
+    detach_negative_guidance(pipe)
+    # Positive only, alpha = 1: the negative branch is the positive model, i.e. plain CFG with the fused LoRA.
+    info = attach_negative_guidance(pipe, positive=pos, alpha=1.0)
+    assert info.fast and info.rank == 0
+    guided = _run(pipe, **kw)
+    detach_negative_guidance(pipe)
+    plain = _pipe(tiny_pipelines["sd"])
+    plain.load_lora_weights(str(pos))
+    np.testing.assert_allclose(guided, _run(plain, **kw), atol=1e-4)

@@ -315,3 +315,90 @@ def test_frozen_weight_dtype_follows_mixed_precision():
 
     assert frozen_weight_dtype("fp16") == torch.float16 and frozen_weight_dtype("bf16") == torch.bfloat16
     assert frozen_weight_dtype("no") == frozen_weight_dtype(None) == torch.float32
+
+
+@pytest.mark.slow
+def test_use_cache_auto_gives_the_pixel_paths_batches_with_flips(tiny_pipelines, style_pairs, tmp_path):
+    """use_cache=auto on local data trains from a cache holding both views of every pair, and picks
+    per pair and epoch the view the pixel path flips to: the same batches as use_cache=false, up to VAE rounding."""
+    from diffalign.training.batches import CachedItems, PixelPairs, to_pair_batch
+    from diffalign.training.pair_data import load_pair_items
+
+    family = load_family(tiny_pipelines["sd"])
+    logs = []
+    kw = dict(random_flip=True, center_crop=True, cache_dir=str(tmp_path / "cache"))
+    _, cached = load_pair_items(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "a", use_cache="auto", **kw),
+                                family, 32, logs.append)
+    _, pixels = load_pair_items(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "b", use_cache=False, **kw),
+                                family, 32, logs.append)
+    assert isinstance(cached, CachedItems) and isinstance(pixels, PixelPairs) and len(cached) == len(pixels) == 24
+    assert any("latent cache built in" in m for m in logs)
+    flips = []
+    for epoch in (0, 1):
+        for i in range(len(pixels)):
+            p, c = pixels.item(i, epoch), cached.item(i, epoch)
+            assert p["flipped"] == c["flipped"] and p["index"] == c["index"]
+            flips.append(p["flipped"])
+        rows = range(0, 24, 6)
+        bp = to_pair_batch([pixels.item(i, epoch) for i in rows], family, 32, "cpu")
+        bc = to_pair_batch([cached.item(i, epoch) for i in rows], family, 32, "cpu")
+        torch.testing.assert_close(bc.latents_w, bp.latents_w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bc.latents_l, bp.latents_l, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bc.cond_w.prompt_embeds, bp.cond_w.prompt_embeds, atol=1e-5, rtol=1e-5)
+    assert 0 < sum(flips) < len(flips)  # both views are used
+    # The flipped views really are other latents (the test could not pass with one view only).
+    item = next(cached.cached[i] for i in range(24))
+    assert not torch.allclose(item["latents_w"], item["latents_w_flip"])
+
+
+@pytest.mark.slow
+def test_use_cache_auto_keeps_pixels_for_random_crops_and_says_why(tiny_pipelines, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffalign.toy.render_pairs import render_pairs
+    from diffalign.training.batches import PixelPairs
+    from diffalign.training.pair_data import load_pair_items
+
+    def widen(data):  # 48x32: a random crop to 32 px has 16 columns of room
+        out = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").resize((48, 32)).save(out, format="PNG")
+        return out.getvalue()
+
+    rows = [{**r, "jpg_0": widen(r["jpg_0"]), "jpg_1": widen(r["jpg_1"])} for r in render_pairs(4, "style", "striped", 3, False)]
+    wide = tmp_path / "wide.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), wide)
+    family = load_family(tiny_pipelines["sd"])
+    logs = []
+    cfg = _cfg(tiny_pipelines["sd"], wide, tmp_path / "o", random_flip=True, center_crop=False, use_cache="auto")
+    _, items = load_pair_items(cfg, family, 32, logs.append)
+    assert isinstance(items, PixelPairs)
+    assert sum("training on pixels" in m and "random crop" in m for m in logs) == 1
+
+
+@pytest.mark.slow
+def test_adapters_off_reference_equals_peft_disable_and_restores_the_flags(tiny_pipelines):
+    from diffalign.models.lora import lora_disabled
+    from diffalign.training.reference import AdaptersOff
+
+    family = load_family(tiny_pipelines["sd"])
+    family.add_lora(4)
+    with torch.no_grad():
+        for name, p in family.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # adapters that change the output
+    batch = _batch(family, b=2)
+    x, t = batch.latents_w, torch.tensor([10, 700])
+    with torch.no_grad():
+        on = family.predict(x, t, batch.cond_w)
+        with lora_disabled(family.unet):
+            peft_off = family.predict(x, t, batch.cond_w)
+        off = AdaptersOff(family.unet)
+        with off.active(family.unet) as net:
+            ours = family.predict(x, t, batch.cond_w, net=net)
+        again = family.predict(x, t, batch.cond_w)
+    assert not torch.equal(on, peft_off)
+    assert torch.equal(ours, peft_off) and torch.equal(again, on)

@@ -90,7 +90,7 @@ def _coerce_scalar(value, tp, *, parse: bool):
     text = value.strip() if is_str else None
     if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
-        if value in choices and type(value) is type(choices[0]):
+        if any(value == c and type(value) is type(c) for c in choices):  # mixed choices: "auto", True, False
             return value
         if isinstance(value, bool) and parse:  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
             for choice in choices:

@@ -3,6 +3,7 @@ config."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .train import train_config
@@ -26,6 +27,12 @@ def cmd(args) -> int:
     pairs = load_config_pairs(cfg)
     resolution = cfg.resolution or family.default_resolution
     cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
-    build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir)
-    print(f"cache of {len(pairs)} pairs written to {cache_dir} (key {fingerprint(pairs, family, resolution=resolution)[:12]})")
+    # The cache the run looks for: use_cache=auto with random_flip also holds the flipped view of every pair.
+    flips = cfg.use_cache == "auto" and cfg.random_flip
+    start = time.perf_counter()
+    build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir, flips=flips,
+                require_fixed_crop=cfg.use_cache == "auto" and not cfg.center_crop)
+    key = fingerprint(pairs, family, resolution=resolution, flips=flips)[:12]
+    print(f"cache of {len(pairs)} pairs{' (with flipped views)' if flips else ''} written to {cache_dir} (key {key}) "
+          f"in {time.perf_counter() - start:.1f} s")
     return 0

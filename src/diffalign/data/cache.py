@@ -2,9 +2,11 @@
 
 `build_cache(pairs, family, resolution=..., cache_dir=...)` encodes each valid pair into safetensors shards:
 `latents_w`, `latents_l`, `prompt_embeds`, `index` (position in `pairs`), `row` (row in the source split), and
-for SDXL `text_embeds`, `time_ids_w`, `time_ids_l`. Captions sit in each shard's metadata. Augmentation is OFF
-in a cache: every image is center-cropped and never flipped (a cached latent is one fixed view; random flips and
-crops would need one latent per view). Latents are the VAE posterior mean, in the family's dtype.
+for SDXL `text_embeds`, `time_ids_w`, `time_ids_l`. Captions sit in each shard's metadata. Every image is
+center-cropped; `flips=True` adds the horizontally flipped view of every pair (`latents_w_flip`, `latents_l_flip`,
+`time_ids_*_flip`), so a run with `random_flip` picks per pair the view the pixel path would have drawn
+(`CachedPairs.flip_seed`). Random crops would need one latent per position and are not cached. Latents are the VAE
+posterior mean, in the family's dtype.
 
 `manifest.json` holds the fingerprint: a hash of the data (source paths with file sizes and mtimes or the
 dataset fingerprint, split, columns, ties, swap, max_samples, min_size), the model (path, UNet/VAE/text-encoder
@@ -25,7 +27,6 @@ import bisect
 import hashlib
 import json
 import os
-import random
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -106,21 +107,28 @@ def model_identity(family: ModelFamily) -> dict:
     }
 
 
-def fingerprint_components(pairs, family: ModelFamily, *, resolution: int, extra: dict | None = None) -> dict:
+class RandomCropNotCacheable(UserError):
+    """A random crop (``center_crop: false``) has room to move in some image: one cached latent per image cannot
+    stand for it. ``use_cache: auto`` catches it and trains on pixels."""
+
+
+def fingerprint_components(pairs, family: ModelFamily, *, resolution: int, extra: dict | None = None,
+                           flips: bool = False) -> dict:
     return {
         "format": CACHE_FORMAT,
         "data": pairs.identity(),
         "model": model_identity(family),
         "family": family.name,
         "resolution": int(resolution),
-        "augmentation": "center-crop, no flip",
+        "augmentation": "center-crop, flipped variants" if flips else "center-crop, no flip",
         "extra": dict(extra or {}),
     }
 
 
-def fingerprint(pairs, family: ModelFamily, *, resolution: int, extra: dict | None = None) -> str:
-    """The cache key for these pairs, model and resolution (pass the same `extra` as `fingerprint_extra`)."""
-    return _hash(fingerprint_components(pairs, family, resolution=resolution, extra=extra))
+def fingerprint(pairs, family: ModelFamily, *, resolution: int, extra: dict | None = None, flips: bool = False) -> str:
+    """The cache key for these pairs, model and resolution (pass the same `extra` as `fingerprint_extra`, and
+    `flips` as `build_cache`)."""
+    return _hash(fingerprint_components(pairs, family, resolution=resolution, extra=extra, flips=flips))
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -153,25 +161,39 @@ def cached_text(family: ModelFamily, captions: list[str]) -> dict[str, torch.Ten
     return out
 
 
-def _encode_batch(items: list[dict], family: ModelFamily, resolution: int) -> dict[str, torch.Tensor]:
-    transform = PairTransform(resolution, random_flip=False, center_crop=True)
-    rng = random.Random(0)  # unused: no flip, centre crop
-    views = [transform(it, rng) for it in items]
+def _encode_views(views: list[dict], family: ModelFamily, resolution: int, suffix: str = "") -> dict[str, torch.Tensor]:
+    """Latents (and SDXL time ids) of transformed pairs, keyed `latents_w{suffix}`, `time_ids_w{suffix}`, ..."""
     pixels = torch.stack([v["pixel_w"] for v in views] + [v["pixel_l"] for v in views])
     latents = family.encode_images(pixels, chunk_size=len(views)).cpu()
     n = len(views)
-    out = {
-        "index": torch.tensor([v["index"] for v in views], dtype=torch.long),
-        "row": torch.tensor([v["row"] for v in views], dtype=torch.long),
-        "latents_w": latents[:n],
-        "latents_l": latents[n:],
-        **cached_text(family, [v["caption"] for v in views]),
-    }
+    out = {f"latents_w{suffix}": latents[:n], f"latents_l{suffix}": latents[n:]}
     target = (resolution, resolution)
     for side in ("w", "l"):
         ids = family.time_ids([v[f"original_size_{side}"] for v in views], [v[f"crop_top_left_{side}"] for v in views], target)
         if ids is not None:
-            out[f"time_ids_{side}"] = ids.cpu()
+            out[f"time_ids_{side}{suffix}"] = ids.cpu()
+    return out
+
+
+def _encode_batch(items: list[dict], family: ModelFamily, resolution: int, flips: bool = False,
+                  require_fixed_crop: bool = False) -> dict[str, torch.Tensor]:
+    transform = PairTransform(resolution, random_flip=False, center_crop=True)
+    if require_fixed_crop:
+        for it in items:
+            for side in ("w", "l"):
+                if transform.crop_room(it[f"image_{side}"]) != (0, 0):
+                    raise RandomCropNotCacheable(
+                        f"pair {it['index']} (row {it['row']}) has an image of {it[f'image_{side}'].size[0]}x"
+                        f"{it[f'image_{side}'].size[1]} px that a random crop to {resolution} px can move in")
+    views = [transform.view(it, flip=False) for it in items]
+    out = {
+        "index": torch.tensor([v["index"] for v in views], dtype=torch.long),
+        "row": torch.tensor([v["row"] for v in views], dtype=torch.long),
+        **_encode_views(views, family, resolution),
+        **cached_text(family, [v["caption"] for v in views]),
+    }
+    if flips:  # the mirrored view of every pair, encoded through the VAE as the pixel path would see it
+        out.update(_encode_views([transform.view(it, flip=True) for it in items], family, resolution, "_flip"))
     return out
 
 
@@ -216,12 +238,16 @@ def build_cache(
     fingerprint_extra: dict | None = None,
     shard_size: int = 2048,
     progress: bool = True,
+    flips: bool = False,
+    require_fixed_crop: bool = False,
 ) -> Path:
     """Encode every valid pair of `pairs` with `family` into `cache_dir`; returns `cache_dir` (see module doc).
 
     `batch_size` pairs are fetched and encoded at a time (the VAE sees batch_size images per call). Pairs whose
     images fail to decode are skipped (lenient pairs) and recorded in the manifest and in `pairs.report()`.
-    A complete cache with the same fingerprint is reused as is.
+    A complete cache with the same fingerprint is reused as is. `flips` also stores the horizontally flipped view
+    of every pair (`latents_w_flip`, ...; what `random_flip` trains on); `require_fixed_crop` raises
+    `RandomCropNotCacheable` at the first image a random crop could move in (before writing its shard).
     """
     from tqdm.auto import tqdm
 
@@ -230,7 +256,7 @@ def build_cache(
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create cache folder '{cache_dir}': {exc.strerror or exc}") from None
-    components = fingerprint_components(pairs, family, resolution=resolution, extra=fingerprint_extra)
+    components = fingerprint_components(pairs, family, resolution=resolution, extra=fingerprint_extra, flips=flips)
     fp = _hash(components)
     if cache_miss_reason(cache_dir, fp) is None:
         if hasattr(pairs, "record_skipped"):
@@ -259,7 +285,7 @@ def build_cache(
             skipped.extend(it for it in items if isinstance(it, SkippedPair))
             good = [it for it in items if not is_skipped(it)]
             if good:
-                parts.append(_encode_batch(good, family, resolution))
+                parts.append(_encode_batch(good, family, resolution, flips, require_fixed_crop))
                 captions.extend(it["caption"] for it in good)
             bar.update(len(items))
         if parts:

@@ -60,12 +60,7 @@ class PairTransform:
     def _resize(self, image):
         from PIL import Image
 
-        w, h = image.size
-        res = self.resolution
-        if w <= h:
-            size = (res, max(res, round(h * res / w)))
-        else:
-            size = (max(res, round(w * res / h)), res)
+        size = self._resize_size(image)
         return image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
 
     def _offset(self, free: int, u: float | None) -> int:
@@ -87,11 +82,29 @@ class PairTransform:
             left = width - left - res
         return to_tensor(image), original, (top, left)
 
+    def crop_room(self, image) -> tuple[int, int]:
+        """(rows, columns) a crop of `image` (resized) can move by: (0, 0) when every crop position is the same."""
+        width, height = self._resize_size(image)
+        return height - self.resolution, width - self.resolution
+
+    def view(self, item: dict, *, flip: bool) -> dict:
+        """The centre-cropped view of a pair, flipped or not: what `__call__` gives for that flip draw when the crop
+        is fixed (`center_crop`, or images whose crop has no room)."""
+        return self._apply(item, flip, None, None)
+
+    def _resize_size(self, image) -> tuple[int, int]:
+        w, h = image.size
+        res = self.resolution
+        return (res, max(res, round(h * res / w))) if w <= h else (max(res, round(w * res / h)), res)
+
     def __call__(self, item: dict | SkippedPair | None, rng: random.Random) -> dict | SkippedPair | None:
         if is_skipped(item):
             return item
         flip = self.random_flip and rng.random() < 0.5
         u, v = (None, None) if self.center_crop else (rng.random(), rng.random())
+        return self._apply(item, flip, u, v)
+
+    def _apply(self, item: dict, flip: bool, u: float | None, v: float | None) -> dict:
         out = {k: val for k, val in item.items() if k not in ("image_w", "image_l")}
         for side in ("w", "l"):
             pixels, original, crop = self._one(item[f"image_{side}"], flip, u, v)

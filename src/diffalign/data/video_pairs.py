@@ -192,7 +192,7 @@ class VideoPairItems:
 
 def load_video_pairs(cfg, family: ModelFamily) -> tuple[VideoPairs, VideoPairItems]:
     """The training loop's (pairs, items) for a video family, from a TrainConfig."""
-    if cfg.use_cache:
+    if cfg.use_cache is True:
         raise UserError("use_cache is not supported for video pairs yet; set use_cache: false")
     pairs = VideoPairs(cfg.dataset_name, caption_column=cfg.caption_column, video_columns=tuple(cfg.image_columns),
                        label_columns=tuple(cfg.label_columns), ties=cfg.ties, strict=cfg.strict_data,

@@ -2,7 +2,8 @@
 
 `theta_neg = theta_base + alpha*eta + beta*delta` predicts the negative half of every CFG batch. The steps are
 the same for every family: refuse a pipeline already wrapped or holding adapters, read the offsets, then either
-compose LoRA offsets into one adapter (fast path: one network call per step) or merge them into a second model
+compose LoRA offsets into one adapter (fast path: one network call per step; the positive LoRA folded into the
+base weights, the negative half alone running an adapter) or merge them into a second model
 (two calls). What differs is the denoiser, described by a `Denoiser`: the pipeline attribute that holds it
 (`unet` for SD / SDXL, `transformer` for CogVideoX), the wrapper that routes the halves (unet.py, video.py) and
 whether full-model offsets can be composed for it.
@@ -18,7 +19,17 @@ from ..errors import UserError
 from ..models.lora import load_lora_into_pipeline
 from .denoiser import BASE, NEG_ADAPTER, POS_ADAPTER, GuidanceInfo, GuidedDenoiser
 from .flow import is_flow_pipeline, wrap_flow_transformer
-from .offsets import add_factor_adapter, as_offset, compose_dense_unet, compose_lora_factors, load_unet, lora_factors, read_lora
+from .offsets import (
+    add_factor_adapter,
+    as_offset,
+    compose_dense_unet,
+    compose_lora_factors,
+    fold_adapter,
+    load_unet,
+    lora_factors,
+    read_lora,
+    unfold_weights,
+)
 from .unet import wrap_unet
 from .video import unwatch_cfg, wrap_transformer
 
@@ -107,19 +118,32 @@ def attach_negative_guidance(
         beta=beta,
     )
     if info.fast:
-        pos_name = BASE
+        # The positive LoRA is folded into the base weights (a fused LoRA: the positive half of the batch runs the
+        # plain model, as plain CFG with a fused LoRA would), so only the negative half carries an adapter: the
+        # remainder `(alpha-1)*eta + beta*delta`, rank r_eta + r_delta (r_delta alone when alpha == 1).
         terms = []
+        folded: dict = {}
         if eta is not None:
             pos_name = load_lora_into_pipeline(pipe, eta.path, adapter_name=POS_ADAPTER)
-            terms.append((alpha, lora_factors(base, pos_name)))
+            eta_factors = lora_factors(base, pos_name)
+            if eta_factors:
+                folded = fold_adapter(base, pos_name)
+                base.delete_adapters([pos_name])
+            if alpha != 1.0:
+                terms.append((alpha - 1.0, eta_factors))
         if delta is not None:
             terms.append((beta, read_lora(base, type(pipe), delta.path)))
-        factors, rank = compose_lora_factors(terms)
-        add_factor_adapter(base, NEG_ADAPTER, factors, rank)
-        info.rank = rank
+        info.rank = 0
+        if terms:
+            factors, rank = compose_lora_factors(terms)
+            add_factor_adapter(base, NEG_ADAPTER, factors, rank)
+            info.rank = rank
+        info.positive_folded = bool(folded)
         base.eval()
-        wrapper = denoiser.wrap(pipe, base, None, pos_name)
-        logger.info("NPO guidance: fast path, one batched %s call per step (negative LoRA rank %d)", denoiser.shown, rank)
+        wrapper = denoiser.wrap(pipe, base, None, BASE)
+        wrapper._folded = [folded]  # the base weights before folding, restored on detach
+        logger.info("NPO guidance: fast path, one batched %s call per step (positive LoRA folded into the weights: "
+                    "%s, negative LoRA rank %d)", denoiser.shown, "yes" if folded else "no", info.rank)
     else:
         negative_model = compose_dense_unet(base, type(pipe), eta, delta, alpha, beta).eval()
         if eta is None:
@@ -148,6 +172,9 @@ def detach_negative_guidance(pipe: DiffusionPipeline) -> None:
     if not isinstance(wrapper, GuidedDenoiser):
         return
     base = wrapper.__dict__.get("_base", [wrapper.positive])[0]
+    folded = wrapper.__dict__.get("_folded", [None])[0]
+    if folded:
+        unfold_weights(base, folded)
     _install(pipe, denoiser, base)
     denoiser.unwrap(pipe)
     if NEG_ADAPTER in (getattr(base, "peft_config", None) or {}):

@@ -60,7 +60,8 @@ class NegativeGuidedFlowTransformer(GuidedDenoiser):
 
     def _run(self, model, adapter: str, kwargs: dict):
         if self.fast:
-            with sliced_adapter_batch(self.positive, [(slice(0, kwargs["hidden_states"].shape[0]), adapter)]):
+            with sliced_adapter_batch(self.positive, [(slice(0, kwargs["hidden_states"].shape[0]), adapter)],
+                                      self.adapter_layers()):
                 return self.positive(**kwargs)
         return model(**kwargs)
 
@@ -77,7 +78,7 @@ class NegativeGuidedFlowTransformer(GuidedDenoiser):
             return self._run(self.positive, self.pos_adapter, kwargs)
         if self.fast:
             parts = [(slice(0, n // 2), self.neg_adapter), (slice(n // 2, n), self.pos_adapter)]
-            with sliced_adapter_batch(self.positive, parts):
+            with sliced_adapter_batch(self.positive, parts, self.adapter_layers()):
                 return self.positive(**kwargs)
         outs = []
         for model, part in ((self.negative, slice(0, n // 2)), (self.positive, slice(n // 2, n))):

@@ -138,6 +138,38 @@ def _lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tenso
     return scaling * delta.reshape(b.shape[0], *a.shape[1:])
 
 
+def fold_adapter(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Add one peft adapter's `scaling * B @ A` into the base weights of every layer it touches (a fused LoRA).
+
+    Returns the original weights (CPU copies, keyed by module name) for `unfold_weights`, which restores them
+    bit for bit. The adapter itself stays in place; delete it after folding or it counts twice.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter_name, False):
+                raise UserError("DoRA adapters cannot be folded into the base weights; use a plain LoRA")
+            weight = module.get_base_layer().weight
+            a, b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            delta = _lora_delta(a, b, float(module.scaling[adapter_name])).reshape(weight.shape)
+            saved[name] = weight.detach().to("cpu", copy=True)
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    return saved
+
+
+def unfold_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the base weights `fold_adapter` returned."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, original in saved.items():
+            weight = modules[name].get_base_layer().weight
+            weight.copy_(original.to(weight.device))
+
+
 def compose_lora_factors(terms: list[tuple[float, LoraFactors]]) -> tuple[LoraFactors, int]:
     """Sum of `coef * LoRA` terms as one LoRA of scaling 1 (factors concatenated, zero-padded to one rank).
 

@@ -64,7 +64,7 @@ class NegativeGuidedTransformer(GuidedDenoiser):
             half = n // 2
             parts = [(slice(0, half), self.neg_adapter), (slice(half, n), self.pos_adapter)] if cfg else [
                 (slice(0, n), self.pos_adapter)]
-            with sliced_adapter_batch(self.positive, parts):
+            with sliced_adapter_batch(self.positive, parts, self.adapter_layers()):
                 return self.positive(*extra, **kwargs)
         if not cfg:
             return self.positive(*extra, **kwargs)

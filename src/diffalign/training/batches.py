@@ -89,16 +89,28 @@ class PixelPairs:
 
 
 class CachedItems:
-    """Items of a latent cache (no augmentation: they were encoded centre-cropped)."""
+    """Items of a latent cache (encoded centre-cropped). With `flip_seed` (a cache built with flipped views, for
+    `random_flip`) each pair takes its flipped view exactly when the pixel path would flip it: the first draw of
+    `deterministic_rng(seed, epoch, index)`, index being the pair's position in the data, as `PairTransform` draws."""
 
-    def __init__(self, cached):
-        self.cached = cached
+    def __init__(self, cached, flip_seed: int | None = None):
+        self.cached, self.flip_seed = cached, flip_seed
 
     def __len__(self) -> int:
         return len(self.cached)
 
     def item(self, i: int, epoch: int):
-        return self.cached[i]
+        item = self.cached[i]
+        if self.flip_seed is None:
+            return item
+        flip = deterministic_rng(self.flip_seed, epoch, item["index"]).random() < 0.5
+        views = {k: item.pop(k) for k in [k for k in item if k.endswith("_flip")]}
+        if not views:
+            raise ValueError("random_flip from a cache needs a cache built with flipped views (flips=True)")
+        if flip:
+            item.update({k[: -len("_flip")]: v for k, v in views.items()})
+        item["flipped"] = flip
+        return item
 
 
 def empty_prompt_mask(p: float, n: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> list[bool]:

@@ -86,7 +86,12 @@ class _Data:
         "1024 SDXL, 32 toy). Both images of a pair are resized the same way, never one to the other's size.")
     random_flip: bool = _f(False, "Randomly flip images horizontally; a pair is always flipped together.")
     center_crop: bool = _f(False, "Center-crop to resolution; false: a random crop, shared by both images of a pair.")
-    use_cache: bool = _f(False, "Encode latents and prompt embeddings once and reuse them across steps.")
+    use_cache: Literal["auto", True, False] = _f(
+        False, "Encode latents and prompt embeddings once and reuse them across steps. auto: for a local dataset, "
+        "build (or reuse) the cache and train from it, with the flipped view of every pair when random_flip is on "
+        "(the same batches as the pixel path); random crops (center_crop: false with room to crop), streamed or hub "
+        "data train on pixels, said once in the log. true: the cache without flips (centre crop, never flipped). "
+        "false: always pixels.")
     cache_dir: Optional[str] = _f(
         None, "Folder of the latent/embedding cache (use_cache). none: a 'cache' folder inside output_dir. "
         "Not the hub download cache (set HF_HOME for that).")

@@ -37,6 +37,6 @@ def check_hub_and_streaming(cfg) -> None:
     if cfg.method not in STREAMING_METHODS:
         raise UserError(f"streaming=true reads preference pairs (method={'/'.join(STREAMING_METHODS)}); "
                         f"method={cfg.method} loads its data whole: set --streaming=false")
-    if cfg.use_cache:
+    if cfg.use_cache is True:
         raise UserError("streaming=true cannot build a latent cache (use_cache needs every row up front): set "
                         "--use_cache=false, or --streaming=false with max_train_samples to cache a part")

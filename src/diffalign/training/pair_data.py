@@ -3,13 +3,14 @@ video clips, and what caption dropout puts in place of a cached caption."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..data import PairTransform, build_cache, fingerprint, load_pairs, open_cache
-from ..data.cache import cached_text
+from ..data.cache import RandomCropNotCacheable, cached_text
 from ..data.streaming import StreamingPairs, StreamItems
 from ..data.video_pairs import load_video_pairs
 from ..errors import UserError
@@ -52,18 +53,50 @@ def load_pair_items(cfg, family: ModelFamily, resolution: int, log):
         log(f"streaming {pairs.description} ({order})")
         return pairs, StreamItems(pairs, transform, cfg.seed)
     pairs = load_config_pairs(cfg)
-    if cfg.use_cache:
-        cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
-        key = fingerprint(pairs, family, resolution=resolution)
-        cached = open_cache(cache_dir, key)
-        if cached is None:
-            log(f"no matching latent cache in {cache_dir}: building it")
-            build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir)
-            cached = open_cache(cache_dir, key)
-        log(f"using the latent cache in {cache_dir} ({len(cached)} pairs; no random flips when cached)")
-        return pairs, CachedItems(cached)
     transform = PairTransform(resolution, random_flip=cfg.random_flip, center_crop=cfg.center_crop)
+    if cfg.use_cache is True:
+        cached = _open_or_build(cfg, pairs, family, resolution, log)
+        log(f"using the latent cache in {cached.cache_dir} ({len(cached)} pairs; no random flips when cached)")
+        return pairs, CachedItems(cached)
+    if cfg.use_cache == "auto":
+        why = auto_cache_refusal(cfg)
+        if why is None:
+            try:
+                cached = _open_or_build(cfg, pairs, family, resolution, log, flips=cfg.random_flip,
+                                        require_fixed_crop=not cfg.center_crop)
+            except RandomCropNotCacheable as exc:
+                why = f"random crops (center_crop: false) cannot be cached: {exc}"
+            else:
+                flips = " with the flipped view of every pair (random_flip)" if cfg.random_flip else ""
+                log(f"use_cache=auto: training from the latent cache in {cached.cache_dir} ({len(cached)} pairs{flips})")
+                return pairs, CachedItems(cached, flip_seed=cfg.seed if cfg.random_flip else None)
+        log(f"use_cache=auto: training on pixels, not from a latent cache: {why}")
     return pairs, PixelPairs(pairs, transform, cfg.seed)
+
+
+def auto_cache_refusal(cfg) -> str | None:
+    """Why `use_cache: auto` cannot cache this config's data before looking at it (None: it can try)."""
+    if cfg.streaming:
+        return "the data is streamed"
+    if not Path(str(cfg.dataset_name)).expanduser().exists():
+        return f"{cfg.dataset_name!r} is not a local dataset"
+    return None
+
+
+def _open_or_build(cfg, pairs, family: ModelFamily, resolution: int, log, *, flips: bool = False,
+                   require_fixed_crop: bool = False):
+    cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
+    key = fingerprint(pairs, family, resolution=resolution, flips=flips)
+    cached = open_cache(cache_dir, key)
+    if cached is None:
+        log(f"no matching latent cache in {cache_dir}: building it")
+        start = time.perf_counter()
+        build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir, flips=flips,
+                    require_fixed_crop=require_fixed_crop)
+        cached = open_cache(cache_dir, key)
+        log(f"latent cache built in {time.perf_counter() - start:.1f} s ({len(cached)} pairs"
+            f"{', two views each' if flips else ''})")
+    return cached
 
 
 def empty_prompt(cfg, family: ModelFamily, items) -> dict | None:
@@ -76,4 +109,4 @@ def empty_prompt(cfg, family: ModelFamily, items) -> dict | None:
         return {k: v[0] for k, v in cached_text(family, [""]).items()}
 
 
-__all__ = ["empty_prompt", "load_config_pairs", "load_pair_items", "open_streaming_pairs"]
+__all__ = ["auto_cache_refusal", "empty_prompt", "load_config_pairs", "load_pair_items", "open_streaming_pairs"]

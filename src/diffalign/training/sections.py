@@ -192,7 +192,7 @@ def check_selfnpo(keys: SelfNPOKeys, cfg) -> None:
         raise UserError(f"label_columns={list(cfg.label_columns)} names preference labels, and method=selfnpo "
                         "learns from the model itself without labels: remove label_columns (or train a "
                         "preference method: dpo, mapo, npo)")
-    if cfg.use_cache:
+    if cfg.use_cache is True:
         raise UserError("use_cache (the preference-pair latent cache) does not apply to method=selfnpo: "
                         "set --use_cache=false")
     if keys.selfnpo_start == "images" and cfg.dataset_name == "toy":
