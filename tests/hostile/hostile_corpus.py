@@ -73,6 +73,10 @@ def train_args(ctx: Ctx, data, *extra: str, out: str = "run") -> list[str]:
             "--max_train_steps=2", "--rank=4", "--learning_rate=1e-3", "--checkpointing_steps=1000", *extra]
 
 
+#: The pixel path (images decoded at every step), where images that fail are found as they are fetched.
+PIXELS = ("--use_cache=false",)
+
+
 def report(ctx: Ctx, out: str = "run") -> dict:
     return json.loads((ctx.tmp / out / "train_report.json").read_text())
 
@@ -91,7 +95,7 @@ def case(**kw):
 def _half_images(ctx):
     good = png()
     data = parquet(ctx, "half.parquet", [("x", good[: len(good) // 2], png(colour=(1, 2, 3)), 1.0, 0.0)] * 16)
-    return train_args(ctx, data, "--max_train_steps=3")
+    return train_args(ctx, data, "--max_train_steps=3", *PIXELS)
 
 
 def _check_not_finished(ctx, err):
@@ -107,7 +111,7 @@ case(id="truncated_images_every_row", defect=1, input="parquet whose jpg_0 bytes
 def _half_images_epoch(ctx):
     good = png()
     data = parquet(ctx, "half.parquet", [("x", good[: len(good) // 2], png(colour=(1, 2, 3)), 1.0, 0.0)] * 4)
-    return train_args(ctx, data, "--max_train_steps=6")
+    return train_args(ctx, data, "--max_train_steps=6", *PIXELS)
 
 
 case(id="truncated_images_whole_epoch", defect=1, input="parquet whose every image fails for a whole epoch",
@@ -118,7 +122,7 @@ def _some_bad_over_limit(ctx):
     good, bad = png(), png()[:40]
     rows = [("x", bad, good, 1.0, 0.0)] * 3 + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 5
     return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=8", "--max_skipped_share=0.25",
-                      "--seed=1")
+                      "--seed=1", *PIXELS)
 
 
 case(id="skipped_share_over_user_limit", defect=1, input="3 of 8 rows undecodable, max_skipped_share=0.25",
@@ -128,7 +132,7 @@ case(id="skipped_share_over_user_limit", defect=1, input="3 of 8 rows undecodabl
 def _some_bad_counted(ctx):
     good, bad = png(), png()[:40]
     rows = [("x", bad, good, 1.0, 0.0)] + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 3
-    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=2")
+    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=2", *PIXELS)
 
 
 def _check_counted(ctx, err):
@@ -139,6 +143,48 @@ def _check_counted(ctx, err):
 case(id="one_undecodable_row", defect=1, input="1 of 4 rows undecodable (default limit)", outcome="skip",
      expect="fetch_failures=1, undecodable_image=1 in train_report.json", check=_check_counted,
      exit_code=0)(_some_bad_counted)
+
+
+# The same bad images on the default path (use_cache: auto): the latent cache is built before training, so its
+# skipped pairs are counted there, against the same limit, and the run stops before its first step.
+def _half_images_cached(ctx):
+    good = png()
+    data = parquet(ctx, "half.parquet", [("x", good[: len(good) // 2], png(colour=(1, 2, 3)), 1.0, 0.0)] * 16)
+    return train_args(ctx, data, "--max_train_steps=3")
+
+
+case(id="truncated_images_every_row_cached", defect=1, input="every jpg_0 cut in half, default use_cache: auto",
+     outcome="error", expect="16 of the 16 pairs had images that could not be used when the latent cache was built "
+     "(16 undecodable_image")(_half_images_cached)
+
+
+def _some_bad_over_limit_cached(ctx):
+    good, bad = png(), png()[:40]
+    rows = [("x", bad, good, 1.0, 0.0)] * 3 + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 5
+    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=8", "--max_skipped_share=0.25")
+
+
+case(id="skipped_share_over_user_limit_cached", defect=1, input="3 of 8 rows undecodable, max_skipped_share=0.25, "
+     "default use_cache: auto", outcome="error", expect="3 of the 8 pairs had images that could not be used when the "
+     "latent cache was built")(_some_bad_over_limit_cached)
+
+
+def _some_bad_counted_cached(ctx):
+    good, bad = png(), png()[:40]
+    rows = [("x", bad, good, 1.0, 0.0)] + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 3
+    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=2")
+
+
+def _check_counted_cached(ctx, err):
+    r = report(ctx)
+    assert r["status"] == "finished" and r["data"]["undecodable_image"] == 1 and r["data"]["usable_pairs"] == 3, r
+    manifest = json.loads((ctx.tmp / "run" / "cache" / "manifest.json").read_text())
+    assert len(manifest["skipped"]) == 1 and manifest["num_pairs"] == 3, manifest
+
+
+case(id="one_undecodable_row_cached", defect=1, input="1 of 4 rows undecodable, default use_cache: auto",
+     outcome="skip", expect="undecodable_image=1 in train_report.json, in the cache manifest's skipped list",
+     check=_check_counted_cached, exit_code=0)(_some_bad_counted_cached)
 
 
 # ------------------------------------------------------------------------------------------------ 2: LoRA files
@@ -419,7 +465,7 @@ def _too_many_pixels(ctx):
 
     ctx.monkeypatch.setattr(images, "MAX_DECODED_PIXELS", 32 * 32)  # the 40x40 winners are above the cap
     rows = [("x", png(40), png(32, (1, 2, 3)), 1.0, 0.0)] + [("x", png(32), png(32, (1, 2, 3)), 1.0, 0.0)] * 3
-    return train_args(ctx, parquet(ctx, "big.parquet", rows))
+    return train_args(ctx, parquet(ctx, "big.parquet", rows), *PIXELS)
 
 
 def _check_too_large(ctx, err):

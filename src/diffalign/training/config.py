@@ -87,10 +87,11 @@ class _Data:
     random_flip: bool = _f(False, "Randomly flip images horizontally; a pair is always flipped together.")
     center_crop: bool = _f(False, "Center-crop to resolution; false: a random crop, shared by both images of a pair.")
     use_cache: Literal["auto", True, False] = _f(
-        False, "Encode latents and prompt embeddings once and reuse them across steps. auto: for a local dataset, "
+        "auto", "Encode latents and prompt embeddings once and reuse them across steps. auto: for a local dataset, "
         "build (or reuse) the cache and train from it, with the flipped view of every pair when random_flip is on "
         "(the same batches as the pixel path); random crops (center_crop: false with room to crop), streamed or hub "
-        "data train on pixels, said once in the log. true: the cache without flips (centre crop, never flipped). "
+        "data train on pixels, said once in the log. Pairs whose images cannot be used are counted when the cache "
+        "is built, against max_skipped_share. true: the cache without flips (centre crop, never flipped). "
         "false: always pixels.")
     cache_dir: Optional[str] = _f(
         None, "Folder of the latent/embedding cache (use_cache). none: a 'cache' folder inside output_dir. "
@@ -139,6 +140,12 @@ class _Optimisation:
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (pip install 'diffalign[bnb]'; needs a GPU).")
     max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this; none: no clipping.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the UNet.")
+    torch_compile: bool = _f(
+        False, "Compile the denoiser's repeated blocks with torch.compile (regional compilation: the transformer "
+        "blocks, compiled once per distinct shape, so compiling takes seconds to minutes, not the whole network); "
+        "LoRA layers inside the blocks are compiled with them. The first steps are slower while it compiles.")
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
+        "default", "torch.compile mode for torch_compile (reduce-overhead uses CUDA graphs on a GPU).")
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _f(
         None, "no, fp16 or bf16; none: whatever `accelerate config` / accelerate launch set. Trained weights "
         "stay float32; frozen ones (text encoders, VAE unless it asks for force_upcast, the UNet under a LoRA, "

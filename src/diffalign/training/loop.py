@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..safety.disk import DiskFull, failed_file, is_disk_full
 from .checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, resolve_resume, save_checkpoint
+from .compile import compile_repeated_blocks
 from .config import TrainConfig
 from .fetch_guard import FetchFailures, add_fetch_failures
 from .guards import StepBoundary, check_disk_for_checkpoints
@@ -45,7 +46,7 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(step_seed(seed, step, micro, rank))
 
 
-def _prepare_network(cfg: TrainConfig, family: ModelFamily, needs_reference: bool):
+def _prepare_network(cfg: TrainConfig, family: ModelFamily, needs_reference: bool, log=print):
     """LoRA adapters or every UNet weight trainable; the frozen reference when the objective needs one (for a full
     fine-tune copied first, so it keeps the frozen dtype). Returns the reference or None."""
     reference = None
@@ -59,6 +60,10 @@ def _prepare_network(cfg: TrainConfig, family: ModelFamily, needs_reference: boo
         family.enable_full_finetune()
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing()
+    if cfg.torch_compile:
+        n = compile_repeated_blocks(family.unet, cfg.torch_compile_mode)
+        log(f"torch_compile: {n} repeated blocks of the {type(family.unet).__name__} compiled in place "
+            f"(mode {cfg.torch_compile_mode}); the first steps include the compilation")
     family.unet.train()
     return reference
 
@@ -72,7 +77,7 @@ def train(cfg: TrainConfig) -> Path:
 
     method = get_method(cfg.method)
     keys = method.keys(cfg)
-    reference = _prepare_network(cfg, family, method.needs_reference(keys))
+    reference = _prepare_network(cfg, family, method.needs_reference(keys), log)
     named = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}
     recipe = method.recipe(RunContext(cfg, method, keys, family, resolution, named, reference, accelerator.device,
                                       (rank, world), log))

@@ -4,6 +4,7 @@ video clips, and what caption dropout puts in place of a cached caption."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ import torch
 
 from ..data import PairTransform, build_cache, fingerprint, load_pairs, open_cache
 from ..data.cache import RandomCropNotCacheable, cached_text
+from ..data.pairs import SkippedPair
 from ..data.streaming import StreamingPairs, StreamItems
 from ..data.video_pairs import load_video_pairs
 from ..errors import UserError
@@ -88,6 +90,8 @@ def _open_or_build(cfg, pairs, family: ModelFamily, resolution: int, log, *, fli
     cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
     key = fingerprint(pairs, family, resolution=resolution, flips=flips)
     cached = open_cache(cache_dir, key)
+    if cached is not None and hasattr(pairs, "record_skipped"):  # reused: its skipped pairs still count
+        pairs.record_skipped(SkippedPair(*s) for s in cached.manifest.get("skipped", []))
     if cached is None:
         log(f"no matching latent cache in {cache_dir}: building it")
         start = time.perf_counter()
@@ -96,7 +100,23 @@ def _open_or_build(cfg, pairs, family: ModelFamily, resolution: int, log, *, fli
         cached = open_cache(cache_dir, key)
         log(f"latent cache built in {time.perf_counter() - start:.1f} s ({len(cached)} pairs"
             f"{', two views each' if flips else ''})")
+    check_cache_skips(cached, cfg.max_skipped_share)
     return cached
+
+
+def check_cache_skips(cached, limit: float) -> None:
+    """Stop before training when the pairs skipped while the cache was built (their images could not be used)
+    reach `max_skipped_share` of the data: the cached path's form of the pixel path's fetch guard."""
+    skipped = cached.manifest.get("skipped", [])
+    total = len(skipped) + len(cached)
+    if not skipped or len(skipped) < limit * total:
+        return
+    reasons = Counter(SkippedPair(*s).reason.split(":")[0] for s in skipped)
+    shown = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
+    raise UserError(f"{len(skipped)} of the {total} pairs had images that could not be used when the latent cache was "
+                    f"built ({shown}; listed under 'skipped' in {Path(cached.cache_dir) / 'manifest.json'}), at least "
+                    f"max_skipped_share={limit:g} of them, so training did not start; fix the images, or raise "
+                    "max_skipped_share to accept more skipped rows")
 
 
 def empty_prompt(cfg, family: ModelFamily, items) -> dict | None:
