@@ -7,14 +7,16 @@ Sections (each ratio measured side by side in one process, configurations interl
 1. `step_cost.py`: one training step per method (DPO, MaPO, SFT with pixels and with the latent cache;
    Self-NPO), against the plain diffusers-style loop of `plain_loop.py` at equal batch, on a tiny and a small
    UNet; peak memory per configuration; where a DPO step's time goes; in the full run also channels_last and
-   torch.compile on the small UNet.
+   torch_compile (regional) on the small UNet.
 2. `guidance_cost.py`: sampling per image, plain CFG against negative-branch (NPO) guidance, fast one-call path
    and two calls.
 3. `selfnpo_cost.py`: a Self-NPO step from images and from noise against a DPO step.
 
 Targets (PASS when measured <= target): MaPO step <= 0.75x DPO; cached step faster than uncached; our DPO
-step faster than the plain loop at equal batch; NPO-guided sampling <= 1.15x plain CFG per image. On a
-machine busy with other jobs the figures, --quick ones above all, are only rough.
+step faster than the plain loop at equal batch; with user defaults (use_cache: auto, so cached) our DPO step
+<= 0.75x and our MaPO step <= 0.5x the plain loop's DPO step; compiled (torch_compile) / eager step <= 0.8x;
+NPO-guided sampling <= 1.05x plain CFG with the same positive LoRA; a data-free Self-NPO step <= 2x a DPO step.
+On a machine busy with other jobs the figures, --quick ones above all, are only rough.
 The effect benchmarks (toy_effects.py, selfnpo_effect.py) train models for many minutes and run separately.
 """
 

@@ -124,3 +124,29 @@ def test_shipped_pairs_are_what_their_config_makes(tmp_path):
     shipped = [row for row in shipped if row["pair_index"] < units]
     assert len(again) == len(shipped) >= 2
     assert again == shipped
+
+
+def test_stages_that_wait_for_nothing_run_side_by_side_in_processes(tmp_path):
+    import os
+
+    from demo_stage_child import file_stages, launcher
+
+    lines: list[str] = []
+    summaries = run_stages(file_stages(), tmp_path, log=lines.append, jobs=2, launch=launcher(tmp_path))
+    pids = {name: int((tmp_path / name / "pid.txt").read_text()) for name in "abc"}
+    assert pids["a"] != os.getpid() and pids["c"] != os.getpid() and pids["a"] != pids["c"]  # a and c: own processes
+    assert pids["b"] == os.getpid()  # b waited for a, then ran here
+    assert {k: v["made"] for k, v in summaries.items()} == {"a": "a", "b": "b", "c": "c"}
+    assert any("side by side in 2 processes" in line for line in lines)
+    again = run_stages(file_stages(), tmp_path, log=lambda *_: None, jobs=2, launch=launcher(tmp_path))
+    assert all(s["reused"] for s in again.values())  # what the processes wrote is reused like a stage run here
+
+
+def test_a_stage_that_fails_in_its_process_stops_the_demo_with_its_log(tmp_path):
+    from demo_stage_child import file_stages, launcher
+
+    from diffalign.errors import UserError
+
+    with pytest.raises(UserError, match=r"(?s)the demo stage 'c' failed in its process .*stage c broke"):
+        run_stages(file_stages(), tmp_path, log=lambda *_: None, jobs=2, launch=launcher(tmp_path, fail="c"))
+    assert not (tmp_path / "c" / "stage.json").exists() and not (tmp_path / "b").exists()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,17 @@ MODELS = {
 VERSUS_TUNED = ("mapo+selfnpo", "mapo")
 
 
+def default_jobs() -> int:
+    """Processes for the training stages that do not wait for each other: one per available core, at most 3."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(3, cores))
+
+
 def split_prompts() -> tuple[list[str], list[str]]:
     """Training prompts ("a {colour} {shape}" except the held-out combinations) and the held-out ones."""
     from .toy.prompts import toy_prompts
@@ -97,31 +109,102 @@ def _fingerprint(settings: dict, upstream: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_stages(stages: list[Stage], out: Path, log=print) -> dict[str, dict]:
-    """Run each stage whose folder has no matching `stage.json`; reuse the others. Returns summaries."""
-    done: dict[str, Stage] = {}
-    summaries = {}
-    for i, stage in enumerate(stages, 1):
-        stage.fingerprint = _fingerprint(stage.settings, [done[n].fingerprint for n in stage.needs])
-        folder = out / stage.name
-        marker = folder / MARKER
-        if marker.exists():
-            record = json.loads(marker.read_text())
-            if record.get("fingerprint") == stage.fingerprint:
-                log(f"[{i}/{len(stages)}] {stage.title}: reused ({folder}, took {record['seconds']:.0f} s when made)")
-                summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": True}
-                done[stage.name] = stage
+def _reusable(stage: Stage, folder: Path) -> dict | None:
+    """The stage's record when its folder holds a finished run with the same fingerprint."""
+    marker = folder / MARKER
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text())
+    return record if record.get("fingerprint") == stage.fingerprint else None
+
+
+def _run_here(stage: Stage, folder: Path) -> dict:
+    if folder.exists():  # unfinished, or made with other settings: start it again
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    summary = stage.run(folder)
+    seconds = time.perf_counter() - start
+    (folder / MARKER).write_text(json.dumps({"fingerprint": stage.fingerprint, "seconds": seconds, "summary": summary},
+                                            indent=2))
+    return {"fingerprint": stage.fingerprint, "seconds": seconds, "summary": summary}
+
+
+def _run_apart(stages: list[Stage], out: Path, launch: Callable[[str], list[str]], jobs: int, log) -> None:
+    """Run `stages` (independent of each other, their inputs done) in `jobs` processes of one torch thread each:
+    `launch(name)` is the command line of one (`diffalign demo ... --only-stage NAME`), which writes the stage's
+    folder and `stage.json` as it would here; its output goes to `OUT/NAME.log`."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    waiting, running = list(stages), []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            stage = waiting.pop(0)
+            log_path = out / f"{stage.name}.log"
+            handle = log_path.open("w")
+            running.append((stage, subprocess.Popen(launch(stage.name), stdout=handle, stderr=subprocess.STDOUT, env=env), handle,
+                            log_path))
+        time.sleep(0.5)
+        for item in list(running):
+            stage, proc, handle, log_path = item
+            if proc.poll() is None:
                 continue
-        if folder.exists():  # unfinished, or made with other settings: start it again
-            shutil.rmtree(folder)
-        log(f"[{i}/{len(stages)}] {stage.title} ...")
-        start = time.perf_counter()
-        summary = stage.run(folder)
-        seconds = time.perf_counter() - start
-        marker.write_text(json.dumps({"fingerprint": stage.fingerprint, "seconds": seconds, "summary": summary}, indent=2))
-        log(f"[{i}/{len(stages)}] {stage.title}: done in {seconds:.0f} s")
-        summaries[stage.name] = {**summary, "seconds": seconds, "reused": False}
-        done[stage.name] = stage
+            running.remove(item)
+            handle.close()
+            if proc.returncode:
+                for _, other, *_ in running:
+                    other.terminate()
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                raise UserError(f"the demo stage {stage.name!r} failed in its process (exit {proc.returncode}); the end "
+                                f"of {log_path}:\n{tail}")
+            log(f"    {stage.title}: done ({log_path.name})")
+
+
+def run_stages(stages: list[Stage], out: Path, log=print, *, jobs: int = 1,
+               launch: Callable[[str], list[str]] | None = None, only: str | None = None) -> dict[str, dict]:
+    """Run each stage whose folder has no matching `stage.json`; reuse the others. Returns summaries.
+
+    With `jobs` > 1 (and `launch`, the command line of a process that runs one stage), stages that wait only for
+    finished stages and not for each other run side by side in separate processes. `only`: run that stage (the
+    ones it needs must be finished) and stop; what such a process does."""
+    by_name = {s.name: s for s in stages}
+    for stage in stages:  # in order: a stage's upstream fingerprints are set before its own
+        stage.fingerprint = _fingerprint(stage.settings, [by_name[n].fingerprint for n in stage.needs])
+    if only is not None:
+        stage = by_name[only]
+        missing = [n for n in stage.needs if _reusable(by_name[n], out / n) is None]
+        if missing:
+            raise UserError(f"the demo stage {only!r} needs the finished stages {missing} in {out}")
+        _run_here(stage, out / stage.name)
+        return {}
+    summaries: dict[str, dict] = {}
+    n = len(stages)
+    for i, stage in enumerate(stages, 1):
+        if stage.name in summaries:  # run just now in a separate process
+            continue
+        folder = out / stage.name
+        record = _reusable(stage, folder)
+        if record is not None:
+            log(f"[{i}/{n}] {stage.title}: reused ({folder}, took {record['seconds']:.0f} s when made)")
+            summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": True}
+            continue
+        # The stages from here on that could start now, side by side.
+        ready = [s for s in stages[i - 1:] if _reusable(s, out / s.name) is None
+                 and all(_reusable(by_name[d], out / d) is not None for d in s.needs)]
+        if jobs > 1 and launch is not None and len(ready) > 1:
+            log(f"[{i}/{n}] {', '.join(s.title for s in ready)}: side by side in {min(jobs, len(ready))} processes ...")
+            start = time.perf_counter()
+            _run_apart(ready, out, launch, jobs, log)
+            log(f"[{i}/{n}] {len(ready)} stages done in {time.perf_counter() - start:.0f} s")
+            for s in ready:
+                made = _reusable(s, out / s.name)
+                summaries[s.name] = {**made["summary"], "seconds": made["seconds"], "reused": False}
+            continue
+        log(f"[{i}/{n}] {stage.title} ...")
+        record = _run_here(stage, folder)
+        log(f"[{i}/{n}] {stage.title}: done in {record['seconds']:.0f} s")
+        summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": False}
     return summaries
 
 
@@ -288,14 +371,23 @@ def build_stages(out: Path, pairs_dir: Path | None = None) -> list[Stage]:
     ]
 
 
-def run_demo(out_dir: str | Path = "demo_out", pairs: str | Path | None = None) -> dict:
+def run_demo(out_dir: str | Path = "demo_out", pairs: str | Path | None = None, jobs: int | None = None,
+             only: str | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     # The toy pipeline has no image processor worth a warning ("requires torchvision"): keep the output readable.
     hf_logging.set_verbosity_error()
     out = ensure_writable_dir(out_dir)
     start = time.perf_counter()
-    summaries = run_stages(build_stages(out, pairs), out)
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    own = ["--out", str(out)] + (["--pairs", str(pairs)] if pairs is not None else [])
+
+    def launch(name: str) -> list[str]:
+        return [sys.executable, "-m", "diffalign", "demo", *own, "--only-stage", name]
+
+    summaries = run_stages(build_stages(out, pairs), out, jobs=jobs, launch=launch, only=only)
+    if only is not None:
+        return {"summaries": summaries, "out": out, "seconds": time.perf_counter() - start}
     total = time.perf_counter() - start
     table = (out / "report" / "table.txt").read_text()
     print("\n" + table)
