@@ -22,7 +22,8 @@ def _cfg(model, data, out, **kw):
 
     base = dict(method="mapo", pretrained_model_name_or_path=str(model), dataset_name=str(data), output_dir=str(out),
                 resolution=32, train_batch_size=4, max_train_steps=3, learning_rate=1e-3, rank=4, seed=0,
-                report_to="none", checkpointing_steps=1000, center_crop=True)
+                report_to="none", checkpointing_steps=1000, center_crop=True,
+                use_cache=False)  # the pixel path, whose text encoder sees the dropped captions; the cache: below
     base.update(kw)
     if base["method"] in ("dpo", "npo") and "beta" not in kw:
         base["beta"] = 5000.0

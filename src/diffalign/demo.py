@@ -129,25 +129,35 @@ def _run_here(stage: Stage, folder: Path) -> dict:
     return {"fingerprint": stage.fingerprint, "seconds": seconds, "summary": summary}
 
 
-def _run_apart(stages: list[Stage], out: Path, launch: Callable[[str], list[str]], jobs: int, log) -> None:
-    """Run `stages` (independent of each other, their inputs done) in `jobs` processes of one torch thread each:
-    `launch(name)` is the command line of one (`diffalign demo ... --only-stage NAME`), which writes the stage's
-    folder and `stage.json` as it would here; its output goes to `OUT/NAME.log`."""
+def _run_apart(todo: list[Stage], stages: list[Stage], out: Path, launch: Callable[[str], list[str]], jobs: int,
+               finished: set[str], log) -> None:
+    """Run the stages of `todo` in separate processes, up to `jobs` at once, each as soon as the stages it needs
+    are in `finished`. `launch(name)` is the command line of one (`diffalign demo ... --only-stage NAME`), which
+    writes the stage's folder and `stage.json` as it would here; its output goes to `OUT/NAME.log`. A process that
+    runs beside others gets one torch thread; one that runs alone gets `jobs`."""
     import os
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    waiting, running = list(stages), []
+    number = {s.name: i for i, s in enumerate(stages, 1)}
+    waiting, running = list(todo), []
     while waiting or running:
-        while waiting and len(running) < jobs:
-            stage = waiting.pop(0)
+        ready = [s for s in waiting if all(d in finished for d in s.needs)]
+        while ready and len(running) < jobs:
+            stage = ready.pop(0)
+            waiting.remove(stage)
+            threads = "1" if ready or running else str(jobs)
             log_path = out / f"{stage.name}.log"
             handle = log_path.open("w")
-            running.append((stage, subprocess.Popen(launch(stage.name), stdout=handle, stderr=subprocess.STDOUT, env=env), handle,
-                            log_path))
-        time.sleep(0.5)
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            proc = subprocess.Popen(launch(stage.name), stdout=handle, stderr=subprocess.STDOUT, env=env)
+            running.append((stage, proc, handle, log_path, time.perf_counter()))
+            log(f"[{number[stage.name]}/{len(stages)}] {stage.title} ... (a process of its own, {threads} thread(s); "
+                f"its output: {log_path})")
+        if not running:
+            raise UserError(f"the demo stages {[s.name for s in waiting]} wait for stages that are not there")
+        time.sleep(0.2)
         for item in list(running):
-            stage, proc, handle, log_path = item
+            stage, proc, handle, log_path, started = item
             if proc.poll() is None:
                 continue
             running.remove(item)
@@ -158,16 +168,17 @@ def _run_apart(stages: list[Stage], out: Path, launch: Callable[[str], list[str]
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
                 raise UserError(f"the demo stage {stage.name!r} failed in its process (exit {proc.returncode}); the end "
                                 f"of {log_path}:\n{tail}")
-            log(f"    {stage.title}: done ({log_path.name})")
+            finished.add(stage.name)
+            log(f"[{number[stage.name]}/{len(stages)}] {stage.title}: done in {time.perf_counter() - started:.0f} s")
 
 
 def run_stages(stages: list[Stage], out: Path, log=print, *, jobs: int = 1,
                launch: Callable[[str], list[str]] | None = None, only: str | None = None) -> dict[str, dict]:
     """Run each stage whose folder has no matching `stage.json`; reuse the others. Returns summaries.
 
-    With `jobs` > 1 (and `launch`, the command line of a process that runs one stage), stages that wait only for
-    finished stages and not for each other run side by side in separate processes. `only`: run that stage (the
-    ones it needs must be finished) and stop; what such a process does."""
+    With `jobs` > 1 (and `launch`, the command line of a process that runs one stage) the stages run in
+    separate processes, side by side where they do not wait for each other. `only`: run that stage (the ones it
+    needs must be finished) and stop; what such a process does."""
     by_name = {s.name: s for s in stages}
     for stage in stages:  # in order: a stage's upstream fingerprints are set before its own
         stage.fingerprint = _fingerprint(stage.settings, [by_name[n].fingerprint for n in stage.needs])
@@ -179,33 +190,27 @@ def run_stages(stages: list[Stage], out: Path, log=print, *, jobs: int = 1,
         _run_here(stage, out / stage.name)
         return {}
     summaries: dict[str, dict] = {}
-    n = len(stages)
+    todo = []
     for i, stage in enumerate(stages, 1):
-        if stage.name in summaries:  # run just now in a separate process
+        record = _reusable(stage, out / stage.name)
+        if record is None:
+            todo.append(stage)
             continue
-        folder = out / stage.name
-        record = _reusable(stage, folder)
-        if record is not None:
-            log(f"[{i}/{n}] {stage.title}: reused ({folder}, took {record['seconds']:.0f} s when made)")
-            summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": True}
-            continue
-        # The stages from here on that could start now, side by side.
-        ready = [s for s in stages[i - 1:] if _reusable(s, out / s.name) is None
-                 and all(_reusable(by_name[d], out / d) is not None for d in s.needs)]
-        if jobs > 1 and launch is not None and len(ready) > 1:
-            log(f"[{i}/{n}] {', '.join(s.title for s in ready)}: side by side in {min(jobs, len(ready))} processes ...")
-            start = time.perf_counter()
-            _run_apart(ready, out, launch, jobs, log)
-            log(f"[{i}/{n}] {len(ready)} stages done in {time.perf_counter() - start:.0f} s")
-            for s in ready:
-                made = _reusable(s, out / s.name)
-                summaries[s.name] = {**made["summary"], "seconds": made["seconds"], "reused": False}
-            continue
-        log(f"[{i}/{n}] {stage.title} ...")
-        record = _run_here(stage, folder)
-        log(f"[{i}/{n}] {stage.title}: done in {record['seconds']:.0f} s")
+        log(f"[{i}/{len(stages)}] {stage.title}: reused ({out / stage.name}, took {record['seconds']:.0f} s when made)")
+        summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": True}
+    if jobs > 1 and launch is not None and todo:
+        _run_apart(todo, stages, out, launch, jobs, set(summaries), log)
+        for stage in todo:
+            record = _reusable(stage, out / stage.name)
+            summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": False}
+        return {s.name: summaries[s.name] for s in stages}
+    for stage in todo:
+        i = stages.index(stage) + 1
+        log(f"[{i}/{len(stages)}] {stage.title} ...")
+        record = _run_here(stage, out / stage.name)
+        log(f"[{i}/{len(stages)}] {stage.title}: done in {record['seconds']:.0f} s")
         summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": False}
-    return summaries
+    return {s.name: summaries[s.name] for s in stages}
 
 
 # ------------------------------------------------------------------------------------------ stage bodies
