@@ -98,6 +98,7 @@ class Stage:
     settings: dict
     run: Callable[[Path], dict]
     needs: tuple[str, ...] = ()
+    cost: float = 1.0  # relative run time: of the stages ready at once, the costliest starts first
     fingerprint: str = field(default="", init=False)
 
 
@@ -141,7 +142,7 @@ def _run_apart(todo: list[Stage], stages: list[Stage], out: Path, launch: Callab
     number = {s.name: i for i, s in enumerate(stages, 1)}
     waiting, running = list(todo), []
     while waiting or running:
-        ready = [s for s in waiting if all(d in finished for d in s.needs)]
+        ready = sorted((s for s in waiting if all(d in finished for d in s.needs)), key=lambda s: -s.cost)
         while ready and len(running) < jobs:
             stage = ready.pop(0)
             waiting.remove(stage)
@@ -365,7 +366,8 @@ def build_stages(out: Path, pairs_dir: Path | None = None) -> list[Stage]:
               _use_pairs(pairs_dir)),
         Stage("mapo", "MaPO LoRA on the pairs", {**LORA, **TRAIN["mapo"]}, _train("mapo", pairs_dir), ("pairs",)),
         Stage("dpo", "Diffusion-DPO LoRA on the pairs", {**LORA, **TRAIN["dpo"]}, _train("dpo", pairs_dir), ("pairs",)),
-        Stage("selfnpo", "Self-NPO negative LoRA from prompts only", {**LORA, **TRAIN["selfnpo"]}, _train("selfnpo", None)),
+        Stage("selfnpo", "Self-NPO negative LoRA from prompts only", {**LORA, **TRAIN["selfnpo"]}, _train("selfnpo", None),
+              cost=1.5),  # the walk from noise: about 1.5x a MaPO or DPO stage (benchmarks/RESULTS.md)
         Stage("samples", "sampling held-out prompts with each model",
               {"prompts": heldout, "per_prompt": SAMPLES_PER_PROMPT, "guidance": GUIDANCE, "steps": STEPS,
                "models": {k: list(v) for k, v in MODELS.items()}},
