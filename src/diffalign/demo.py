@@ -1,7 +1,9 @@
 """`diffalign demo`: the whole loop on the shipped toy model, on a CPU, in minutes.
 
 Stages (each in its own folder under `--out`; a finished stage is reused when its settings and the stages it
-builds on are unchanged, so a re-run after an interruption goes on where it stopped):
+builds on are unchanged, so a re-run after an interruption goes on where it stopped). With `--jobs` above 1 (the
+default on a machine with several cores) every stage runs in a process of its own as soon as the stages it needs
+are done, so MaPO, DPO and Self-NPO train side by side, one torch thread each:
 
 1. `pairs`    preference pairs the toy model made of itself, ranked by the toy judge: four samples of each
               training prompt, the one that shows the asked shape and colour against one that does not
