@@ -78,10 +78,17 @@ def test_an_unknown_key_is_always_refused_naming_it(tmp_path, key, value):
     path.write_text(yaml.safe_dump({"method": "mapo", key: value}))
     with pytest.raises(UserError) as info:
         load_config(TrainConfig, path)
-    assert f"unknown config key {key.replace('-', '_')!r} in '{path}'" in str(info.value)
+    assert f"unknown config key {_shown(key.replace('-', '_'))} in '{path}'" in str(info.value)
     with pytest.raises(UserError) as info:
         load_config(TrainConfig, None, [f"--{key}=1"])
-    assert f"unknown config key {key.strip().replace('-', '_')!r} on the command line" in str(info.value)
+    assert f"unknown config key {_shown(key.strip().replace('-', '_'))} on the command line" in str(info.value)
+
+
+def _shown(key: str) -> str:
+    """How the message shows a key: its repr, cut at 120 characters with the length said (escapes make a
+    30-character key's repr longer than that)."""
+    text = repr(key)
+    return text if len(text) <= 120 else f"{text[:120]}... ({len(text)} characters)"
 
 
 KEYS = st.from_regex(r"[a-z][a-z0-9_-]{0,15}", fullmatch=True)
