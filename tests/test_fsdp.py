@@ -154,10 +154,10 @@ def _env(**extra) -> dict:
     return env
 
 
-def _launch(config: Path, log: Path, **env) -> subprocess.Popen:
+def _launch(config: Path, log: Path, script: Path | None = None, **env) -> subprocess.Popen:
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2", "--main_process_port",
-           "0", "-m", "diffalign", "train", str(config)]
+           "0", *([str(script)] if script else ["-m", "diffalign"]), "train", str(config)]
     # Own session: a test can SIGKILL the launcher and both workers at once, as a node failure would.
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=_env(**env),
                             start_new_session=True)
@@ -296,3 +296,46 @@ def test_fsdp_two_processes_train_like_one_and_resume_exactly_after_a_kill(tiny_
         assert not different, f"{folder}: {len(different)} tensors differ after the resume, e.g. {different[:3]}"
     assert [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert json.loads((killed / "train_report.json").read_text())["status"] == "finished"
+
+
+# A NaN in the gradients of one process only, at step 2 (a hook on that process's loss): the sharded NaN guard
+# must skip the update on both processes (they agree on the norm over every shard) and the run goes on.
+_NAN_ON_RANK_1 = """
+import os, sys
+import torch
+from diffalign.training import recipes
+
+original, calls = recipes.PreferenceRecipe.step, [0]
+
+def step(self, batch, generator):
+    result = original(self, batch, generator)
+    calls[0] += 1
+    if calls[0] == 2 and os.environ["RANK"] == "1":
+        result.losses.register_hook(lambda grad: grad * float("nan"))
+    return result
+
+recipes.PreferenceRecipe.step = step
+from diffalign.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_a_nan_gradient_on_one_process_skips_the_update_on_both(tiny_pipelines, data, tmp_path):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(_NAN_ON_RANK_1)
+    out = tmp_path / "run"
+    config = _config("mapo", tiny_pipelines["sd"], data, out, max_train_steps=3, checkpointing_steps=1,
+                     use_ema=False, gradient_accumulation_steps=1, validation_prompts=[])
+    proc = _launch(config, tmp_path / "run.log", script=script)
+    assert _wait(proc, tmp_path / "run.log") == 0, (tmp_path / "run.log").read_text()[-5000:]
+    text = (tmp_path / "run.log").read_text()
+    assert "step 2: non-finite gradient, optimizer update skipped" in text, text[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("skipped_update", 0) for m in lines] == [0, 1, 0]
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["status"] == "finished" and report["nonfinite_steps"] == 1
+    # No checkpoint after the skipped update; the final weights are finite and trained.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
+    final = load_file(out / "unet" / WEIGHTS)
+    assert all(torch.isfinite(v).all() for v in final.values())
