@@ -2,10 +2,11 @@
 `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m diffalign train CONFIG`, here on
 2 CPU processes over gloo (the same code as on GPUs: diffalign applies fully_shard itself on both).
 
-For DPO (frozen sharded reference), MaPO (with use_ema, gradient accumulation and clipping, validation) and
-Self-NPO (sharded EMA teacher): the final weights of 2 processes x batch 2 equal 1 process x batch 4 within the
-tolerance of tests/test_distributed.py, and a 2-process run killed (SIGKILL inside a checkpoint write, SIGKILL
-between steps, SIGTERM) and resumed ends with weights equal, bit for bit, to the run that was never interrupted.
+For DPO (frozen sharded reference), MaPO (with use_ema, gradient accumulation and clipping, validation),
+Self-NPO (sharded EMA teacher) and a DPO LoRA (adapters off as the reference): the final weights of 2 processes
+x batch 2 equal 1 process x batch 4 within the tolerance of tests/test_distributed.py, and a 2-process run killed
+(SIGKILL inside a checkpoint write, SIGKILL between steps, SIGTERM) and resumed ends with weights equal, bit for
+bit, to the run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_checks import assert_every_lora_weight_changed
 from safetensors.torch import load_file
 
 from diffalign.errors import UserError
@@ -74,8 +76,7 @@ def test_fsdp_settings_diffalign_does_not_implement_are_refused(fsdp_env, monkey
         requested_plan()
 
 
-@pytest.mark.parametrize("change, message", [({"train_mode": "lora"}, "ddp.yaml"), ({"use_8bit_adam": True}, "8bit"),
-                                             ({"mixed_precision": "fp16"}, "bf16")])
+@pytest.mark.parametrize("change, message", [({"use_8bit_adam": True}, "8bit"), ({"mixed_precision": "fp16"}, "bf16")])
 def test_sharded_runs_refuse_what_they_do_not_do(change, message):
     from types import SimpleNamespace
 
@@ -129,7 +130,8 @@ def data(tmp_path_factory):
 def _config(method: str, model: Path, data: dict, out: Path, **more) -> Path:
     import yaml
 
-    kw = dict(method=method, pretrained_model_name_or_path=str(model), train_mode="full", resolution=32,
+    method, _, mode = method.partition("-")
+    kw = dict(method=method, pretrained_model_name_or_path=str(model), train_mode=mode or "full", rank=4, resolution=32,
               max_train_steps=STEPS, learning_rate=1e-3, adam_epsilon=1e-3, seed=0, report_to="none",
               checkpointing_steps=2, train_batch_size=2, output_dir=str(out), validation_prompts=[])
     if method == "selfnpo":
@@ -215,8 +217,11 @@ def _train_in_process(config: Path) -> Path:
         torch.set_num_threads(threads)
 
 
-def _folders(method: str) -> list[str]:
-    return ["unet", "unet_raw"] if method == "mapo" else ["unet"]
+def _weights(method: str) -> list[str]:
+    """The weight files a run writes: the UNet (and with use_ema the trained one), or the LoRA."""
+    if method.endswith("-lora"):
+        return ["pytorch_lora_weights.safetensors"]
+    return [f"unet/{WEIGHTS}", f"unet_raw/{WEIGHTS}"] if method == "mapo" else [f"unet/{WEIGHTS}"]
 
 
 def _kill(method: str, config: Path, out: Path, tmp_path: Path) -> str:
@@ -235,7 +240,7 @@ def _kill(method: str, config: Path, out: Path, tmp_path: Path) -> str:
         return "resumed from"
     proc = _launch(config, log)
     _until(lambda: len(list_checkpoints(out)) >= 2, proc, log, "checkpoint-2")
-    if method == "mapo":  # SIGKILL of every process at a random moment of the next step
+    if method in ("mapo", "dpo-lora"):  # SIGKILL of every process at a random moment of the next step
         time.sleep(random.Random(3).uniform(0, 0.8))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -250,7 +255,7 @@ def _kill(method: str, config: Path, out: Path, tmp_path: Path) -> str:
     return f"resumed from {out / f'checkpoint-{stopped}'}"
 
 
-@pytest.mark.parametrize("method", ["dpo", "mapo", "selfnpo"])
+@pytest.mark.parametrize("method", ["dpo", "mapo", "selfnpo", "dpo-lora"])
 @pytest.mark.slow
 def test_fsdp_two_processes_train_like_one_and_resume_exactly_after_a_kill(tiny_pipelines, data, tmp_path, method):
     from diffusers import UNet2DConditionModel
@@ -273,15 +278,19 @@ def test_fsdp_two_processes_train_like_one_and_resume_exactly_after_a_kill(tiny_
         assert sorted(p.name for p in (two / "validation").glob("*.png")) == ["step-000002.png", "step-000004.png"]
 
     base = load_file(model / "unet" / WEIGHTS)
-    for folder in _folders(method):
-        a, b = load_file(one / folder / WEIGHTS), load_file(two / folder / WEIGHTS)
-        assert a.keys() == b.keys() == base.keys()  # whole: every weight, none a shard
-        assert all(b[k].shape == base[k].shape for k in b)
-        assert all(not torch.equal(b[k], base[k]) for k in b if b[k].is_floating_point())  # every weight trained
+    for name in _weights(method):
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys() and a
+        if method.endswith("-lora"):
+            assert_every_lora_weight_changed(two, model)
+        else:
+            assert b.keys() == base.keys() and all(b[k].shape == base[k].shape for k in b)  # whole: none a shard
+            assert all(not torch.equal(b[k], base[k]) for k in b if b[k].is_floating_point())  # every weight trained
         worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
-        assert worst <= WEIGHT_RTOL, f"{folder}: 1-process and 2-process weights differ by {worst:.2e} of a tensor's scale"
-    loaded = UNet2DConditionModel.from_pretrained(two / "unet")
-    torch.testing.assert_close(dict(loaded.state_dict()), load_file(two / "unet" / WEIGHTS), rtol=0, atol=0)
+        assert worst <= WEIGHT_RTOL, f"{name}: 1-process and 2-process weights differ by {worst:.2e} of a tensor's scale"
+    if not method.endswith("-lora"):
+        loaded = UNet2DConditionModel.from_pretrained(two / "unet")
+        torch.testing.assert_close(dict(loaded.state_dict()), load_file(two / "unet" / WEIGHTS), rtol=0, atol=0)
 
     # Killed and resumed (checkpoint every step, `latest`): bit for bit the uninterrupted 2-process run.
     killed = tmp_path / "killed"
@@ -290,10 +299,10 @@ def test_fsdp_two_processes_train_like_one_and_resume_exactly_after_a_kill(tiny_
     expect = _kill(method, config, killed, tmp_path)
     stdout = _run(config, tmp_path / "resumed.log")
     assert expect in stdout
-    for folder in _folders(method):
-        a, b = load_file(two / folder / WEIGHTS), load_file(killed / folder / WEIGHTS)
+    for name in _weights(method):
+        a, b = load_file(two / name), load_file(killed / name)
         different = [k for k in a if not torch.equal(a[k], b[k])]
-        assert not different, f"{folder}: {len(different)} tensors differ after the resume, e.g. {different[:3]}"
+        assert not different, f"{name}: {len(different)} tensors differ after the resume, e.g. {different[:3]}"
     assert [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert json.loads((killed / "train_report.json").read_text())["status"] == "finished"
 

@@ -38,7 +38,7 @@ from .protocol import RunContext
 from .reference import AdaptersOff, FrozenCopy
 from .run_log import open_run_log, run_finished, write_train_report
 from .setup import make_stream, start_run
-from .sharding import load_sharded, save_sharded
+from .sharding import autocast_forward, load_sharded, save_sharded
 from .steps import add_count, backward_micro_batch, make_optimizer, optimizer_step, skip_micro_batch
 from .validation import ValidationGrids, save_grid
 
@@ -116,6 +116,7 @@ def train(cfg: TrainConfig) -> Path:
     # `family.unet` stays the bare module, for the outputs and validation. A sharded network is its own wrapper.
     if sharded:
         net, optimizer = family.unet, accelerator.prepare(optimizer)
+        autocast_forward(net, accelerator)
     else:
         net, optimizer = accelerator.prepare(family.unet, optimizer)
     recipe.attach(net)

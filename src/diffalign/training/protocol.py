@@ -156,11 +156,11 @@ class RecipeBase:
     def save_outputs(self, out: Path) -> None:
         """The trained weights: the LoRA (pytorch_lora_weights.safetensors) or the whole network (unet/)."""
         ctx = self._context()
-        if ctx.cfg.train_mode == "lora":
-            ctx.family.save_lora(out)
-        else:
-            from .sharding import save_network
+        from .sharding import save_lora, save_network
 
+        if ctx.cfg.train_mode == "lora":
+            save_lora(ctx.family, out)
+        else:
             save_network(ctx.family.unet, Path(out) / "unet")
 
 

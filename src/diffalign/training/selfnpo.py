@@ -128,14 +128,14 @@ class EmaTeacher:
         if self.separate_copy:
             own = dict(self.module.named_parameters())
             self.weights = {name: own[name] for name in trainable}
-        else:
-            raise ValueError("a LoRA teacher shares the student's network: it cannot be sharded")
+        else:  # LoRA: nothing is trained yet, the teacher's adapters start at the student's (now sharded) ones
+            self.weights = {name: p.detach().clone().float() for name, p in trainable.items()}
         self._trainable = trainable
 
     def rounds(self, needed: int) -> int:
         """Teacher calls to make when this process needs `needed`: the most any process needs when the teacher is
         sharded (each of its calls gathers weights from every process, so all make the same number)."""
-        if self.separate_copy and hasattr(next(self.module.parameters()), "to_local"):
+        if hasattr(next(self.module.parameters()), "to_local"):
             import torch.distributed as dist
 
             n = torch.tensor([needed], dtype=torch.long, device=next(self.module.parameters()).device)

@@ -78,10 +78,6 @@ def requested_plan() -> ShardingPlan | None:
 
 def check_supported(cfg, accelerator) -> None:
     """Refuse, before the model loads, what the sharded path does not do (each with what to do instead)."""
-    if cfg.train_mode == "lora":
-        raise UserError("train_mode: lora under FSDP (configs/accelerate/fsdp.yaml) is not supported: a LoRA adapter "
-                        "is a few MB and the frozen base fits every GPU, so sharding saves nothing; launch LoRA runs "
-                        "with configs/accelerate/ddp.yaml, or set train_mode: full")
     if str(accelerator.mixed_precision) == "fp16":
         raise UserError("mixed_precision: fp16 is not supported with FSDP (its gradient scaler does not work on "
                         "sharded gradients): use mixed_precision: bf16 (or no)")
@@ -114,6 +110,23 @@ class Sharder:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
         fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard)
         return module
+
+
+def autocast_forward(module: torch.nn.Module, accelerator) -> None:
+    """What `accelerator.prepare(model)` does to the trained network under mixed precision, which a sharded one does
+    not go through (prepare would wrap it in DDP): its forward runs under autocast and returns float32 outputs, on
+    every call (validation sampling too), as under DDP."""
+    if str(accelerator.mixed_precision) not in ("bf16", "fp16"):
+        return
+    from accelerate.utils import convert_outputs_to_fp32
+
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        with accelerator.autocast():
+            return inner(*args, **kwargs)
+
+    module.forward = convert_outputs_to_fp32(forward)
 
 
 def is_sharded(module) -> bool:
@@ -169,6 +182,21 @@ def save_network(module: torch.nn.Module, folder: str | Path) -> None:
     del state
 
 
+def save_lora(family, out: str | Path) -> None:
+    """`family.save_lora(out)`; with a sharded UNet its trainable weights (the adapters) are gathered to the main
+    process first (every process must call this) and written there."""
+    if not is_sharded(family.unet):
+        family.save_lora(out)
+        return
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(family.unet, options=options)
+    if dist.get_rank() == 0:
+        family.save_lora(out, state_dict=state)
+
+
 # ----------------------------------------------------------------------------------- checkpoint state
 SHARDED_DIR = "sharded"
 
@@ -177,12 +205,19 @@ def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
+def _state_options():
+    """Trainable weights only (under a LoRA the frozen base is the pretrained model: not saved, not restored)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def sharded_state(net, optimizer, extra: dict | None) -> dict:
-    """The state a sharded checkpoint holds: the network's and the optimizer's sharded state dicts (parameter
-    names as keys) and `extra` (an EMA's or the teacher's sharded tensors)."""
+    """The state a sharded checkpoint holds: the network's trainable and the optimizer's sharded state dicts
+    (parameter names as keys) and `extra` (an EMA's or the teacher's sharded tensors)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(net, _inner(optimizer))
+    model_sd, optim_sd = get_state_dict(net, _inner(optimizer), options=_state_options())
     state = {"model": model_sd, "optimizer": optim_sd}
     if extra is not None:
         state["extra"] = dict(extra)
@@ -207,7 +242,10 @@ def load_sharded(folder: Path, net, optimizer, extra: dict | None) -> None:
     except Exception as exc:  # DCP wraps every rank's failure in its own exception type
         raise UserError(f"the sharded state in '{folder}' does not match this run ({str(exc).splitlines()[0][:200]}): "
                         "resume with the same model, method and use_ema, or from another checkpoint") from None
-    set_state_dict(net, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    # Not strict about the frozen weights (left out on purpose); every trainable one was read above: DCP raises
+    # for a key the checkpoint lacks.
+    set_state_dict(net, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_options())
     if extra is not None:
         with torch.no_grad():
             for name, value in state["extra"].items():
@@ -215,5 +253,6 @@ def load_sharded(folder: Path, net, optimizer, extra: dict | None) -> None:
                     extra[name].copy_(value)
 
 
-__all__ = ["DEFAULT_BLOCKS", "SHARDED_DIR", "Sharder", "ShardingPlan", "check_supported", "clip_grad_norm",
-           "is_sharded", "load_sharded", "requested_plan", "save_network", "save_sharded"]
+__all__ = ["DEFAULT_BLOCKS", "SHARDED_DIR", "Sharder", "ShardingPlan", "autocast_forward", "check_supported",
+           "clip_grad_norm",
+           "is_sharded", "load_sharded", "requested_plan", "save_lora", "save_network", "save_sharded"]
