@@ -348,3 +348,17 @@ def test_fsdp_a_nan_gradient_on_one_process_skips_the_update_on_both(tiny_pipeli
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
     final = load_file(out / "unet" / WEIGHTS)
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_a_sharded_full_checkpoint_is_not_taken_for_a_lora(tmp_path):
+    """Its only top-level .safetensors file is the scheduler state: `--lora checkpoint-N` must say it is a UNet."""
+    from diffalign.models import resolve_lora_file
+
+    folder = tmp_path / "checkpoint-2"
+    (folder / "sharded").mkdir(parents=True)
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "scheduler.safetensors").write_bytes(b"")
+    (folder / "state.json").write_text(json.dumps({"global_step": 2, "sharded": True}))
+    with pytest.raises(UserError, match="checkpoint of a full fine-tune"):
+        resolve_lora_file(folder)

@@ -121,7 +121,8 @@ def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike,
 
 
 def _is_checkpoint(p: Path) -> bool:
-    return (p / "state.json").is_file() and (p / "trainable.safetensors").is_file()
+    """A training checkpoint folder: its resume state is `trainable.safetensors`, or `sharded/` (FSDP runs)."""
+    return (p / "state.json").is_file() and ((p / "trainable.safetensors").is_file() or (p / "sharded").is_dir())
 
 
 def _checkpoint_without_lora(p: Path, text: str) -> UserError:

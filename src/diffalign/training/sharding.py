@@ -9,11 +9,13 @@ all (it would run DDP), so the path the tests run on CPU processes over gloo is 
 
 What is sharded (each process holds 1/N of it): the trained network's parameters, their gradients and the AdamW
 states (the optimizer is built on the sharded parameters), an EMA (`use_ema`) or the Self-NPO teacher, and the
-frozen DPO reference copy. Each `fsdp_transformer_layer_cls_to_wrap` block is one unit (gathered for its forward
-and backward, then freed); the rest of the network is the root unit.
+frozen DPO reference copy; under a LoRA the frozen base and the adapters alike. Each
+`fsdp_transformer_layer_cls_to_wrap` block is one unit (gathered for its forward and backward, then freed); the
+rest of the network is the root unit.
 
 Checkpoints hold the sharded state as a torch distributed checkpoint (`sharded/`, every process writes its
-part); the loadable weights (`unet/`) are gathered to the main process and written whole (:func:`save_network`).
+part); the loadable weights (`unet/`, or the LoRA file) are gathered to the main process and written whole
+(:func:`save_network`, :func:`save_lora`).
 """
 
 from __future__ import annotations
