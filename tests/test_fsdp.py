@@ -156,10 +156,10 @@ def _env(**extra) -> dict:
     return env
 
 
-def _launch(config: Path, log: Path, script: Path | None = None, **env) -> subprocess.Popen:
+def _launch(config: Path, log: Path, script: Path | None = None, args: tuple = (), **env) -> subprocess.Popen:
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2", "--main_process_port",
-           "0", *([str(script)] if script else ["-m", "diffalign"]), "train", str(config)]
+           "0", *([str(script)] if script else ["-m", "diffalign"]), "train", str(config), *args]
     # Own session: a test can SIGKILL the launcher and both workers at once, as a node failure would.
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=_env(**env),
                             start_new_session=True)
@@ -204,7 +204,7 @@ def _workers(proc: subprocess.Popen) -> list[int]:
     return found
 
 
-def _train_in_process(config: Path) -> Path:
+def _train_in_process(config: Path, args: tuple = ()) -> Path:
     from diffalign.config_loader import load_config
     from diffalign.training.config import TrainConfig
     from diffalign.training.loop import train
@@ -212,7 +212,7 @@ def _train_in_process(config: Path) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(load_config(TrainConfig, str(config), []))
+        return train(load_config(TrainConfig, str(config), list(args)))
     finally:
         torch.set_num_threads(threads)
 
@@ -362,3 +362,33 @@ def test_a_sharded_full_checkpoint_is_not_taken_for_a_lora(tmp_path):
     (folder / "state.json").write_text(json.dumps({"global_step": 2, "sharded": True}))
     with pytest.raises(UserError, match="checkpoint of a full fine-tune"):
         resolve_lora_file(folder)
+
+
+@pytest.mark.slow
+def test_fsdp_cogvideox_selfnpo_full_trains_like_one_process(tmp_path):
+    """The shipped CogVideoX-5b Self-NPO recipe, full fine-tune, on the tiny 5b-like transformer (CogVideoXBlock
+    units): 2 sharded processes reach the 1-process weights, written whole and loadable by diffusers."""
+    from diffusers import CogVideoXTransformer3DModel
+    from video_builders import save_tiny_cogvideox
+
+    model = save_tiny_cogvideox(tmp_path / "cogvideox")["5b"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\na large diamond\n")
+    config = REPO / "configs" / "cogvideox_5b_selfnpo.yaml"
+    common = (f"--pretrained_model_name_or_path={model}", f"--dataset_name={prompts}", "--train_mode=full",
+              "--max_train_steps=2", "--learning_rate=1e-3", "--adam_epsilon=1e-3", "--ddim_grid=5", "--teacher_steps=2",
+              "--teacher_ema_decay=0.9", "--mixed_precision=no", "--use_8bit_adam=false", "--gradient_checkpointing=false",
+              "--gradient_accumulation_steps=1", "--report_to=none", "--checkpointing_steps=1000", "--validation_prompts=[]")
+    two, log = tmp_path / "two", tmp_path / "two.log"
+    proc = _launch(config, log, args=(*common, f"--output_dir={two}", "--train_batch_size=2"))
+    one = _train_in_process(config, (*common, f"--output_dir={tmp_path / 'one'}", "--train_batch_size=4"))
+    assert _wait(proc, log) == 0, log.read_text()[-5000:]
+    assert "FSDP2: parameters, gradients and optimizer states sharded" in log.read_text()
+    a, b = load_file(one / "unet" / WEIGHTS), load_file(two / "unet" / WEIGHTS)
+    base = load_file(model / "transformer" / WEIGHTS)
+    assert a.keys() == b.keys() == base.keys()
+    assert all(not torch.equal(b[k], base[k]) for k in b)  # every weight trained
+    worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
+    assert worst <= WEIGHT_RTOL, f"1-process and 2-process weights differ by {worst:.2e} of a tensor's scale"
+    loaded = CogVideoXTransformer3DModel.from_pretrained(two / "unet")
+    torch.testing.assert_close(dict(loaded.state_dict()), b, rtol=0, atol=0)

@@ -239,6 +239,8 @@ def train(cfg: TrainConfig) -> Path:
             with contextlib.suppress(OSError):
                 write_train_report(out, report(error.status))
         raise error from None
+    if sharded:  # the processes tear the process group down together (one leaving early can abort the other's gloo)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
