@@ -76,7 +76,8 @@ def test_fsdp_settings_diffalign_does_not_implement_are_refused(fsdp_env, monkey
         requested_plan()
 
 
-@pytest.mark.parametrize("change, message", [({"use_8bit_adam": True}, "8bit"), ({"mixed_precision": "fp16"}, "bf16")])
+@pytest.mark.parametrize("change, message", [({"use_8bit_adam": True}, "8bit"), ({"mixed_precision": "fp16"}, "bf16"),
+                                             ({"torch_compile": True}, "torch_compile: false")])
 def test_sharded_runs_refuse_what_they_do_not_do(change, message):
     from types import SimpleNamespace
 

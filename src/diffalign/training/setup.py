@@ -86,6 +86,8 @@ def start_run(cfg) -> Run:
     if plan is not None and accelerator.num_processes > 1:
         check_supported(cfg, accelerator)
         sharder = Sharder(plan, accelerator.device, accelerator.num_processes)
+    elif plan is not None:
+        print("FSDP asked with 1 process: nothing to shard, training as a single process", flush=True)
     if main:
         record_changes(out, changes, int(read_state(resume).get("global_step", 0)) if changes else 0,
                        lambda msg: print(msg, flush=True))

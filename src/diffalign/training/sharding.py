@@ -83,6 +83,9 @@ def check_supported(cfg, accelerator) -> None:
     if str(accelerator.mixed_precision) == "fp16":
         raise UserError("mixed_precision: fp16 is not supported with FSDP (its gradient scaler does not work on "
                         "sharded gradients): use mixed_precision: bf16 (or no)")
+    if getattr(cfg, "torch_compile", False):  # main's regional compile: not tried together with fully_shard
+        raise UserError("torch_compile with FSDP (configs/accelerate/fsdp.yaml) is not supported yet (the two have not "
+                        "been tested together): set torch_compile: false for a sharded run")
     if cfg.use_8bit_adam:
         raise UserError("use_8bit_adam does not work on sharded parameters (bitsandbytes has no FSDP2 support): set "
                         "use_8bit_adam: false; FSDP already splits the AdamW states over the processes")
