@@ -5,7 +5,7 @@
 For DPO (frozen sharded reference), MaPO (with use_ema, gradient accumulation and clipping, validation),
 Self-NPO (sharded EMA teacher) and a DPO LoRA (adapters off as the reference): the final weights of 2 processes
 x batch 2 equal 1 process x batch 4 within the tolerance of tests/test_distributed.py, and a 2-process run killed
-(SIGKILL inside a checkpoint write, SIGKILL between steps, SIGTERM) and resumed ends with weights equal, bit for
+(SIGKILL inside a checkpoint write, SIGKILL between steps, then SIGTERM) and resumed ends with weights equal, bit for
 bit, to the run that was never interrupted.
 """
 
@@ -161,15 +161,40 @@ def _launch(config: Path, log: Path, script: Path | None = None, args: tuple = (
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2", "--main_process_port",
            "0", *([str(script)] if script else ["-m", "diffalign"]), "train", str(config), *args]
-    # Own session: a test can SIGKILL the launcher and both workers at once, as a node failure would.
+    # Own session for the launcher (torchrun starts each worker in a session of its own): see _kill_all.
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=_env(**env),
                             start_new_session=True)
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and both workers at once, as a node failure would, and wait until they are gone. The
+    workers must be killed themselves: torchrun starts each in a session of its own, so they outlive their launcher
+    (and would finish the run on their own)."""
+    workers = _workers(proc)
+    assert len(workers) == 2, f"expected 2 training processes under the launcher, found {workers}"
+    for pid in workers:
+        os.killpg(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "a training process survived SIGKILL"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _wait(proc: subprocess.Popen, log: Path) -> int:
     try:
         return proc.wait(TIMEOUT)
     except subprocess.TimeoutExpired:
+        for pid in _workers(proc):
+            os.killpg(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         pytest.fail(f"2-process job did not finish in {TIMEOUT} s (deadlock?):\n{log.read_text()[-3000:]}")
@@ -188,7 +213,7 @@ def _until(cond, proc: subprocess.Popen, log: Path, what: str) -> None:
         if proc.poll() is not None:
             pytest.fail(f"the run ended before {what}:\n{log.read_text()[-3000:]}")
         if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc)
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
 
@@ -234,19 +259,27 @@ def _kill(method: str, config: Path, out: Path, tmp_path: Path) -> str:
         proc = _launch(config, log, **{PAUSE_ENV: f"2:{TIMEOUT}"})
         _until((out / ".checkpoint-2.tmp" / "sharded" / ".metadata").is_file, proc, log, "the write of checkpoint-2")
         time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_all(proc)
         assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
         assert [p.name for p in incomplete_checkpoints(out)] == [".checkpoint-2.tmp"]
         return "resumed from"
     proc = _launch(config, log)
-    _until(lambda: len(list_checkpoints(out)) >= 2, proc, log, "checkpoint-2")
+    _until(lambda: len(list_checkpoints(out)) >= (2 if method != "selfnpo" else 1), proc, log, "a checkpoint")
     if method in ("mapo", "dpo-lora"):  # SIGKILL of every process at a random moment of the next step
         time.sleep(random.Random(3).uniform(0, 0.8))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_all(proc)
+        assert (out / "train_report.json").is_file() and "finished" not in (out / "train_report.json").read_text()
         return "resumed from"
-    for pid in _workers(proc):  # SIGTERM to both workers (a scheduler's preemption): a checkpoint, then exit
+    # Self-NPO: SIGKILL of every process as soon as checkpoint-1 is complete (mid step 2), then SIGTERM to both
+    # workers of the resumed run (a scheduler's preemption) once it has logged a step: a checkpoint, then exit.
+    _kill_all(proc)
+    resumed_at = int(list_checkpoints(out)[-1].name.split("-")[1])
+    assert resumed_at < STEPS - 1, "the run got too far before the kill for the SIGTERM part to mean anything"
+    log = tmp_path / "terminated.log"
+    proc = _launch(config, log)
+    # The progress bar of the resumed run shows its first step done (its signal handlers are in place by then).
+    _until(lambda: f"{resumed_at + 1}/{STEPS}" in log.read_text(), proc, log, "a step of the resumed run")
+    for pid in _workers(proc):
         os.kill(pid, signal.SIGTERM)
     assert _wait(proc, log) != 0
     text = log.read_text()
@@ -299,7 +332,7 @@ def test_fsdp_two_processes_train_like_one_and_resume_exactly_after_a_kill(tiny_
                      resume_from_checkpoint="latest", validation_prompts=[])
     expect = _kill(method, config, killed, tmp_path)
     stdout = _run(config, tmp_path / "resumed.log")
-    assert expect in stdout
+    assert expect in stdout and "nothing to do" not in stdout and stdout.count("saved to ") == 1
     for name in _weights(method):
         a, b = load_file(two / name), load_file(killed / name)
         different = [k for k in a if not torch.equal(a[k], b[k])]
