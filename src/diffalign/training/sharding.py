@@ -151,11 +151,12 @@ def clip_grad_norm(params, max_norm: float) -> float:
     a gradient is not finite, which the NaN guard reads)."""
     import torch.distributed as dist
 
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
-    device = local(grads[0]).device if grads else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        sq += local(g).detach().double().pow(2).sum()
+    # On the parameters' device even without gradients: every process joins the all-reduce (NCCL needs CUDA tensors).
+    sq = torch.zeros((), dtype=torch.float64, device=local(params[0]).device if params else torch.device("cpu"))
+    for g in grads:  # per-tensor norms in float32, as torch's clip_grad_norm_; their squares summed in float64
+        sq += torch.linalg.vector_norm(local(g).detach(), dtype=torch.float32).double() ** 2
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sq)
     norm = math.sqrt(float(sq)) if math.isfinite(float(sq)) else float(sq)
