@@ -350,9 +350,10 @@ class ModelFamily(abc.ABC):
         """Add a trainable LoRA (peft) to the UNet; the base weights are frozen. See `lora.add_lora`."""
         _lora.add_lora(self.unet, rank, alpha, target_modules, adapter_name, dropout)
 
-    def save_lora(self, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
-        """Write `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(out_dir)` reads."""
-        return _lora.save_lora(self.unet, self.pipeline_class, out_dir, adapter_name)
+    def save_lora(self, out_dir: str | os.PathLike, adapter_name: str = "default", state_dict: dict | None = None) -> Path:
+        """Write `pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(out_dir)` reads (`state_dict`: the
+        UNet's weights gathered from its shards, when it is sharded)."""
+        return _lora.save_lora(self.unet, self.pipeline_class, out_dir, adapter_name, state_dict=state_dict)
 
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> str:
         """Load a LoRA file (or folder holding one) into this UNet; returns the adapter name."""

@@ -86,15 +86,17 @@ def add_lora(
             param.data = param.data.float()
 
 
-def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike, adapter_name: str = "default",
+              state_dict: dict | None = None) -> Path:
     """Save one adapter as `out_dir/pytorch_lora_weights.safetensors` with `unet.`-prefixed diffusers keys
-    (`transformer.` for a DiT pipeline class such as CogVideoXPipeline)."""
+    (`transformer.` for a DiT pipeline class such as CogVideoXPipeline). `state_dict`: the UNet's weights to take
+    the adapter from instead of its own (a sharded UNet's, gathered: training/sharding.py)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     if adapter_name not in (getattr(unet, "peft_config", None) or {}):
         raise UserError(f"the UNet has no LoRA adapter named {adapter_name!r}; call add_lora() or load_lora() first")
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(unet, state_dict=state_dict, adapter_name=adapter_name)
     component = denoiser_component(pipeline_class)
     # UNet LoRAs use diffusers' `lora.down/up` names (the SD scripts' format); transformer LoRAs keep peft's
     # `lora_A/B`, the format diffusers' CogVideoX LoRA script writes and hub CogVideoX LoRAs use. diffusers renames
@@ -119,7 +121,8 @@ def save_lora(unet: torch.nn.Module, pipeline_class, out_dir: str | os.PathLike,
 
 
 def _is_checkpoint(p: Path) -> bool:
-    return (p / "state.json").is_file() and (p / "trainable.safetensors").is_file()
+    """A training checkpoint folder: its resume state is `trainable.safetensors`, or `sharded/` (FSDP runs)."""
+    return (p / "state.json").is_file() and ((p / "trainable.safetensors").is_file() or (p / "sharded").is_dir())
 
 
 def _checkpoint_without_lora(p: Path, text: str) -> UserError:

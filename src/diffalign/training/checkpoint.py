@@ -204,7 +204,6 @@ def save_checkpoint(output_dir, step: int, *, weights: dict, optimizer, lr_sched
     """Write `checkpoint-{step}` atomically (see the module doc). `write_weights(folder)`, when given, writes the
     loadable weights into the folder (every file it writes is listed in state.json like the rest)."""
     root = Path(output_dir)
-    final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -220,6 +219,12 @@ def save_checkpoint(output_dir, step: int, *, weights: dict, optimizer, lr_sched
         write_weights(tmp)
         files += sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
                         if p.is_file() and p.relative_to(tmp).as_posix() not in files)
+    return _commit(root, step, tmp, files, extra, total_limit)
+
+
+def _commit(root: Path, step: int, tmp: Path, files: list[str], extra: dict | None, total_limit: int | None) -> Path:
+    """fsync the files, write state.json last, rename the folder into place, rotate old checkpoints."""
+    final = root / f"checkpoint-{step}"
     for name in files:
         _fsync(tmp / name)
     state = {"global_step": step, "format": FORMAT, **(extra or {}),
@@ -240,6 +245,37 @@ def save_checkpoint(output_dir, step: int, *, weights: dict, optimizer, lr_sched
             old.rename(trash)  # a kill during rmtree leaves trash, not a checkpoint with files missing
             shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def save_sharded_checkpoint(output_dir, step: int, *, write_shards, lr_scheduler, extra: dict | None = None,
+                            total_limit: int | None = None, write_weights=None, main: bool, barrier) -> Path:
+    """`checkpoint-{step}` of a sharded run (training/sharding.py), called on EVERY process: the main one makes
+    the temp folder, every process writes its part of the state (`write_shards(folder)`, collective) and takes
+    part in gathering the loadable weights (`write_weights(folder)`, written by the main process), then the main
+    process writes the scheduler state and state.json and renames the folder, as :func:`save_checkpoint` does."""
+    root = Path(output_dir)
+    tmp = root / f".checkpoint-{step}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    write_shards(tmp)
+    if main:
+        _test_pause(step)
+    if write_weights is not None:
+        write_weights(tmp)
+    barrier()  # every process's files are written
+    final = root / f"checkpoint-{step}"
+    if main:
+        _save_state(lr_scheduler.state_dict(), tmp, "scheduler")
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        final = _commit(root, step, tmp, files, {**(extra or {}), "sharded": True}, total_limit)
+    barrier()  # nobody goes on (or resumes) before the checkpoint is in place
+    return final
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return bool(read_state(path).get("sharded"))
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -293,6 +329,9 @@ def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], optimi
     if method is not None and state.get("method", method) != method:
         raise UserError(f"checkpoint '{path}' was written by a method={state['method']} run, and this run is "
                         f"method={method}: resume it with the same method, or use another output_dir")
+    if state.get("sharded"):
+        raise UserError(f"checkpoint '{path}' holds the sharded state of an FSDP run: resume it launched the same way "
+                        "(accelerate launch --config_file configs/accelerate/fsdp.yaml ...)")
     weights = _load_tensors(path / "trainable.safetensors")
     missing = sorted(set(params) - set(weights))
     if missing:
@@ -310,5 +349,20 @@ def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], optimi
         for name, tensor in _load_tensors(path / "ema.safetensors").items():
             ema[name].copy_(tensor)
     optimizer.load_state_dict(_load_state(path, "optimizer"))
+    lr_scheduler.load_state_dict(_load_state(path, "scheduler"))
+    return state
+
+
+def load_sharded_checkpoint(path: Path, *, load_shards, lr_scheduler, method: str | None = None) -> dict:
+    """Restore a checkpoint of a sharded run: `load_shards(path)` (collective) restores weights, optimizer and any
+    EMA/teacher; the scheduler state is read here. Returns the saved state (global_step, ...)."""
+    state = read_state(path)
+    if method is not None and state.get("method", method) != method:
+        raise UserError(f"checkpoint '{path}' was written by a method={state['method']} run, and this run is "
+                        f"method={method}: resume it with the same method, or use another output_dir")
+    if not state.get("sharded"):
+        raise UserError(f"checkpoint '{path}' holds whole weights (a DDP or 1-process run), and this run is sharded "
+                        "(FSDP): resume it launched the way it was written (e.g. configs/accelerate/ddp.yaml)")
+    load_shards(path)
     lr_scheduler.load_state_dict(_load_state(path, "scheduler"))
     return state

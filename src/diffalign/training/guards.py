@@ -133,7 +133,9 @@ class NonFinite:
 
 
 def grads_finite(params) -> bool:
+    """This process's gradients (its shards, when sharded) are all finite."""
     grads = [p.grad for p in params if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     if not grads:
         return True
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -170,8 +172,10 @@ class StepBoundary:
     `report(status)` returns the train_report.json dict for a run ending with `status`.
     """
 
-    def __init__(self, cfg, *, out, accelerator: Accelerator, main: bool, log, what: str, hint: str, save, report):
+    def __init__(self, cfg, *, out, accelerator: Accelerator, main: bool, log, what: str, hint: str, save, report,
+                 collective_save: bool = False):
         self.cfg, self.out, self.accelerator, self.main, self.log = cfg, out, accelerator, main, log
+        self.writes = main or collective_save  # sharded: every process takes part in a checkpoint
         self.what, self.hint, self.save, self.report = what, hint, save, report
         self.nonfinite = NonFinite(cfg.max_consecutive_nonfinite)
         self.signals = StopSignals()
@@ -186,14 +190,14 @@ class StepBoundary:
         saved = None
         # No checkpoint after a skipped update: the newest checkpoint stays one taken before a bad stretch.
         # The last step always gets one: a finished run's newest checkpoint is its final weights.
-        if self.main and not skipped and (step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps):
+        if self.writes and not skipped and (step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps):
             saved = self.save(step)
         error = None
         if self.nonfinite.exhausted():
             found = list_checkpoints(self.out)
             error = self.nonfinite.stop_error(step, self.what, self.hint, found[-1] if found else None)
         elif stop and step < cfg.max_train_steps:  # at the last step the run is about to finish anyway
-            if self.main and saved is None:
+            if self.writes and saved is None:
                 saved = self.save(step)
             error = interrupted_error(self.signals.received or signal.SIGTERM, step, cfg.max_train_steps,
                                       saved or self.out / f"checkpoint-{step}")

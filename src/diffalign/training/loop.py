@@ -19,7 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..safety.disk import DiskFull, failed_file, is_disk_full
-from .checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, resolve_resume, save_checkpoint
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    remove_incomplete,
+    resolve_resume,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .compile import compile_repeated_blocks
 from .config import TrainConfig
 from .fetch_guard import FetchFailures, add_fetch_failures
@@ -31,6 +39,7 @@ from .protocol import RunContext
 from .reference import AdaptersOff, FrozenCopy
 from .run_log import open_run_log, run_finished, write_train_report
 from .setup import make_stream, start_run
+from .sharding import autocast_forward, load_sharded, save_sharded
 from .steps import add_count, backward_micro_batch, make_optimizer, optimizer_step, skip_micro_batch
 from .validation import ValidationGrids, save_grid
 
@@ -68,6 +77,20 @@ def _prepare_network(cfg: TrainConfig, family: ModelFamily, needs_reference: boo
     return reference
 
 
+def _shard(sharder, family: ModelFamily, reference, recipe) -> dict:
+    """Shard the trained network, the frozen reference copy (DPO, full) and the recipe's own networks (the Self-NPO
+    teacher), then let the recipe find its trainable parameters again (fully_shard replaces them). Returns the
+    trainable parameters by name: sharded, what the optimizer is built on."""
+    sharder(family.unet)
+    if isinstance(reference, FrozenCopy):
+        sharder(reference.module, frozen=True)
+    for module in recipe.own_networks():
+        sharder(module, frozen=True)
+    named = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}
+    recipe.rebind(named)
+    return named
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one training job described by `cfg`; returns the output folder."""
     run = start_run(cfg)
@@ -81,6 +104,10 @@ def train(cfg: TrainConfig) -> Path:
     named = {n: p for n, p in family.unet.named_parameters() if p.requires_grad}
     recipe = method.recipe(RunContext(cfg, method, keys, family, resolution, named, reference, accelerator.device,
                                       (rank, world), log))
+    sharded = run.sharder is not None
+    if sharded:  # FSDP2: the network, its reference and the recipe's copies (EMA, teacher) become sharded
+        named = _shard(run.sharder, family, reference, recipe)
+        log(run.sharder.plan.describe())
 
     with accelerator.main_process_first():  # one process builds the latent cache / dataset files, then the rest read them
         data = recipe.load_data()
@@ -91,8 +118,12 @@ def train(cfg: TrainConfig) -> Path:
     check_disk_for_checkpoints(out, list(named.values()), ema=extra is not None, cfg=cfg, log=log)
 
     # The network the steps train through (a DDP wrapper under several processes) is handed to the recipe;
-    # `family.unet` stays the bare module, for the outputs and validation.
-    net, optimizer = accelerator.prepare(family.unet, optimizer)
+    # `family.unet` stays the bare module, for the outputs and validation. A sharded network is its own wrapper.
+    if sharded:
+        net, optimizer = family.unet, accelerator.prepare(optimizer)
+        autocast_forward(net, accelerator)
+    else:
+        net, optimizer = accelerator.prepare(family.unet, optimizer)
     recipe.attach(net)
 
     started, counts = time.time(), {"skipped_micro_batches": 0}
@@ -104,24 +135,36 @@ def train(cfg: TrainConfig) -> Path:
                 **boundary.nonfinite.state(), **fetch.state(), "data": data.report()}
 
     def save(at: int) -> Path:
-        saved = save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                ema=recipe.checkpoint_state(),
-                                extra=boundary.checkpoint_extra(**counts, **fetch.state(), **notes),
-                                total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
-        if hub is not None and cfg.hub_push_checkpoints:
+        if sharded:  # every process writes its part
+            saved = save_sharded_checkpoint(
+                out, at, write_shards=lambda folder: save_sharded(folder, net, optimizer, recipe.checkpoint_state()),
+                lr_scheduler=lr_scheduler, extra=boundary.checkpoint_extra(**counts, **fetch.state(), **notes),
+                total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs, main=main,
+                barrier=accelerator.wait_for_everyone)
+        else:
+            saved = save_checkpoint(out, at, weights=named, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                    ema=recipe.checkpoint_state(),
+                                    extra=boundary.checkpoint_extra(**counts, **fetch.state(), **notes),
+                                    total_limit=cfg.checkpoints_total_limit, write_weights=recipe.save_outputs)
+        if main and hub is not None and cfg.hub_push_checkpoints:
             hub.push_checkpoint(saved)
         return saved
 
     notes = {"weights": recipe.weights_note()} if recipe.weights_note() else {}
 
     boundary = StepBoundary(cfg, out=out, accelerator=accelerator, main=main, log=log, what=cfg.method,
-                            hint=recipe.stability_hint, save=save, report=report)
+                            hint=recipe.stability_hint, save=save, report=report, collective_save=sharded)
     step = 0
     resume = resolve_resume(out, cfg.resume_from_checkpoint)
     if resume is not None:
         recipe.check_checkpoint(resume)
-        state = load_checkpoint(resume, params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=extra,
-                                method=cfg.method)
+        if sharded:
+            state = load_sharded_checkpoint(
+                resume, load_shards=lambda folder: load_sharded(folder, net, optimizer, recipe.checkpoint_state()),
+                lr_scheduler=lr_scheduler, method=cfg.method)
+        else:
+            state = load_checkpoint(resume, params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=extra,
+                                    method=cfg.method)
         step = state["global_step"]
         boundary.nonfinite.restore(state)
         counts["skipped_micro_batches"] = int(state.get("skipped_micro_batches", 0))
@@ -165,22 +208,28 @@ def train(cfg: TrainConfig) -> Path:
                                          sums=sums)
                 skipped, stop = optimizer_step(accelerator, list(named.values()), optimizer, lr_scheduler,
                                                cfg.max_grad_norm, sums,
-                                               stop_requested=boundary.signals.received is not None)
+                                               stop_requested=boundary.signals.received is not None, sharded=sharded)
                 if skipped is None:  # a skipped update leaves an EMA or a teacher where it was too
                     recipe.after_update()
                 fetch.record(step, sums)
                 step += 1
                 boundary.end_step(step, skipped, stop, sums, bar)
                 boundary.stop_with(fetch.check(step, last=step >= cfg.max_train_steps))
-                if main and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
-                    validated = _validate(grids, out, step, accelerator)
+                # Sharded: every process takes part in the sampling (its forward passes gather the weights).
+                if (main or sharded) and cfg.validation_prompts and cfg.validation_steps and step % cfg.validation_steps == 0:
+                    validated = _validate(grids, out, step, accelerator, write=main)
                 accelerator.wait_for_everyone()
         bar.close()
 
-        if main:
+        if sharded:  # the gathers of the final weights and of a last grid are collective; the main process writes
             recipe.save_outputs(out)
             if cfg.validation_prompts and validated != step:
-                _validate(grids, out, step, accelerator)
+                _validate(grids, out, step, accelerator, write=main)
+        if main:
+            if not sharded:
+                recipe.save_outputs(out)
+                if cfg.validation_prompts and validated != step:
+                    _validate(grids, out, step, accelerator)
             recipe.write_model_card(out, data.summary())
             write_train_report(out, report("finished"))
             log(f"data: {data.summary()} (counts in train_report.json)")  # rows skipped while training are known now
@@ -195,6 +244,8 @@ def train(cfg: TrainConfig) -> Path:
             with contextlib.suppress(OSError):
                 write_train_report(out, report(error.status))
         raise error from None
+    if sharded:  # the processes tear the process group down together (one leaving early can abort the other's gloo)
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
@@ -211,12 +262,15 @@ def _disk_full_error(out: Path, step: int, exc: BaseException, main: bool) -> Di
     return DiskFull(f"the disk is full: a write in {out} failed at step {step}{failed_file(exc)}; {where}")
 
 
-def _validate(grids: ValidationGrids, out: Path, step: int, accelerator: Accelerator) -> int:
-    """The validation grid of `step` (base row, trained row) into out/validation/ and the tensorboard tracker."""
+def _validate(grids: ValidationGrids, out: Path, step: int, accelerator: Accelerator, write: bool = True) -> int:
+    """The validation grid of `step` (base row, trained row) into out/validation/ and the tensorboard tracker
+    (`write=False`: sampled only, by a process of a sharded run that takes part in the main one's forwards)."""
     try:
         grid = grids.grid(step)
     finally:
         grids.family.unet.train()
+    if not write:
+        return step
     folder = out / "validation"
     folder.mkdir(exist_ok=True)
     save_grid(grid, folder / f"step-{step:06d}.png")

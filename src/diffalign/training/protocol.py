@@ -14,6 +14,8 @@ One recipe instance serves one run. In the loop's order:
    loop's (seed, step, micro-batch) generator, the same on every process: a draw covers the global batch and
    this process keeps its rows (timesteps.py), which is what makes resume exact and N processes equal 1;
 5. ``after_update()`` after every optimizer update that was applied (not after a skipped one);
+   A sharded run (training/sharding.py) shards the network and ``own_networks()`` between steps 1 and 2, then
+   calls ``rebind(trainable)`` with the sharded parameters;
 6. ``checkpoint_state()``: tensors saved in every checkpoint beside the trainable weights and restored on resume
    (``check_checkpoint(path)`` first refuses a checkpoint the recipe cannot resume from); every checkpoint also
    holds the loadable weights, written by ``save_outputs(folder)`` (``weights_note()`` says what each holds when
@@ -130,6 +132,16 @@ class RecipeBase:
     def after_update(self) -> None:
         """Nothing to do after an update."""
 
+    def own_networks(self) -> list[torch.nn.Module]:
+        """Networks of the recipe's own (a teacher copy) that a sharded run shards like the trained one."""
+        return []
+
+    def rebind(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+        """The trainable parameters after sharding replaced them (sharding.py; the values are unchanged): a recipe
+        holding parameters or copies of them (an EMA) takes the new ones here."""
+        if self.run is not None:
+            self.run.trainable = trainable
+
     def checkpoint_state(self) -> Optional[dict[str, Tensor]]:
         return None
 
@@ -144,10 +156,12 @@ class RecipeBase:
     def save_outputs(self, out: Path) -> None:
         """The trained weights: the LoRA (pytorch_lora_weights.safetensors) or the whole network (unet/)."""
         ctx = self._context()
+        from .sharding import save_lora, save_network
+
         if ctx.cfg.train_mode == "lora":
-            ctx.family.save_lora(out)
+            save_lora(ctx.family, out)
         else:
-            ctx.family.unet.save_pretrained(Path(out) / "unet")
+            save_network(ctx.family.unet, Path(out) / "unet")
 
 
 __all__ = ["Recipe", "RecipeBase", "RunContext", "StepResult", "TrainData"]

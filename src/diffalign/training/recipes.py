@@ -26,6 +26,7 @@ from .pair_data import empty_prompt, load_pair_items
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .reference import AdaptersOff
 from .sections import section_keys
+from .sharding import save_network
 from .timesteps import UniformTimesteps, sample_noise_and_t, timestep_sampler
 
 if TYPE_CHECKING:
@@ -155,6 +156,11 @@ class PreferenceRecipe(RecipeBase):
     def checkpoint_state(self):
         return self.ema.state_dict() if self.ema is not None else None
 
+    def rebind(self, trainable) -> None:
+        super().rebind(trainable)
+        if self.ema is not None:  # nothing trained yet: the EMA starts at the (now sharded) weights, as before
+            self.ema = WeightEma(trainable, self.ema.decay)
+
     def weights_note(self) -> dict[str, str]:
         if self.ema is None or self._context().cfg.train_mode == "lora":
             return {}
@@ -166,8 +172,8 @@ class PreferenceRecipe(RecipeBase):
             return super().save_outputs(out)
         unet = self.family.unet
         with self.ema.swapped_in():
-            unet.save_pretrained(Path(out) / "unet")
-        unet.save_pretrained(Path(out) / "unet_raw")
+            save_network(unet, Path(out) / "unet")
+        save_network(unet, Path(out) / "unet_raw")
 
     def write_model_card(self, out: Path, data_summary: str) -> Path:
         ctx = self._context()

@@ -59,6 +59,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..models import Conditioning
 from ..objectives import SELFNPO_LOSSES, per_sample_mse, renoise, selfnpo_distance
+from .checkpoint import is_sharded_checkpoint
 from .model_card import write_selfnpo_model_card
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .selfnpo_data import SelfNPOBatch, load_selfnpo_data, make_batch
@@ -121,6 +122,26 @@ class EmaTeacher:
             self.module = unet
             self.weights = {name: p.detach().clone().float() for name, p in trainable.items()}
         self._trainable = trainable
+
+    def rebind(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+        """The student's parameters after sharding; the teacher copy was sharded too (its own parameters)."""
+        if self.separate_copy:
+            own = dict(self.module.named_parameters())
+            self.weights = {name: own[name] for name in trainable}
+        else:  # LoRA: nothing is trained yet, the teacher's adapters start at the student's (now sharded) ones
+            self.weights = {name: p.detach().clone().float() for name, p in trainable.items()}
+        self._trainable = trainable
+
+    def rounds(self, needed: int) -> int:
+        """Teacher calls to make when this process needs `needed`: the most any process needs when the teacher is
+        sharded (each of its calls gathers weights from every process, so all make the same number)."""
+        if hasattr(next(self.module.parameters()), "to_local"):
+            import torch.distributed as dist
+
+            n = torch.tensor([needed], dtype=torch.long, device=next(self.module.parameters()).device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            return int(n)
+        return needed
 
     @torch.no_grad()
     def update(self, trainable: Optional[dict[str, torch.nn.Parameter]] = None) -> None:
@@ -273,6 +294,11 @@ class SelfNPORecipe(RecipeBase):
         calls = 0
         with self.teacher.active() as net:
             todo = torch.arange(B)
+            rounds = self.teacher.rounds(int((end - pos).max()) + 1)  # this process's rows need (end - pos) + 1 calls
+            for _ in range(rounds - int((end - pos).max()) - 1):  # sharded: match the process needing the most
+                first = torch.zeros(1, dtype=torch.long)
+                self._guided_x0(net, x[first.to(device)], path[pos[first]].to(device), batch.cond[first],
+                                batch.uncond[first])
             while len(todo):
                 t_cur = path[pos[todo]]
                 xs = x[todo.to(device)]
@@ -340,7 +366,16 @@ class SelfNPORecipe(RecipeBase):
     def checkpoint_state(self) -> dict[str, Tensor]:
         return self.teacher.state_dict()
 
+    def own_networks(self) -> list[torch.nn.Module]:
+        return [self.teacher.module] if self.teacher.separate_copy else []
+
+    def rebind(self, trainable) -> None:
+        super().rebind(trainable)
+        self.teacher.rebind(trainable)
+
     def check_checkpoint(self, path: Path) -> None:
+        if is_sharded_checkpoint(path):  # the teacher is part of the sharded state (its load says when it is not)
+            return
         if not (Path(path) / "ema.safetensors").is_file():
             raise UserError(f"checkpoint '{path}' has no teacher EMA (ema.safetensors): it was not written by a "
                             "selfnpo run")

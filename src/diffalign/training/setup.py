@@ -16,6 +16,7 @@ from ..processes import check_joined, cpu_process_group
 from .batches import BatchStream
 from .checkpoint import list_checkpoints, read_state, remove_incomplete, resolve_resume
 from .resume_config import record_changes, resume_changes
+from .sharding import Sharder, check_supported, requested_plan
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Run:
     world: int
     main: bool
     log: Callable[[str], None]
+    sharder: object = None  # a sharding.Sharder when the launch asked for FSDP (configs/accelerate/fsdp.yaml)
 
 
 def frozen_weight_dtype(mixed_precision: str | None) -> torch.dtype:
@@ -67,6 +69,7 @@ def start_run(cfg) -> Run:
     changes = resume_changes(cfg, out, resume)  # refuses a changed model, method, LoRA shape or data
     report_to = None if cfg.report_to in (None, "none") else cfg.report_to
     check_tracker(report_to)
+    plan = requested_plan()  # FSDP asked by the launcher: taken from accelerate, applied by diffalign (sharding.py)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -79,6 +82,12 @@ def start_run(cfg) -> Run:
     check_joined(accelerator.num_processes, "every process would train alone and write the same folder")
     check_distributed_type(str(accelerator.distributed_type))
     main = accelerator.is_main_process
+    sharder = None
+    if plan is not None and accelerator.num_processes > 1:
+        check_supported(cfg, accelerator)
+        sharder = Sharder(plan, accelerator.device, accelerator.num_processes)
+    elif plan is not None:
+        print("FSDP asked with 1 process: nothing to shard, training as a single process", flush=True)
     if main:
         record_changes(out, changes, int(read_state(resume).get("global_step", 0)) if changes else 0,
                        lambda msg: print(msg, flush=True))
@@ -91,13 +100,17 @@ def start_run(cfg) -> Run:
     family = load_family(cfg.pretrained_model_name_or_path,
                          pretrained_vae_model_name_or_path=cfg.pretrained_vae_model_name_or_path,
                          dtype=frozen_weight_dtype(accelerator.mixed_precision))
-    family.to(accelerator.device)
+    # Sharded: the trained network stays in CPU memory until it is sharded; fully_shard moves each process's
+    # part to the device, so no GPU ever holds the whole network (or its reference/teacher copies).
+    for module in (family.vae, *family.text_encoders) if sharder is not None else (family,):
+        module.to(accelerator.device)
     apply_flow_settings(cfg, family)
     for module in (family.vae, *family.text_encoders):
         module.requires_grad_(False).eval()
     set_seed(cfg.seed)  # LoRA initialisation is reproducible from the seed
     return Run(accelerator, out, family, cfg.resolution or family.default_resolution, accelerator.process_index,
-               accelerator.num_processes, main, (lambda msg: print(msg, flush=True)) if main else (lambda msg: None))
+               accelerator.num_processes, main, (lambda msg: print(msg, flush=True)) if main else (lambda msg: None),
+               sharder)
 
 
 def apply_flow_settings(cfg, family) -> None:
@@ -144,14 +157,15 @@ def _finished(out: Path) -> bool:
 
 
 def check_distributed_type(kind: str) -> None:
-    """Stop under FSDP / DeepSpeed, which this loop does not support yet (docs/scaling.md), before any work.
+    """Stop under DeepSpeed (or accelerate's own FSDP wrapping), which this loop does not use, before any work.
 
-    Both split optimizer states (FSDP also parameters) across processes, while the checkpoints, the NaN guard,
-    the EMA/teacher and the exports work on whole tensors; DeepSpeed also takes over accumulation, clipping and
-    the optimizer step. Training would run, but checkpoints would hold one process's shard.
+    Sharded training is FSDP2 applied by diffalign itself (sharding.py): launched with configs/accelerate/fsdp.yaml,
+    accelerate runs as plain multi-process and never reports FSDP. DeepSpeed would take over accumulation,
+    clipping and the optimizer step (the NaN guard could not skip an update) and split states diffalign's
+    checkpoints could not save.
     """
     name = kind.rsplit(".", 1)[-1]
     if name in ("FSDP", "DEEPSPEED"):
-        raise UserError(f"distributed_type {name} (from the accelerate config) is not supported by diffalign train yet: "
-                        "launch with configs/accelerate/ddp.yaml (a large full fine-tune: add use_8bit_adam, "
-                        "gradient_checkpointing and mixed_precision); docs/scaling.md explains")
+        raise UserError(f"distributed_type {name} (from the accelerate config) is not supported by diffalign train: "
+                        "for sharded full fine-tuning launch with configs/accelerate/fsdp.yaml (FSDP2, applied by "
+                        "diffalign), otherwise with configs/accelerate/ddp.yaml; docs/scaling.md explains")

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import UserError
 from .guards import agree, grads_finite
+from .sharding import clip_grad_norm
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -102,16 +103,22 @@ def add_count(sums: dict, key: str, count: int, world: int) -> None:
 
 
 def optimizer_step(accelerator: Accelerator, params: list, optimizer, lr_scheduler, max_grad_norm, sums: dict,
-                   stop_requested: bool = False) -> tuple[str | None, bool]:
+                   stop_requested: bool = False, sharded: bool = False) -> tuple[str | None, bool]:
     """Clip, step, schedule, zero; records lr and grad_norm in `sums`.
 
     Returns (skipped, stop): `skipped` is None, "loss" or "gradient" when a non-finite value made this update
     be skipped (weights, optimizer state and LR schedule untouched), or "fp16_overflow" for GradScaler's own
-    skip; `stop` is `stop_requested` agreed over all processes (a signal reached any of them).
+    skip; `stop` is `stop_requested` agreed over all processes (a signal reached any of them). `sharded`: the
+    parameters are FSDP2-sharded (sharding.py), clipped on the norm over every process's shards.
     """
     if any(torch.is_tensor(v) for v in sums.values()):  # the last micro-batch was skipped (no usable rows)
         sums_to_host(accelerator, sums)
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
+    if not max_grad_norm:
+        grad_norm = None
+    elif sharded:
+        grad_norm = clip_grad_norm(params, max_grad_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     grad_bad = not math.isfinite(float(grad_norm)) if grad_norm is not None else not grads_finite(params)
     loss_bad = not math.isfinite(sums.get("loss", 0.0))  # already averaged over processes: the same everywhere
     grad_bad, stop = agree(accelerator, grad_bad, stop_requested)
