@@ -189,8 +189,10 @@ def units_per_row(arch: Architecture, resolution: int | None, frames: int | None
     return side * side, f"{resolution or arch.native_resolution} px: latents {side}x{side}"
 
 
-def activation_bytes_per_sample(s: Setting) -> tuple[float, str]:
-    table = activation_table()
+def activation_bytes_per_sample(s: Setting, table: dict | None = None) -> tuple[float, str]:
+    """Activation bytes of one sample (a pair: 2 rows) and how they were reached; `table`: activations.json's
+    contents (default: the shipped file)."""
+    table = table if table is not None else activation_table()
     key = "checkpointing" if s.gradient_checkpointing else "no_checkpointing"
     entry = table["architectures"].get(s.arch.name, {}).get(key)
     if entry is None:
@@ -211,8 +213,9 @@ def half(mixed_precision: str | None) -> bool:
     return mixed_precision in ("fp16", "bf16")
 
 
-def plan(s: Setting) -> Plan:
-    """The memory of one device during a step of `s` (see the module docstring for each line)."""
+def plan(s: Setting, activations: dict | None = None) -> Plan:
+    """The memory of one device during a step of `s` (see the module docstring for each line); `activations`: a
+    table in the form of activations.json (default: the shipped one)."""
     if s.optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {s.optimizer!r}")
     if s.num_processes < 1 or s.batch < 1:
@@ -273,7 +276,7 @@ def plan(s: Setting) -> Plan:
         gathered = 2 if half(s.mixed_precision) else 4
         p.lines.append(Line("FSDP2 gathered units", 2 * block * gathered,
                             f"the largest block ({block / 1e6:,.0f} M) x {gathered} B, computing + prefetched"))
-    per_sample, how = activation_bytes_per_sample(s)
+    per_sample, how = activation_bytes_per_sample(s, activations)
     p.activation_per_sample, p.activation_note = per_sample, how
     p.lines.append(Line("activations", per_sample * s.batch, f"batch {s.batch} x {per_sample / GiB:.3f} GiB; {how}"))
     return p
