@@ -54,6 +54,7 @@ CONFIGS = {
     "sd15-lora-mapo-gc": dict(arch="sd15", method="mapo", train_mode="lora", gc=True),
     "sd15-lora-dpo": dict(arch="sd15", method="dpo", train_mode="lora", gc=False),
     "sd15-lora-dpo-gc": dict(arch="sd15", method="dpo", train_mode="lora", gc=True),
+    "sd15-lora-mapo-512": dict(arch="sd15", method="mapo", train_mode="lora", gc=False, resolution=512),  # size check
     "sd15-lora-npo": dict(arch="sd15", method="npo", train_mode="lora", gc=False),
     "sd15-lora-sft": dict(arch="sd15", method="sft", train_mode="lora", gc=False),
     "sd15-lora-selfnpo": dict(arch="sd15", method="selfnpo", train_mode="lora", gc=False),
@@ -154,9 +155,9 @@ def run_one(name: str, settings: dict) -> dict:
         z = z.permute(0, 2, 1, 3, 4).contiguous()  # (B, F', C, H', W')
     latents = z.detach()
     del pixels, z
-    if not settings["keep_vae"]:
+    if not settings["keep_vae"]:  # dropped: a meta-device stand-in keeps its config (scale factor), no memory
         del vae
-        vae = None
+        vae = build(arch.vae, device="meta")
     gc.collect()
     record["phases"]["vae_encode"] = peak()
     times["vae_encode"] = time.time() - t0
@@ -225,7 +226,31 @@ def run_one(name: str, settings: dict) -> dict:
                   activations=max(0, fwd_bwd_peak - before - grads), step_peak=max(fwd_bwd_peak, update_peak),
                   loss=float(result.losses.mean()), seconds=times)
     record["other"] = before - runtime - sum(weights.values()) - record["optimizer_state"]
+    if cfg.method == "mapo" and cfg.train_mode == "lora" and arch.family in ("sd", "sdxl"):
+        record["guidance"] = guidance_call(family, latents, cond, torch)
     return record
+
+
+def guidance_call(family, latents, cond, torch) -> dict:
+    """One sampling call with negative-branch guidance (the trained LoRA as the negative model, fast path: one call
+    for the CFG batch [negative half; positive half]) against one plain CFG call, at the step's shapes."""
+    from diffalign.guidance.denoiser import BASE
+    from diffalign.guidance.unet import NegativeGuidedUNet
+
+    family.unet.eval()
+    wrapper = NegativeGuidedUNet(family.unet, None, pos_adapter=BASE, neg_adapter="default")
+    x = torch.randn((2, *latents.shape[1:]))
+    t = torch.tensor([500, 500])
+    out = {}
+    for name, net in (("plain_cfg", family.unet), ("negative_guided", wrapper)):
+        gc.collect()
+        base = rss()
+        reset_peak()
+        t0 = time.time()
+        with torch.no_grad():
+            pred = family.predict(x, t, cond, net=net)
+        out[name] = dict(seconds=time.time() - t0, peak_increase=peak() - base, shape=list(pred.shape))
+    return out
 
 
 def encode_prompts(arch, n: int, res: int, torch):
@@ -266,8 +291,8 @@ def make_family(arch, denoiser, vae, torch):
     from diffalign.planning.architectures import scheduler
 
     noise = scheduler(arch)
-    return family_class(arch.family)(unet=denoiser, vae=vae if vae is not None else torch.nn.Identity(),
-                                     noise_scheduler=noise, scheduler=noise, text_encoders=[], tokenizers=[])
+    return family_class(arch.family)(unet=denoiser, vae=vae, noise_scheduler=noise, scheduler=noise, text_encoders=[],
+                                     tokenizers=[])
 
 
 def make_config(settings: dict, res: int):
