@@ -65,6 +65,8 @@ CONFIGS = {
     "sdxl-lora-dpo-gc": dict(arch="sdxl", method="dpo", train_mode="lora", gc=True),
     "cogvideox-2b-lora-mapo": dict(arch="cogvideox-2b", method="mapo", train_mode="lora", gc=False),
     "cogvideox-2b-lora-mapo-gc": dict(arch="cogvideox-2b", method="mapo", train_mode="lora", gc=True),
+    "cogvideox-2b-lora-mapo-gc-9f": dict(arch="cogvideox-2b", method="mapo", train_mode="lora", gc=True, frames=9,
+                                         resolution=192),  # size check: 3 latent frames of 24x24
     "cogvideox-2b-lora-dpo-gc": dict(arch="cogvideox-2b", method="dpo", train_mode="lora", gc=True),
 }
 DEFAULTS = dict(sd15=dict(resolution=256, frames=None, keep_vae=True), sdxl=dict(resolution=256, frames=None, keep_vae=False),

@@ -126,12 +126,15 @@ def _denoiser_shapes(file: str) -> tuple:
         blocks += [sum(p.numel() for p in b.parameters()) for b in getattr(net, attr, [])]
     if getattr(net, "mid_block", None) is not None:
         blocks.append(sum(p.numel() for p in net.mid_block.parameters()))
-    return tuple(layers), shapes, max(blocks) if blocks else 0
+    # floating buffers (CogVideoX-2b's sinusoidal position table for the native 49 x 480 x 720 clip: 34 M values),
+    # stored in the weights' dtype
+    buffers = sum(b.numel() for b in net.buffers() if b.is_floating_point())
+    return tuple(layers), shapes, max(blocks) if blocks else 0, buffers
 
 
 def lora_parameters(file: str, rank: int, targets) -> int:
     """Parameters of a peft LoRA of `rank` on the layers named `targets` (A: in x r, B: r x out)."""
-    layers, _, _ = _denoiser_shapes(file)
+    layers = _denoiser_shapes(file)[0]
     total = 0
     for name, kind, fan_in, fan_out, kernel in layers:
         if _matches(name, targets):
@@ -161,7 +164,7 @@ def optimizer_bytes(optimizer: str, shapes) -> float:
 
 
 def _lora_shapes(file: str, rank: int, targets) -> list[tuple]:
-    layers, _, _ = _denoiser_shapes(file)
+    layers = _denoiser_shapes(file)[0]
     out = []
     for name, kind, fan_in, fan_out, kernel in layers:
         if _matches(name, targets):
@@ -230,16 +233,19 @@ def plan(s: Setting, activations: dict | None = None) -> Plan:
     p = Plan(s)
     net = parameter_count(arch.denoiser)
     layers_shapes = _denoiser_shapes(arch.denoiser)
+    buffers = layers_shapes[3]
+    with_buffers = f" + {buffers / 1e6:,.0f} M buffer values" if buffers > 1e6 else ""
     if s.train_mode == "lora":
         trainable = lora_parameters(arch.denoiser, s.rank, s.lora_targets)
         shapes = _lora_shapes(arch.denoiser, s.rank, s.lora_targets)
-        p.lines.append(Line("weights: denoiser (frozen)", net * frozen / n,
-                            f"{net / 1e6:,.0f} M x {frozen} B ({frozen_name}){shard}"))
+        p.lines.append(Line("weights: denoiser (frozen)", (net + buffers) * frozen / n,
+                            f"{net / 1e6:,.0f} M{with_buffers} x {frozen} B ({frozen_name}){shard}"))
         p.lines.append(Line("weights: LoRA (trained)", trainable * 4 / n,
                             f"{trainable / 1e6:,.2f} M x 4 B (float32), rank {s.rank}{shard}"))
     else:
         trainable, shapes = net, list(layers_shapes[1])
-        p.lines.append(Line("weights: denoiser (trained)", net * 4 / n, f"{net / 1e6:,.0f} M x 4 B (float32){shard}"))
+        p.lines.append(Line("weights: denoiser (trained)", (net + buffers) * 4 / n,
+                            f"{net / 1e6:,.0f} M{with_buffers} x 4 B (float32){shard}"))
     if "text_encoders" not in s.without:
         for f in arch.text_encoders:
             c = parameter_count(f)
@@ -258,7 +264,7 @@ def plan(s: Setting, activations: dict | None = None) -> Plan:
         p.lines.append(Line("autocast copies of trained weights", trainable * 2,
                             f"{trainable / 1e6:,.2f} M x 2 B ({s.mixed_precision}), held from forward to backward"))
     if s.needs_reference:
-        ref = 0.0 if s.train_mode == "lora" else net * frozen / n
+        ref = 0.0 if s.train_mode == "lora" else (net + buffers) * frozen / n
         note = "the network with its adapters off: no copy" if s.train_mode == "lora" else \
             f"frozen copy of the denoiser, {net / 1e6:,.0f} M x {frozen} B{shard}"
         p.lines.append(Line("DPO reference", ref, note))
