@@ -80,10 +80,12 @@ def main() -> None:
         table["half_precision_factor"] = {"value": args.half_factor, "source": args.half_source or "given"}
     if args.write:
         memory.ACTIVATIONS_FILE.write_text(json.dumps(table, indent=1) + "\n")
-    print("| configuration | latents | weights meas / plan | grads | optimizer | activations meas / plan | "
+    print("| configuration | latents | weights meas / plan | gradients meas / plan | optimizer meas / plan | "
+          "activations meas / plan | "
           "step peak meas | planner + runtime | error | calibrates |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in records.items():
+    order = ("sd15", "sdxl", "cogvideox-2b")
+    for name, r in sorted(records.items(), key=lambda kv: (order.index(kv[1]["arch"]), kv[0])):
         s = setting_of(r)
         p = memory.plan(s, table)
         weights_plan = sum(x.bytes for x in p.lines if x.name.startswith("weights") or x.name in
