@@ -43,8 +43,13 @@ class Architecture:
     native_resolution: int = 512
     native_frames: int | None = None  # video: frames of the native clip
     native_size: tuple[int, int] | None = None  # video: (height, width)
-    vae_upcast: bool = False  # the VAE stays float32 under fp16/bf16 (force_upcast)
     public_counts: dict = field(default_factory=dict)  # component file -> parameters (the releases' figure)
+
+    @property
+    def vae_upcast(self) -> bool:
+        """The VAE stays float32 under fp16/bf16: its config.json asks for force_upcast (read as
+        models/base.py load_pipeline_vae reads it: absent means no)."""
+        return bool(config(self.vae).get("force_upcast", False))
 
     @property
     def files(self) -> dict[str, str]:
@@ -69,7 +74,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  public_counts={"sd15_unet.json": 859.52e6, "sd_vae.json": 83.65e6, "clip_l_text.json": 123.06e6}),
     Architecture("sdxl", "sdxl", "sdxl_unet.json", "sdxl_vae.json", ("clip_l_text.json", "clip_bigg_text.json"),
                  {**_DDPM_SD, "_class_name": "EulerDiscreteScheduler"},
-                 hub_ids=("stabilityai/stable-diffusion-xl-base-1.0",), native_resolution=1024, vae_upcast=True,
+                 hub_ids=("stabilityai/stable-diffusion-xl-base-1.0",), native_resolution=1024,
                  public_counts={"sdxl_unet.json": 2567.46e6, "sdxl_vae.json": 83.65e6,
                                 "clip_l_text.json": 123.06e6, "clip_bigg_text.json": 694.66e6}),
     Architecture("cogvideox-2b", "cogvideox", "cogvideox_2b_transformer.json", "cogvideox_2b_vae.json",
