@@ -4,9 +4,9 @@ Every line is bytes = parameters (counted on the meta device from the shipped ar
 except the activations, which are measured (benchmarks/real_shapes.py: one step of the real architecture on the CPU)
 and scaled by rows x size (planning/activations.json). The lines, and when each is there:
 
-- weights: the denoiser (trained: float32; under a LoRA: the frozen dtype, plus the float32 adapters), the text
-  encoders and the VAE in the frozen dtype (fp16/bf16 under mixed precision; the VAE float32 when its config asks for
-  force_upcast and no separate VAE is given), as `diffalign train` stores them (training/setup.py);
+- weights: the denoiser with its floating buffers (trained: float32; under a LoRA: the frozen dtype, plus the float32
+  adapters), the text encoders and the VAE in the frozen dtype (fp16/bf16 under mixed precision; the VAE float32 when
+  its config asks for force_upcast and no separate VAE is given), as `diffalign train` stores them (training/setup.py);
 - gradients: float32, one per trainable parameter;
 - optimizer state: AdamW 2 float32 moments (8 B per trainable parameter); 8-bit AdamW 2 bytes (tensors under 4096
   elements stay 32-bit, as bitsandbytes does; its block scales add 0.2%); Adafactor (no first moment) a row and a
