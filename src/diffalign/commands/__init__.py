@@ -3,4 +3,4 @@
 
 #: Module names, in the order `diffalign --help` lists the commands.
 COMMANDS = ("generate", "toy", "train", "cache", "export", "demo", "extract_lora", "export_negative", "pairs", "evaluate",
-            "configs")
+            "configs", "plan")
