@@ -63,8 +63,11 @@ def test_demo_plan_holds_out_its_evaluation_prompts(tmp_path):
     train, heldout = split_prompts()
     assert len(train) == 16 and len(heldout) == 8 and not set(train) & set(heldout)
     stages = build_stages(tmp_path)
-    assert [s.name for s in stages] == ["pairs", "mapo", "dpo", "selfnpo", "samples", "report"]
     assert list(MODELS) == ["base", "mapo", "dpo", "base+selfnpo", "mapo+selfnpo"]
+    assert [s.name for s in stages] == ["pairs", "mapo", "dpo", "selfnpo", *(f"samples/{m}" for m in MODELS), "report"]
+    needs = {s.name: set(s.needs) for s in stages}
+    assert needs["samples/base"] == set() and needs["samples/mapo+selfnpo"] == {"mapo", "selfnpo"}
+    assert needs["samples/base+selfnpo"] == {"selfnpo"} and needs["report"] == {f"samples/{m}" for m in MODELS}
     from diffalign.evaluation import get_reward
 
     assert [get_reward(spec).name for spec in REWARDS] == [  # every spec the report uses builds

@@ -12,8 +12,9 @@ are done, so MaPO, DPO and Self-NPO train side by side, one torch thread each:
 2. `mapo`     a MaPO LoRA on those pairs (no reference model).
 3. `dpo`      a Diffusion-DPO LoRA on the same pairs, same steps (the method users compare against).
 4. `selfnpo`  a Self-NPO negative LoRA learned from the model itself: prompts only, no pairs, no labels.
-5. `samples`  held-out prompts (colour/shape combinations no stage trained on) x fixed seeds, for: base,
-              MaPO, DPO, base + Self-NPO in the negative branch, MaPO + Self-NPO.
+5. `samples/NAME`  held-out prompts (colour/shape combinations no stage trained on) x fixed seeds, one stage
+              per model: base, MaPO, DPO, base + Self-NPO in the negative branch, MaPO + Self-NPO (each starts
+              as soon as the training stages it uses are done).
 6. `report`   `diffalign evaluate` on those folders against base (and MaPO + Self-NPO against MaPO): the toy
               judge's shape+colour correctness (what the pairs were ranked by) and clarity, and the set-level
               quality measure (FD, precision, recall of each folder against ground-truth renders of its
@@ -150,6 +151,7 @@ def _run_apart(todo: list[Stage], stages: list[Stage], out: Path, launch: Callab
             waiting.remove(stage)
             threads = "1" if ready or running else str(jobs)
             log_path = out / f"{stage.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
             handle = log_path.open("w")
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
             proc = subprocess.Popen(launch(stage.name), stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -267,7 +269,10 @@ def _train(method: str, pairs_dir: Path | None) -> Callable[[Path], dict]:
     return run
 
 
-def _sample(out: Path) -> Callable[[Path], dict]:
+def _sample(out: Path, name: str) -> Callable[[Path], dict]:
+    """Held-out prompts x seeds with one model of MODELS into `folder` (= OUT/samples/NAME)."""
+    positive, negative = MODELS[name]
+
     def run(folder: Path) -> dict:
         from .generation import GenerationSettings, generate_to_folder
         from .guidance import attach_negative_guidance
@@ -276,18 +281,29 @@ def _sample(out: Path) -> Callable[[Path], dict]:
         _, heldout = split_prompts()
         settings = GenerationSettings(guidance_scale=GUIDANCE, num_inference_steps=STEPS, seed=0,
                                       num_images_per_prompt=SAMPLES_PER_PROMPT, batch_size=32)
-        for name, (positive, negative) in MODELS.items():
-            pipe = _load_toy()
-            lora = str(out / positive) if positive else None
-            if negative:
-                attach_negative_guidance(pipe, negative=str(out / "selfnpo"), positive=lora, alpha=1.0, beta=1.0)
-            elif lora:
-                load_lora_into_pipeline(pipe, lora)
-            settings.extra = {"model": "toy", "lora": lora, "negative_model": str(out / "selfnpo") if negative else None}
-            generate_to_folder(pipe, heldout, folder / name, settings)
-        return {"models": list(MODELS), "images_per_model": len(heldout) * SAMPLES_PER_PROMPT}
+        pipe = _load_toy()
+        lora = str(out / positive) if positive else None
+        if negative:
+            attach_negative_guidance(pipe, negative=str(out / "selfnpo"), positive=lora, alpha=1.0, beta=1.0)
+        elif lora:
+            load_lora_into_pipeline(pipe, lora)
+        settings.extra = {"model": "toy", "lora": lora, "negative_model": str(out / "selfnpo") if negative else None}
+        generate_to_folder(pipe, heldout, folder, settings)
+        return {"model": name, "images": len(heldout) * SAMPLES_PER_PROMPT}
 
     return run
+
+
+def sample_stages(out: Path) -> list[Stage]:
+    """One sampling stage per model (`samples/NAME`), each waiting only for the training stages it uses."""
+    _, heldout = split_prompts()
+    common = {"prompts": heldout, "per_prompt": SAMPLES_PER_PROMPT, "guidance": GUIDANCE, "steps": STEPS}
+    stages = []
+    for name, (positive, negative) in MODELS.items():
+        needs = tuple(n for n in (positive, "selfnpo" if negative else None) if n)
+        stages.append(Stage(f"samples/{name}", f"sampling held-out prompts with {name}",
+                            {**common, "model": [positive, negative]}, _sample(out, name), needs, cost=0.5))
+    return stages
 
 
 def _keys(result, label: str) -> list[tuple]:
@@ -361,7 +377,6 @@ def _report(out: Path) -> Callable[[Path], dict]:
 
 
 def build_stages(out: Path, pairs_dir: Path | None = None) -> list[Stage]:
-    _, heldout = split_prompts()
     pairs_dir = Path(pairs_dir) if pairs_dir is not None else toy_pairs_path()
     return [
         Stage("pairs", "judge-ranked pairs the toy model made of itself", {"pairs": _folder_digest(pairs_dir)},
@@ -370,13 +385,10 @@ def build_stages(out: Path, pairs_dir: Path | None = None) -> list[Stage]:
         Stage("dpo", "Diffusion-DPO LoRA on the pairs", {**LORA, **TRAIN["dpo"]}, _train("dpo", pairs_dir), ("pairs",)),
         Stage("selfnpo", "Self-NPO negative LoRA from prompts only", {**LORA, **TRAIN["selfnpo"]}, _train("selfnpo", None),
               cost=1.5),  # the walk from noise: about 1.5x a MaPO or DPO stage (benchmarks/RESULTS.md)
-        Stage("samples", "sampling held-out prompts with each model",
-              {"prompts": heldout, "per_prompt": SAMPLES_PER_PROMPT, "guidance": GUIDANCE, "steps": STEPS,
-               "models": {k: list(v) for k, v in MODELS.items()}},
-              _sample(out), ("mapo", "dpo", "selfnpo")),
+        *sample_stages(out),
         Stage("report", "evaluation with the toy judge and the FD to ground truth, report.html",
               {"rewards": list(REWARDS), "distribution": DISTRIBUTION, "versus_tuned": VERSUS_TUNED}, _report(out),
-              ("samples",)),
+              tuple(f"samples/{name}" for name in MODELS)),
     ]
 
 
