@@ -73,7 +73,7 @@ VERSUS_TUNED = ("mapo+selfnpo", "mapo")
 
 
 def default_jobs() -> int:
-    """Processes for the training stages that do not wait for each other: one per available core, at most 3."""
+    """Stages run at once (`--jobs`): one per available core, at most 3."""
     import os
 
     try:
