@@ -203,17 +203,17 @@ def run_stages(stages: list[Stage], out: Path, log=print, *, jobs: int = 1,
             continue
         log(f"[{i}/{len(stages)}] {stage.title}: reused ({out / stage.name}, took {record['seconds']:.0f} s when made)")
         summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": True}
-    if jobs > 1 and launch is not None and todo:
+    apart = jobs > 1 and launch is not None and bool(todo)
+    if apart:
         _run_apart(todo, stages, out, launch, jobs, set(summaries), log)
-        for stage in todo:
-            record = _reusable(stage, out / stage.name)
-            summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": False}
-        return {s.name: summaries[s.name] for s in stages}
     for stage in todo:
-        i = stages.index(stage) + 1
-        log(f"[{i}/{len(stages)}] {stage.title} ...")
-        record = _run_here(stage, out / stage.name)
-        log(f"[{i}/{len(stages)}] {stage.title}: done in {record['seconds']:.0f} s")
+        if apart:
+            record = _reusable(stage, out / stage.name)
+        else:
+            i = stages.index(stage) + 1
+            log(f"[{i}/{len(stages)}] {stage.title} ...")
+            record = _run_here(stage, out / stage.name)
+            log(f"[{i}/{len(stages)}] {stage.title}: done in {record['seconds']:.0f} s")
         summaries[stage.name] = {**record["summary"], "seconds": record["seconds"], "reused": False}
     return {s.name: summaries[s.name] for s in stages}
 

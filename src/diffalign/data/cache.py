@@ -259,9 +259,7 @@ def build_cache(
     components = fingerprint_components(pairs, family, resolution=resolution, extra=fingerprint_extra, flips=flips)
     fp = _hash(components)
     if cache_miss_reason(cache_dir, fp) is None:
-        if hasattr(pairs, "record_skipped"):
-            done = _read_json(cache_dir / MANIFEST) or {}
-            pairs.record_skipped(SkippedPair(*s) for s in done.get("skipped", []))
+        record_manifest_skips(pairs, _read_json(cache_dir / MANIFEST) or {})
         return cache_dir
     building = _read_json(cache_dir / BUILDING)
     if not (building and building.get("fingerprint") == fp):
@@ -317,6 +315,12 @@ def build_cache(
     atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1, default=str))
     (cache_dir / BUILDING).unlink(missing_ok=True)
     return cache_dir
+
+
+def record_manifest_skips(pairs, manifest: dict) -> None:
+    """Count a reused cache's skipped pairs (its manifest's list) in `pairs.report()`, as a build counts them."""
+    if hasattr(pairs, "record_skipped"):
+        pairs.record_skipped(SkippedPair(*s) for s in manifest.get("skipped", []))
 
 
 # ------------------------------------------------------------------------------------------------- open

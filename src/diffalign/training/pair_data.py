@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data import PairTransform, build_cache, fingerprint, load_pairs, open_cache
-from ..data.cache import RandomCropNotCacheable, cached_text
+from ..data.cache import RandomCropNotCacheable, cached_text, record_manifest_skips
 from ..data.pairs import SkippedPair
 from ..data.streaming import StreamingPairs, StreamItems
 from ..data.video_pairs import load_video_pairs
@@ -90,8 +90,8 @@ def _open_or_build(cfg, pairs, family: ModelFamily, resolution: int, log, *, fli
     cache_dir = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
     key = fingerprint(pairs, family, resolution=resolution, flips=flips)
     cached = open_cache(cache_dir, key)
-    if cached is not None and hasattr(pairs, "record_skipped"):  # reused: its skipped pairs still count
-        pairs.record_skipped(SkippedPair(*s) for s in cached.manifest.get("skipped", []))
+    if cached is not None:  # reused: its skipped pairs still count
+        record_manifest_skips(pairs, cached.manifest)
     if cached is None:
         log(f"no matching latent cache in {cache_dir}: building it")
         start = time.perf_counter()
@@ -111,7 +111,7 @@ def check_cache_skips(cached, limit: float) -> None:
     total = len(skipped) + len(cached)
     if not skipped or len(skipped) < limit * total:
         return
-    reasons = Counter(SkippedPair(*s).reason.split(":")[0] for s in skipped)
+    reasons = Counter(SkippedPair(*s).reason for s in skipped)
     shown = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
     raise UserError(f"{len(skipped)} of the {total} pairs had images that could not be used when the latent cache was "
                     f"built ({shown}; listed under 'skipped' in {Path(cached.cache_dir) / 'manifest.json'}), at least "
