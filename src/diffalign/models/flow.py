@@ -113,6 +113,13 @@ class FlowSchedule:
         return r * x_t + c * noise
 
 
+def flow_components(text_stack) -> tuple[str, ...]:
+    """The pipeline components a flow family needs: its transformer, VAE and scheduler, and each text encoder of
+    `text_stack` ((encoder subfolder, tokenizer subfolder, class) rows) with its tokenizer."""
+    return ("transformer", "vae", "scheduler") + tuple(name for encoder, tokenizer, _ in text_stack
+                                                        for name in (encoder, tokenizer))
+
+
 class FlowFamily(ModelFamily):
     """What the flow-matching families (SD3, FLUX) share: a transformer held in ``unet`` (as CogVideoX), the
     FlowMatchEulerDiscreteScheduler's training sigmas as the schedule, and the transformer's timestep input."""

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .base import Conditioning, _as_prompt_list, weight_dtype
-from .flow import FlowFamily
+from .flow import FlowFamily, flow_components
 
 if TYPE_CHECKING:
     pass
@@ -73,8 +73,7 @@ class FluxFamily(FlowFamily):
 
     name = "flux"
     pipeline_class_name = "FluxPipeline"
-    required_components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",
-                           "tokenizer_2")
+    required_components = flow_components(FLUX_TEXT_STACK)
     timestep_scale = 1.0
 
     def __init__(self, *, max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH, training_guidance: float = 1.0, **kw):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .base import Conditioning, _as_prompt_list, weight_dtype
-from .flow import FlowFamily
+from .flow import FlowFamily, flow_components
 from .sd import _tokenize
 
 if TYPE_CHECKING:
@@ -42,8 +42,7 @@ class SD3Family(FlowFamily):
 
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
-    required_components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",
-                           "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    required_components = flow_components(SD3_TEXT_STACK)
     timestep_scale = 1000.0
 
     def __init__(self, *, max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH, **kw):
