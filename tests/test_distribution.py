@@ -103,6 +103,53 @@ def test_few_samples_path_equals_the_covariance_formula():
         feature_frechet_distance(x[:1], y)
 
 
+def test_resampled_sets_measure_as_their_repeated_rows():
+    """Inside the bootstrap a resample is measured from precomputed matrices (inner products for FD, neighbour
+    orders for the k-NN balls); it gives what the plain functions give on the resample's rows repeated, on both
+    FD routes (fewer and more distinct rows than features)."""
+    from diffalign.evaluation.distribution import _SetPair, knn_radii, pairwise_distances
+
+    rng = np.random.default_rng(5)
+    for dim in (64, 3):
+        g, r = rng.normal(size=(60, dim)), rng.normal(size=(150, dim)) * 1.3 + 0.4
+        pair = _SetPair(g, r)
+        for _ in range(5):
+            gi, ri = rng.integers(0, 60, 60), rng.integers(0, 150, 150)
+            fd, precision, recall = pair.metrics(gi, ri, 3)
+            assert fd == pytest.approx(feature_frechet_distance(g[gi], r[ri]), rel=1e-8)
+            # by the definition: balls on the distinct rows, shares counting every copy
+            (ug, cg), (ur, cr) = np.unique(gi, return_counts=True), np.unique(ri, return_counts=True)
+            cross = pairwise_distances(g[ug], r[ur])
+            radii_g = knn_radii(pairwise_distances(g[ug], g[ug]), 3)
+            radii_r = knn_radii(pairwise_distances(r[ur], r[ur]), 3)
+            assert precision == pytest.approx(cg @ (cross <= radii_r[None, :]).any(1) / cg.sum(), abs=1e-12)
+            assert recall == pytest.approx(cr @ (cross.T <= radii_g[None, :]).any(1) / cr.sum(), abs=1e-12)
+
+
+def test_neighbour_walk_finds_the_kth_nearest_present_point():
+    """`_subset_radii` (walking precomputed neighbour orders) equals sorting the subset's own distance matrix,
+    for dense subsets, for sparse ones (where the look-ahead runs out and rows are sorted in full), with ties,
+    and for subsets of k points or fewer."""
+    from diffalign.evaluation.distribution import (
+        _neighbour_order,
+        _subset_radii,
+        knn_radii,
+        pairwise_distances,
+    )
+
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(size=(300, 5)), np.zeros((4, 5))])  # four identical rows: ties at 0
+    d = pairwise_distances(x, x)
+    order = _neighbour_order(d)
+    for size in (300, 200, 40, 6, 4, 3, 2, 1):
+        for _ in range(3):
+            rows = np.sort(rng.choice(len(x), size, replace=False))
+            for k in (1, 3, 5):
+                assert np.array_equal(_subset_radii(d, order, rows, k), knn_radii(d[np.ix_(rows, rows)], k))
+    ties = np.arange(296, 304)
+    assert np.array_equal(_subset_radii(d, order, ties, 3), knn_radii(d[np.ix_(ties, ties)], 3))
+
+
 # ------------------------------------------------------------------------------------ precision / recall
 
 

@@ -129,6 +129,33 @@ def test_evaluate_folders_matches_by_prompt_and_seed_golden(tmp_path):
     assert result.report_path is None  # no out_dir: nothing written
 
 
+def test_extra_comparisons_get_win_rates_without_becoming_baselines(tmp_path):
+    """`compare` adds (folder, against) pairs to the baseline comparisons: C is compared with base as every folder
+    is, and also with A (the way the demo compares a tuned model plus its negative with the tuned model)."""
+    a, b, _ = _ab_folders(tmp_path)
+    keys = [(f"prompt {k}", k) for k in range(6)]
+    c = write_folder(tmp_path / "C", [(p, s, v) for (p, s), v in zip(keys, [100, 120, 110, 130, 150, 150])])
+    result = evaluate_folders({"A": a, "C": c, "B": b}, [Brightness()], baseline="B", compare=[("C", "A")],
+                              bootstrap=100)
+    assert result.comparisons == [("A", "B"), ("C", "B"), ("C", "A")] and result.baselines == ["B"]
+    wr = result.win_rates["brightness"][("C", "A")]  # against A: tie, win, loss, tie, win, tie
+    assert (wr.wins, wr.ties, wr.losses, wr.pairs, wr.unmatched_a, wr.unmatched_b) == (2, 3, 1, 6, 0, 0)
+    # a pair already among the baseline comparisons is not repeated
+    again = evaluate_folders({"A": a, "C": c, "B": b}, [Brightness()], baseline="B", compare=[("A", "B")],
+                             bootstrap=100)
+    assert again.comparisons == [("A", "B"), ("C", "B")]
+    out = tmp_path / "cli"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["evaluate", "--images", f"A={a}", f"C={c}", "--baseline", f"B={b}", "--rewards", "toy",
+                     "--compare", "C", "A", "--bootstrap", "100", "--out", str(out)]) == 0
+    assert "C vs A" in printed.getvalue()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert ["C", "A"] in metrics["comparisons"] and metrics["baselines"] == ["B"]
+    for wrong in ([("C", "nope")], [("A", "A")]):
+        with pytest.raises(UserError, match="give two different labels"):
+            evaluate_folders({"A": a, "C": c, "B": b}, [Brightness()], baseline="B", compare=wrong)
+
+
 def test_unreadable_images_stop_or_are_counted_with_lenient(tmp_path):
     a, b, _ = _ab_folders(tmp_path)
     (a / "00001.png").unlink()

@@ -319,14 +319,14 @@ def paired_difference(result, reward: str, label: str, base: str):
                                   result.bootstrap, result.seed, result.level)
 
 
-def headlines(result, versus_mapo) -> dict[str, dict]:
+def headlines(result) -> dict[str, dict]:
     """Per model: the effect it is for ("aim"), that effect measured with its 95% CI and the flips against its
     baseline ("measured"), and the same figures in two short lines for the overview picture ("short")."""
     fid = result.rewards[0]  # shape+colour correctness (REWARDS[0])
 
-    def fidelity(label: str, base: str = "base", against=result) -> tuple[str, str]:
-        d, wr = paired_difference(against, fid, label, base), against.win_rates[fid][(label, base)]
-        short = (f"fidelity {against.means[fid][base].estimate:.1%} -> {against.means[fid][label].estimate:.1%} "
+    def fidelity(label: str, base: str = "base") -> tuple[str, str]:
+        d, wr = paired_difference(result, fid, label, base), result.win_rates[fid][(label, base)]
+        short = (f"fidelity {result.means[fid][base].estimate:.1%} -> {result.means[fid][label].estimate:.1%} "
                  f"({100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}])")
         return short, (f"{short} points; of {wr.pairs} images on the same prompt and seed, {wr.wins} right that "
                        f"{base} got wrong, {wr.losses} wrong that it got right")
@@ -346,8 +346,8 @@ def headlines(result, versus_mapo) -> dict[str, dict]:
                          (diff, diff))
     diff = fd(result.distribution_differences, "base+selfnpo", "base")
     rows["base+selfnpo"] = row("quality (FD to ground truth, lower is better)", (diff, diff), fidelity("base+selfnpo"))
-    diff = fd(versus_mapo.distribution_differences, "mapo+selfnpo", "mapo")
-    rows["mapo+selfnpo"] = row("quality of the tuned model", (diff, diff), fidelity("mapo+selfnpo", "mapo", versus_mapo))
+    diff = fd(result.distribution_differences, *VERSUS_TUNED)
+    rows["mapo+selfnpo"] = row("quality of the tuned model", (diff, diff), fidelity(*VERSUS_TUNED))
     return rows
 
 
@@ -358,10 +358,9 @@ def _report(out: Path) -> Callable[[Path], dict]:
         from .evaluation.report import format_table, write_report
 
         folders = {name: out / "samples" / name for name in MODELS}
-        result = evaluate_folders(folders, list(REWARDS), folder, baseline="base", distribution=DISTRIBUTION)
-        versus_mapo = evaluate_folders({k: folders[k] for k in VERSUS_TUNED}, list(REWARDS[:1]),
-                                       baseline=VERSUS_TUNED[1], distribution=DISTRIBUTION)
-        heads = headlines(result, versus_mapo)
+        result = evaluate_folders(folders, list(REWARDS), folder, baseline="base", distribution=DISTRIBUTION,
+                                  compare=[VERSUS_TUNED])
+        heads = headlines(result)
         keys = matched_keys(result, list(MODELS), limit=8, one_per_prompt=True)
         overview_grid(result, list(MODELS), keys, {m: h["short"] for m, h in heads.items()},
                       folder / "overview.png")

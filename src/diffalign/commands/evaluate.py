@@ -13,6 +13,9 @@ def add_parser(sub) -> None:
                    help="folder(s) with manifest.jsonl; the label defaults to the folder name")
     p.add_argument("--baseline", nargs="+", action="extend", default=[], metavar="[LABEL=]DIR",
                    help="baseline folder(s): every --images folder gets a win rate against each")
+    p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL", "AGAINST"),
+                   help="also compare folder LABEL with folder AGAINST (win rates and distribution differences), "
+                        "e.g. a tuned model with its negative against the tuned model alone; may be repeated")
     p.add_argument("--rewards", action="append", required=True, metavar="SPEC[,SPEC...]",
                    help="comma-separated reward specs NAME[=PATH][:KEY=VALUE], e.g. toy,pickscore=FOLDER,"
                         "aesthetic=CLIP:head=FILE (see docs/evaluation.md); may be repeated")
@@ -43,7 +46,8 @@ def cmd(args) -> int:
     specs = [s.strip() for group in args.rewards for s in group.split(",") if s.strip()]
     result = evaluate_folders(folders, specs, args.out, baselines, bootstrap=args.bootstrap, seed=args.seed,
                               level=args.level, batch_size=args.batch_size, device=args.device,
-                              lenient=args.lenient, grid_rows=args.grid_rows, distribution=args.distribution)
+                              lenient=args.lenient, grid_rows=args.grid_rows, distribution=args.distribution,
+                              compare=[tuple(pair) for pair in args.compare])
     if result.report_path is not None:  # only the main process writes and prints
         print(format_table(result))
         print(f"\nreport: {result.report_path}")

@@ -212,28 +212,104 @@ def precision_recall(generated, reference, k: int = DEFAULT_K) -> tuple[float, f
     return float(precision), float(recall)
 
 
+def _neighbour_order(distances: np.ndarray) -> np.ndarray:
+    """Per point of a set, the indices of the other points from nearest to farthest (itself left out)."""
+    others = distances.copy()
+    np.fill_diagonal(others, np.inf)
+    return np.argsort(others, axis=1, kind="stable")[:, :-1]
+
+
+# Nearest neighbours looked at per point before falling back to a full partition (a resample keeps about 63% of
+# the points, so k present ones are nearly always among the first few dozen).
+_LOOK_AHEAD = 32
+
+
+def _subset_radii(distances: np.ndarray, order: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """`knn_radii` of the points `rows` (distinct, sorted) among themselves, from the full set's distances and
+    `_neighbour_order`: walking each point's neighbours in order, the k-th one present is its k-th nearest other
+    present point. The same values as `knn_radii(distances[np.ix_(rows, rows)], k)`, without sorting."""
+    n = len(rows)
+    if n < 2:
+        return np.zeros(n)
+    kth = min(k, n - 1)
+    present = np.zeros(len(distances), dtype=bool)
+    present[rows] = True
+    look = order[rows, :_LOOK_AHEAD]
+    counted = np.cumsum(present[look], axis=1)
+    found = counted[:, -1] >= kth
+    at = np.argmax(counted >= kth, axis=1)
+    radii = distances[rows, look[np.arange(n), at]]
+    if not found.all():  # rare: fewer than k present among the first neighbours; sort those rows in full
+        radii[~found] = knn_radii(distances[np.ix_(rows, rows)], k)[~found]
+    return radii
+
+
+class _Drawn:
+    """One resample of a set: its distinct rows, their counts, and what the measures need of them."""
+
+    def __init__(self, pool: "_Pool", picks: np.ndarray, k: int):
+        self.rows, counts = np.unique(picks, return_counts=True)
+        self.counts = counts.astype(np.float64)
+        self.n = float(self.counts.sum())
+        self.radii = _subset_radii(pool.distances, pool.order, self.rows, k)
+        self.x = pool.x[self.rows]
+        self.mean = self.counts @ self.x / self.n
+        # Tr of the scatter matrix: sum of count * |x - mean|^2
+        self.scatter_trace = float(self.counts @ pool.squares[self.rows] - self.n * (self.mean @ self.mean))
+
+
+class _Pool:
+    """One set's rows with its distance matrix and neighbour order, computed once for many resamples."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        self.squares = (x * x).sum(1)
+        self.distances = pairwise_distances(x, x)
+        self.order = _neighbour_order(self.distances)
+
+    def draw(self, picks: np.ndarray, k: int) -> _Drawn:
+        return _Drawn(self, picks, k)
+
+
 class _SetPair:
-    """A generated and a reference set with their distance matrices, computed once for many resamples."""
+    """A generated and a reference set with their distance and inner-product matrices, computed once for many
+    resamples; `reference` may be shared by several pairs (one reference resample serves them all)."""
 
-    def __init__(self, generated: np.ndarray, reference: np.ndarray):
-        self.g, self.r = generated, reference
-        self.d_gg = pairwise_distances(generated, generated)
-        self.d_rr = pairwise_distances(reference, reference)
-        self.d_gr = pairwise_distances(generated, reference)
+    def __init__(self, generated: np.ndarray, reference: np.ndarray | _Pool):
+        self.gen = _Pool(generated)
+        self.ref = reference if isinstance(reference, _Pool) else _Pool(reference)
+        self.d_gr = pairwise_distances(generated, self.ref.x)
+        self.inner_gr = generated @ self.ref.x.T
 
-    def metrics(self, gi: np.ndarray, ri: np.ndarray, k: int) -> np.ndarray:
+    def metrics(self, gi: np.ndarray, ri: np.ndarray | _Drawn, k: int) -> np.ndarray:
         """[FD, precision, recall] of the resample made of rows `gi` of generated and `ri` of reference
-        (repeats allowed): a repeated row weighs as many times in the Gaussian fit and in the shares, and the
-        k-NN balls are built on the distinct rows."""
-        ug, g_counts = np.unique(gi, return_counts=True)
-        ur, r_counts = np.unique(ri, return_counts=True)
-        cross = self.d_gr[np.ix_(ug, ur)]
-        ref_radii = knn_radii(self.d_rr[np.ix_(ur, ur)], k)
-        gen_radii = knn_radii(self.d_gg[np.ix_(ug, ug)], k)
-        precision = g_counts @ _inside(cross, ref_radii) / g_counts.sum()
-        recall = r_counts @ _inside(cross.T, gen_radii) / r_counts.sum()
-        fd = _fd_rows(self.g[ug], self.r[ur], g_counts.astype(np.float64), r_counts.astype(np.float64))
-        return np.array([fd, precision, recall])
+        (repeats allowed; `ri` may be a reference resample already drawn): a repeated row weighs as many times
+        in the Gaussian fit and in the shares, and the k-NN balls are built on the distinct rows."""
+        g = self.gen.draw(gi, k)
+        r = ri if isinstance(ri, _Drawn) else self.ref.draw(ri, k)
+        cross = self.d_gr[np.ix_(g.rows, r.rows)]
+        precision = g.counts @ _inside(cross, r.radii) / g.n
+        recall = r.counts @ _inside(cross.T, g.radii) / r.n
+        return np.array([self._fd(g, r), precision, recall])
+
+    def _fd(self, g: _Drawn, r: _Drawn) -> float:
+        """`_fd_rows` of the two resamples. With fewer distinct rows than features, the cross term is computed
+        from the inner products of the rows (precomputed for the whole sets): the centred, count-weighted
+        matrix M = A B' (see `feature_frechet_distance`) is the inner products minus the mean corrections, and
+        the sum of its singular values is the sum of the square roots of the eigenvalues of the smaller of
+        M M' and M'M."""
+        d = self.gen.x.shape[1]
+        if d <= min(len(g.rows), len(r.rows)):
+            return _fd_rows(g.x, r.x, g.counts, r.counts)
+        m = (self.inner_gr[np.ix_(g.rows, r.rows)] - (g.x @ r.mean)[:, None] - (r.x @ g.mean)[None, :]
+             + g.mean @ r.mean)
+        m *= np.sqrt(g.counts)[:, None]
+        m *= np.sqrt(r.counts)[None, :]
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        c1, c2 = g.n - 1.0, r.n - 1.0
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum() / np.sqrt(c1 * c2)
+        diff = g.mean - r.mean
+        return max(0.0, float(diff @ diff + g.scatter_trace / c1 + r.scatter_trace / c2 - 2.0 * cross))
 
 
 # ---------------------------------------------------------------------------------------------- bootstrap
@@ -322,13 +398,14 @@ def paired_distribution_difference(a, b, reference, *, k: int = DEFAULT_K, group
     _check_k(k, len(a), len(r))
     p_strata = _strata(groups, len(a), "groups")
     r_strata = _strata(reference_groups, len(r), "reference_groups")
-    side_a, side_b = _SetPair(a, r), _SetPair(b, r)
+    side_a = _SetPair(a, r)
+    side_b = _SetPair(b, side_a.ref)
     every_pair, every_ref = np.arange(len(a)), np.arange(len(r))
     estimates = side_a.metrics(every_pair, every_ref, k) - side_b.metrics(every_pair, every_ref, k)
     rng = np.random.default_rng(seed)
     boots = np.empty((samples, 3))
     for s in range(samples):
-        pi, ri = _resample(p_strata, rng), _resample(r_strata, rng)
-        boots[s] = side_a.metrics(pi, ri, k) - side_b.metrics(pi, ri, k)
+        pi, drawn = _resample(p_strata, rng), side_a.ref.draw(_resample(r_strata, rng), k)
+        boots[s] = side_a.metrics(pi, drawn, k) - side_b.metrics(pi, drawn, k)
     fd, precision, recall = _intervals(estimates, boots, level, len(a), _DIFFERENCE_RANGES)
     return DistributionDifference(fd, precision, recall, len(r), int(k), unmatched_a, unmatched_b)

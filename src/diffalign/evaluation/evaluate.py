@@ -170,17 +170,13 @@ def compute_metrics(result: EvaluationResult) -> EvaluationResult:
             for label in result.labels
         }
         per: dict[tuple[str, str], WinRate] = {}
-        for baseline in result.baselines:
-            base_rows = result.rows_of(baseline)
-            for label in result.labels:
-                if label in result.baselines:
-                    continue
-                rows = result.rows_of(label)
-                per[(label, baseline)] = paired_win_rate(
-                    result.scores[rows, r], [result.records[i].key for i in rows],
-                    result.scores[base_rows, r], [result.records[i].key for i in base_rows],
-                    result.bootstrap, result.seed, result.level,
-                )
+        for label, baseline in result.comparisons:
+            rows, base_rows = result.rows_of(label), result.rows_of(baseline)
+            per[(label, baseline)] = paired_win_rate(
+                result.scores[rows, r], [result.records[i].key for i in rows],
+                result.scores[base_rows, r], [result.records[i].key for i in base_rows],
+                result.bootstrap, result.seed, result.level,
+            )
         if per:
             result.win_rates[reward] = per
     return result
@@ -204,8 +200,7 @@ def compute_distribution_metrics(result: EvaluationResult, measure, show_progres
     against the reference of the matched prompts). `measure` is a `toy_distribution.ToyDistribution`."""
     from tqdm.auto import tqdm
 
-    comparisons = [(label, baseline) for baseline in result.baselines for label in result.labels
-                   if label not in result.baselines]
+    comparisons = result.comparisons
     features = _label_features(result, measure)
     result.distribution_settings = measure.describe()
     result.distribution, result.distribution_differences = {}, {}
@@ -252,12 +247,15 @@ def evaluate_folders(
     lenient: bool = False,
     grid_rows: int = 12,
     distribution=None,
+    compare: Sequence[tuple[str, str]] = (),
 ) -> EvaluationResult:
     """Score every image of `folders` ({label: folder}) with every reward and compare against `baseline`.
 
     `rewards` are specs for `get_reward` (or built `Reward`s). `baseline` is a label of `folders` (or several);
-    every other folder is compared with each. `distribution`: a spec for `toy_distribution.build_distribution`
-    (e.g. "toy", "toy:k=5") or a built `ToyDistribution`, for set-level measures (None: none). With `out_dir`,
+    every other folder is compared with each. `compare`: more (label, baseline) pairs to compare, e.g. a tuned
+    model with its negative against the tuned model alone, without making the latter a baseline of all.
+    `distribution`: a spec for `toy_distribution.build_distribution` (e.g. "toy", "toy:k=5") or a built
+    `ToyDistribution`, for set-level measures (None: none). With `out_dir`,
     the main process writes the report files and `result.report_path` is report.html. Works unchanged under
     `accelerate launch` (images sharded by process; the set-level measures, on the gathered images, are
     computed by every process alike).
@@ -271,6 +269,11 @@ def evaluate_folders(
     for b in baselines:
         if b not in folders:
             raise UserError(f"baseline '{b}' is not one of the folders' labels ({', '.join(folders)})")
+    compare = [tuple(pair) for pair in compare]
+    for pair in compare:
+        if len(pair) != 2 or any(name not in folders for name in pair) or pair[0] == pair[1]:
+            raise UserError(f"compare {list(pair)}: give two different labels of the folders ({', '.join(folders)}), "
+                            "the folder first, then the one it is compared against")
     state = join_processes()  # otherwise each process would score everything alone and write the report
     measure = None
     if distribution is not None:  # built (and its spec checked) before the scoring, not after it
@@ -293,7 +296,7 @@ def evaluate_folders(
         rewards=list(built), reward_specs={name: r.spec or name for name, r in built.items()},
         records=[rec for rec, _ in kept],
         scores=np.array([values for _, values in kept], dtype=np.float64).reshape(len(kept), len(built)),
-        baselines=baselines, skipped=problems, bootstrap=bootstrap, seed=seed, level=level,
+        baselines=baselines, extra_comparisons=compare, skipped=problems, bootstrap=bootstrap, seed=seed, level=level,
     )
     compute_metrics(result)
     if measure is not None:

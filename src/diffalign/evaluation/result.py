@@ -43,6 +43,8 @@ class EvaluationResult:
     records: list[ImageRecord]
     scores: np.ndarray
     baselines: list[str]
+    # (label, baseline) pairs compared besides every folder against each baseline (`evaluate_folders(compare=)`)
+    extra_comparisons: list[tuple[str, str]] = field(default_factory=list)
     means: dict[str, dict[str, Interval]] = field(default_factory=dict)
     win_rates: dict[str, dict[tuple[str, str], WinRate]] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
@@ -59,6 +61,14 @@ class EvaluationResult:
     def labels(self) -> list[str]:
         return list(self.folders)
 
+    @property
+    def comparisons(self) -> list[tuple[str, str]]:
+        """Every (label, baseline) pair that gets win rates and distribution differences: each folder that is not
+        a baseline against each baseline, then the extra pairs not already among them."""
+        pairs = [(label, baseline) for baseline in self.baselines for label in self.labels
+                 if label not in self.baselines]
+        return pairs + [pair for pair in self.extra_comparisons if pair not in pairs]
+
     def rows_of(self, label: str) -> list[int]:
         return [i for i, r in enumerate(self.records) if r.label == label]
 
@@ -72,6 +82,7 @@ class EvaluationResult:
                         for label, path in self.folders.items()},
             "rewards": dict(self.reward_specs),
             "baselines": list(self.baselines),
+            "comparisons": [list(pair) for pair in self.comparisons],
             "bootstrap": {"samples": self.bootstrap, "seed": self.seed, "level": self.level, "method": "percentile"},
             "means": {reward: {label: iv.as_dict() for label, iv in per.items()} for reward, per in self.means.items()},
             "win_rates": {reward: [{"label": a, "baseline": b, **wr.as_dict()} for (a, b), wr in per.items()]
