@@ -366,7 +366,7 @@ def evaluated(tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["evaluate", "--images", f"blur={blur}", "--baseline", f"gt={gt}", "--rewards", "toy",
-                     "--distribution", "toy:bootstrap=200", "--out", str(out)]) == 0
+                     "--distribution", "toy:bootstrap=200", "--processes", "2", "--out", str(out)]) == 0
     return {"out": out, "stdout": stdout.getvalue(), "truth": truth, "prompts": prompts}
 
 
@@ -415,3 +415,21 @@ def test_distribution_spec_and_size_errors(tmp_path):
         evaluate_folders({"A": a}, [Brightness()], distribution="toy:k=three")
     with pytest.raises(UserError, match="folder 'A' has 3 scored image.*more than k=3"):
         evaluate_folders({"A": a}, [Brightness()], distribution="toy:vae=none")
+
+
+def test_bootstraps_in_forked_processes_give_the_same_figures(tmp_path):
+    """`evaluate --processes 2` runs the set-level bootstraps in two forked processes: the same results, in the
+    same order, as one process."""
+    from diffalign.evaluation.distribution import run_jobs
+
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(40, 6))
+    jobs = [(distribution_metrics, dict(generated=rng.normal(size=(20, 6)) + shift, reference=ref, samples=50))
+            for shift in (0.0, 0.5, 1.0)]
+    jobs.append((paired_distribution_difference, dict(a=jobs[1][1]["generated"], b=jobs[0][1]["generated"],
+                                                      reference=ref, samples=50)))
+    alone = list(run_jobs(jobs, processes=1))
+    assert list(run_jobs(jobs, processes=2)) == alone
+    assert alone[0].fd.estimate < alone[1].fd.estimate < alone[2].fd.estimate
+    with pytest.raises(UserError, match="--processes must be a positive integer"):
+        evaluate_folders({"x": tmp_path}, ["toy"], processes=0)

@@ -353,13 +353,15 @@ def headlines(result) -> dict[str, dict]:
 
 def _report(out: Path) -> Callable[[Path], dict]:
     def run(folder: Path) -> dict:
+        import torch
+
         from .evaluation.evaluate import evaluate_folders
         from .evaluation.overview import matched_keys, overview_grid
         from .evaluation.report import format_table, write_report
 
         folders = {name: out / "samples" / name for name in MODELS}
         result = evaluate_folders(folders, list(REWARDS), folder, baseline="base", distribution=DISTRIBUTION,
-                                  compare=[VERSUS_TUNED])
+                                  compare=[VERSUS_TUNED], processes=torch.get_num_threads())
         heads = headlines(result)
         keys = matched_keys(result, list(MODELS), limit=8, one_per_prompt=True)
         overview_grid(result, list(MODELS), keys, {m: h["short"] for m, h in heads.items()},

@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--batch-size", type=int, default=16, help="images per reward call")
     p.add_argument("--device", default=None, help="torch device for the rewards (default: this process's accelerate device)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes for the bootstraps of the --distribution measures (the same figures, sooner)")
     p.add_argument("--lenient", action="store_true",
                    help="skip missing or corrupt image files (counted in the report) instead of stopping")
     p.add_argument("--grid-rows", type=int, default=12, help="(prompt, seed) rows shown in the report's image grid")
@@ -47,7 +49,7 @@ def cmd(args) -> int:
     result = evaluate_folders(folders, specs, args.out, baselines, bootstrap=args.bootstrap, seed=args.seed,
                               level=args.level, batch_size=args.batch_size, device=args.device,
                               lenient=args.lenient, grid_rows=args.grid_rows, distribution=args.distribution,
-                              compare=[tuple(pair) for pair in args.compare])
+                              compare=[tuple(pair) for pair in args.compare], processes=args.processes)
     if result.report_path is not None:  # only the main process writes and prints
         print(format_table(result))
         print(f"\nreport: {result.report_path}")

@@ -194,23 +194,25 @@ def _label_features(result: EvaluationResult, measure) -> dict[str, np.ndarray]:
     return features
 
 
-def compute_distribution_metrics(result: EvaluationResult, measure, show_progress: bool = False) -> EvaluationResult:
+def compute_distribution_metrics(result: EvaluationResult, measure, show_progress: bool = False,
+                                 processes: int = 1) -> EvaluationResult:
     """Fill `result.distribution` (each folder against the reference of its prompts) and
-    `result.distribution_differences` (each folder minus each baseline on images matched by (prompt, seed),
-    against the reference of the matched prompts). `measure` is a `toy_distribution.ToyDistribution`."""
+    `result.distribution_differences` (each comparison's folder minus its baseline on images matched by
+    (prompt, seed), against the reference of the matched prompts). `measure` is a
+    `toy_distribution.ToyDistribution`. The bootstraps run in `processes` processes (same results)."""
     from tqdm.auto import tqdm
 
-    comparisons = result.comparisons
+    from .distribution import run_jobs
+
     features = _label_features(result, measure)
     result.distribution_settings = measure.describe()
     result.distribution, result.distribution_differences = {}, {}
-    bar = tqdm(total=len(result.labels) + len(comparisons), desc="distribution", unit="set", disable=not show_progress)
+    jobs, keys = [], []
     for label in result.labels:
         prompts = [result.records[i].prompt for i in result.rows_of(label)]
-        result.distribution[label] = measure.metrics_of_features(features[label], prompts, seed=result.seed,
-                                                                 level=result.level)
-        bar.update()
-    for label, baseline in comparisons:
+        jobs.append(measure.set_job(features[label], prompts, seed=result.seed, level=result.level))
+        keys.append(("set", label))
+    for label, baseline in result.comparisons:
         rows, base_rows = result.rows_of(label), result.rows_of(baseline)
         pairs, unmatched_a, unmatched_b = match_pairs([result.records[i].key for i in rows],
                                                       [result.records[j].key for j in base_rows])
@@ -218,9 +220,13 @@ def compute_distribution_metrics(result: EvaluationResult, measure, show_progres
             raise UserError(f"'{label}' and baseline '{baseline}' share {len(pairs)} (prompt, seed) pair(s); the "
                             f"paired distribution difference needs more than k={measure.k}")
         ia, ib = [i for i, _ in pairs], [j for _, j in pairs]
-        result.distribution_differences[(label, baseline)] = measure.compare_features(
+        jobs.append(measure.difference_job(
             features[label][ia], features[baseline][ib], [result.records[rows[i]].prompt for i in ia],
-            seed=result.seed, level=result.level, unmatched_a=unmatched_a, unmatched_b=unmatched_b)
+            seed=result.seed, level=result.level, unmatched_a=unmatched_a, unmatched_b=unmatched_b))
+        keys.append(("difference", (label, baseline)))
+    bar = tqdm(total=len(jobs), desc="distribution", unit="set", disable=not show_progress)
+    for (kind, key), measured in zip(keys, run_jobs(jobs, processes)):
+        (result.distribution if kind == "set" else result.distribution_differences)[key] = measured
         bar.update()
     bar.close()
     return result
@@ -248,6 +254,7 @@ def evaluate_folders(
     grid_rows: int = 12,
     distribution=None,
     compare: Sequence[tuple[str, str]] = (),
+    processes: int = 1,
 ) -> EvaluationResult:
     """Score every image of `folders` ({label: folder}) with every reward and compare against `baseline`.
 
@@ -255,7 +262,8 @@ def evaluate_folders(
     every other folder is compared with each. `compare`: more (label, baseline) pairs to compare, e.g. a tuned
     model with its negative against the tuned model alone, without making the latter a baseline of all.
     `distribution`: a spec for `toy_distribution.build_distribution` (e.g. "toy", "toy:k=5") or a built
-    `ToyDistribution`, for set-level measures (None: none). With `out_dir`,
+    `ToyDistribution`, for set-level measures (None: none), whose bootstraps run in `processes` processes
+    (the same figures; each process forks this one). With `out_dir`,
     the main process writes the report files and `result.report_path` is report.html. Works unchanged under
     `accelerate launch` (images sharded by process; the set-level measures, on the gathered images, are
     computed by every process alike).
@@ -264,6 +272,8 @@ def evaluate_folders(
         raise UserError("no image folders given: pass --images DIR (or LABEL=DIR)")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if int(processes) != processes or processes < 1:
+        raise UserError(f"--processes must be a positive integer (got {processes})")
     check_bootstrap_options(bootstrap, level)  # before the scoring, not after it
     baselines = [baseline] if isinstance(baseline, str) else list(baseline or [])
     for b in baselines:
@@ -300,7 +310,8 @@ def evaluate_folders(
     )
     compute_metrics(result)
     if measure is not None:
-        compute_distribution_metrics(result, measure, show_progress=state.is_local_main_process)
+        compute_distribution_metrics(result, measure, show_progress=state.is_local_main_process,
+                                     processes=processes)
     if out_dir is not None and state.is_main_process:
         result.report_path = write_report(result, out_dir, grid_rows=grid_rows)
     return result

@@ -20,7 +20,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -154,21 +154,35 @@ class ToyDistribution:
         groups = [p for p, c in counts.items() for _ in range(c * self.references_per_image)]
         return np.concatenate(parts) if parts else np.zeros((0, 0)), groups
 
+    def set_job(self, features: np.ndarray, prompts: Sequence[str], *, seed: int = 0,
+                level: float = 0.95) -> tuple[Callable, dict]:
+        """(function, keyword arguments) of `metrics_of_features`: plain arrays (the reference's features are
+        computed here), so the bootstrap can run in another process (`distribution.run_jobs`)."""
+        reference, groups = self.reference_for(prompts)
+        return distribution_metrics, dict(generated=features, reference=reference, k=self.k, groups=list(prompts),
+                                          reference_groups=groups, samples=self.samples, seed=seed, level=level)
+
+    def difference_job(self, features: np.ndarray, baseline: np.ndarray, prompts: Sequence[str], *, seed: int = 0,
+                       level: float = 0.95, unmatched_a: int = 0, unmatched_b: int = 0) -> tuple[Callable, dict]:
+        """(function, keyword arguments) of `compare_features`, as `set_job`."""
+        reference, groups = self.reference_for(prompts)
+        return paired_distribution_difference, dict(
+            a=features, b=baseline, reference=reference, k=self.k, groups=list(prompts), reference_groups=groups,
+            samples=self.samples, seed=seed, level=level, unmatched_a=unmatched_a, unmatched_b=unmatched_b)
+
     def metrics_of_features(self, features: np.ndarray, prompts: Sequence[str], *, seed: int = 0,
                             level: float = 0.95) -> DistributionMetrics:
         """`distribution_metrics` of a set (features from `features`) against its reference, resampled by prompt."""
-        reference, groups = self.reference_for(prompts)
-        return distribution_metrics(features, reference, k=self.k, groups=list(prompts), reference_groups=groups,
-                                    samples=self.samples, seed=seed, level=level)
+        fn, kwargs = self.set_job(features, prompts, seed=seed, level=level)
+        return fn(**kwargs)
 
     def compare_features(self, features: np.ndarray, baseline: np.ndarray, prompts: Sequence[str], *,
                          seed: int = 0, level: float = 0.95, unmatched_a: int = 0,
                          unmatched_b: int = 0) -> DistributionDifference:
         """`paired_distribution_difference` of two matched sets (row i of each: same prompt and seed)."""
-        reference, groups = self.reference_for(prompts)
-        return paired_distribution_difference(features, baseline, reference, k=self.k, groups=list(prompts),
-                                              reference_groups=groups, samples=self.samples, seed=seed,
-                                              level=level, unmatched_a=unmatched_a, unmatched_b=unmatched_b)
+        fn, kwargs = self.difference_job(features, baseline, prompts, seed=seed, level=level,
+                                         unmatched_a=unmatched_a, unmatched_b=unmatched_b)
+        return fn(**kwargs)
 
     def metrics(self, images, prompts: Sequence[str], *, seed: int = 0, level: float = 0.95) -> DistributionMetrics:
         prompts = _one_prompt_each(prompts, len(images))
