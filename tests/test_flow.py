@@ -288,11 +288,89 @@ def test_full_finetune_changes_every_trained_weight(tiny, pairs, tmp_path, name)
                  max_train_steps=1)
     # Parameters, not buffers (SD3's fixed sin-cos position table is a buffer, never trained).
     base = {k: v.detach() for k, v in cls.from_pretrained(tiny[name], subfolder="transformer").named_parameters()}
-    trained = {k: v.detach() for k, v in cls.from_pretrained(out / "unet").named_parameters()}
+    trained = {k: v.detach() for k, v in cls.from_pretrained(out, subfolder="transformer").named_parameters()}
     assert base.keys() == trained.keys()
     changed = [k for k in base if not torch.equal(base[k], trained[k])]
     # FLUX-dev: the guidance embedder is trained too (it gets the training guidance on every call).
     assert len(changed) == len(base), sorted(set(base) - set(changed))[:5]
+
+
+def test_a_full_finetune_writes_transformer_where_diffusers_and_diffalign_load_it(tiny, pairs, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A transformer family's full fine-tune keeps the network where a pipeline folder does, in `transformer/` (with
+    use_ema: the EMA there, the trained weights in `transformer_raw/`), not in `unet/`, in the run folder and in
+    its checkpoints: diffusers' from_pretrained(run, subfolder="transformer") finds it, and so does every diffalign
+    command that takes the run folder. Runs written before, with the transformer in `unet/`, still load."""
+    import shutil
+
+    from diffusers import SD3Transformer2DModel
+
+    from diffalign.cli import main
+    from diffalign.guidance.offsets import load_unet, resolve_offset
+    from diffalign.models import load_pipeline, resolve_lora_file
+    from diffalign.training import setup
+
+    seen = {}
+    real_start = setup.start_run
+
+    def spy(cfg):
+        run = real_start(cfg)
+        seen["family"] = run.family
+        return run
+
+    monkeypatch.setattr("diffalign.training.loop.start_run", spy)
+    out = _train(tiny["sd3"], pairs, tmp_path / "full", method="sft", train_mode="full", use_ema=True, ema_decay=0.5,
+                 checkpointing_steps=2)
+    trained = {k: v.detach() for k, v in seen["family"].unet.named_parameters()}  # the trained (not EMA) weights
+    ckpt = out / "checkpoint-2"
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    assert ema.keys() == trained.keys() and any(not torch.equal(ema[k], v) for k, v in trained.items())
+    for folder in (out, ckpt):
+        assert not (folder / "unet").exists() and not (folder / "unet_raw").exists()
+        raw = dict(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer_raw").named_parameters())
+        averaged = dict(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").named_parameters())
+        assert all(torch.equal(raw[k], v) for k, v in trained.items())
+        assert all(torch.equal(averaged[k], v) for k, v in ema.items())
+    assert json.loads((ckpt / "state.json").read_text())["weights"] == {
+        "transformer": "EMA of the trained weights (use_ema)", "transformer_raw": "the trained weights"}
+    card = (out / "README.md").read_text()
+    assert 'pipe.transformer = SD3Transformer2DModel.from_pretrained(".", subfolder="transformer")' in card
+
+    # diffalign's own loader (guidance offsets, extract-lora) takes the run folder's transformer/.
+    for folder in (out, ckpt):
+        loaded = load_unet(str(folder))
+        assert isinstance(loaded, SD3Transformer2DModel) and resolve_offset(folder).kind == "unet"  # a whole model
+        assert all(torch.equal(dict(loaded.named_parameters())[k], v) for k, v in ema.items())
+    capsys.readouterr()
+    assert main(["extract-lora", "--base", str(tiny["sd3"]), "--tuned", str(out), "--rank", "64",
+                 "--out", str(tmp_path / "lora")]) == 0
+    pipe = load_pipeline(tiny["sd3"])
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    load_lora_into_pipeline(pipe, tmp_path / "lora")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    linear = {f"{n}.weight" for n, m in pipe.transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    for k, v in pipe.transformer.state_dict().items():  # the LoRA at full rank: the fine-tune's Linear/Conv weights
+        torch.testing.assert_close(v, ema[k] if k in linear else base[k], atol=1e-5, rtol=1e-4)
+    # The run folder and a checkpoint are no LoRA, and a transformer is no negative model for guidance.
+    for folder in (out, ckpt):
+        with pytest.raises(UserError, match="full fine-tune: its weights are the transformer in .*transformer "):
+            resolve_lora_file(folder)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny["sd3"]), "--prompt", "x", "--negative-model", str(out), "--out",
+                 str(tmp_path / "g")]) == 2
+    assert "is a full model folder; guidance on a transformer composes LoRA offsets only" in capsys.readouterr().err
+
+    # A run written before the folder followed the family: the transformer in unet/.
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copytree(out / "transformer", old / "unet")
+    shutil.copy(out / "train_report.json", old / "train_report.json")
+    loaded = load_unet(str(old))
+    assert isinstance(loaded, SD3Transformer2DModel)
+    assert all(torch.equal(dict(loaded.named_parameters())[k], v) for k, v in ema.items())
+    with pytest.raises(UserError, match=r"its weights are the transformer in .*unet \(give it to extract-lora"):
+        resolve_lora_file(old)
 
 
 @pytest.mark.parametrize("name", FLOW)

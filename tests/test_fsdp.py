@@ -418,11 +418,11 @@ def test_fsdp_cogvideox_selfnpo_full_trains_like_one_process(tmp_path):
     one = _train_in_process(config, (*common, f"--output_dir={tmp_path / 'one'}", "--train_batch_size=4"))
     assert _wait(proc, log) == 0, log.read_text()[-5000:]
     assert "FSDP2: parameters, gradients and optimizer states sharded" in log.read_text()
-    a, b = load_file(one / "unet" / WEIGHTS), load_file(two / "unet" / WEIGHTS)
+    a, b = load_file(one / "transformer" / WEIGHTS), load_file(two / "transformer" / WEIGHTS)
     base = load_file(model / "transformer" / WEIGHTS)
     assert a.keys() == b.keys() == base.keys()
     assert all(not torch.equal(b[k], base[k]) for k in b)  # every weight trained
     worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
     assert worst <= WEIGHT_RTOL, f"1-process and 2-process weights differ by {worst:.2e} of a tensor's scale"
-    loaded = CogVideoXTransformer3DModel.from_pretrained(two / "unet")
+    loaded = CogVideoXTransformer3DModel.from_pretrained(two, subfolder="transformer")
     torch.testing.assert_close(dict(loaded.state_dict()), b, rtol=0, atol=0)

@@ -142,6 +142,33 @@ def test_model_card_parses_names_the_real_base_and_no_absolute_path(tmp_path, st
     assert "| method settings |" in text and "caption dropout | a share 0.1" in text
 
 
+@pytest.mark.parametrize("family, folder, cls", [
+    ("sd", "unet", "UNet2DConditionModel"), ("sdxl", "unet", "UNet2DConditionModel"),
+    ("sd3", "transformer", "SD3Transformer2DModel"), ("flux", "transformer", "FluxTransformer2DModel"),
+    ("cogvideox", "transformer", "CogVideoXTransformer3DModel")])
+def test_full_finetune_cards_load_the_family_denoiser_from_its_folder(tmp_path, style_pairs, family, folder, cls):
+    """A full fine-tune writes the network where a pipeline keeps it (unet/ or transformer/): the card's snippet
+    loads it from there with the family's class, and the hub upload includes that folder."""
+    from fnmatch import fnmatch
+
+    from diffalign.training.hub import WEIGHT_PATTERNS
+    from diffalign.training.model_card import write_model_card, write_selfnpo_model_card
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = _cfg("toy", style_pairs, out, train_mode="full")
+    text = write_model_card(cfg, out, resolution=32, family=family, data_summary="12 pairs").read_text()
+    assert f"from diffusers import DiffusionPipeline, {cls}\n" in text
+    assert f'pipe.{folder} = {cls}.from_pretrained(".", subfolder="{folder}")' in text
+    assert f"| trained | full {'UNet' if folder == 'unet' else 'transformer'} |" in text
+    cfg = _cfg("toy", style_pairs, out, method="selfnpo", train_mode="full", learning_rate=1e-4, use_ema=False)
+    text = write_selfnpo_model_card(cfg, out, resolution=32, family=family, data_summary="1 prompt").read_text()
+    assert f'neg.{folder} = {cls}.from_pretrained(".", subfolder="{folder}")' in text
+    assert f"eps_neg from neg.{folder} with" in text and "UNet2DConditionModel" not in text.replace(cls, "")
+    for sub in (folder, f"{folder}_raw"):
+        assert any(fnmatch(f"{sub}/diffusion_pytorch_model.safetensors", p) for p in WEIGHT_PATTERNS)
+
+
 def test_selfnpo_card_names_the_negative_model_and_no_absolute_path(tmp_path):
     from diffalign.training.model_card import write_selfnpo_model_card
 

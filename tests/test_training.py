@@ -310,6 +310,23 @@ def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny
         assert sum(changed) > 0.9 * len(changed)
 
 
+@pytest.mark.slow
+def test_bf16_full_finetune_samples_validation_grids_with_its_half_precision_reference(tiny_pipelines, style_pairs,
+                                                                                      tmp_path, fresh_accelerator_state):
+    """The base row of a full fine-tune samples the frozen reference copy, stored in bf16: its latents reached the
+    float32 VAE (the tiny VAE asks for force_upcast) and the validation crashed with a dtype mismatch in conv2d."""
+    from PIL import Image
+
+    from diffalign.training.loop import train
+
+    out = train(_cfg(tiny_pipelines["sd"], style_pairs, tmp_path / "run", method="dpo", train_mode="full",
+                     mixed_precision="bf16", max_train_steps=2, train_batch_size=2, learning_rate=1e-4,
+                     validation_prompts=["a red circle"], validation_steps=1, validation_num_inference_steps=2))
+    grids = sorted((out / "validation").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    assert Image.open(grids[-1]).info["rows"].split("\n") == ["base", "trained, step 2"]
+
+
 def test_frozen_weight_dtype_follows_mixed_precision():
     from diffalign.training.setup import frozen_weight_dtype
 

@@ -3,6 +3,7 @@ sampled once per run, not at every validation."""
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffalign.toy.render_pairs import write_pairs_parquet
@@ -71,3 +72,19 @@ def test_training_samples_the_base_row_once_per_run(tiny_pipelines, tmp_path, mo
     header = arrays[0].shape[0] - 2 * cell
     assert all(np.array_equal(a[header: header + cell], arrays[0][header: header + cell]) for a in arrays)
     assert not np.array_equal(arrays[0][header + cell:], arrays[2][header + cell:])
+
+
+def test_validation_decodes_in_the_vae_dtype_and_leaves_float32_latents_alone(tiny_pipelines):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_pipelines["sd"], subfolder="vae")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = vae.decode(z).sample
+        with validation.decode_in_vae_dtype(vae):
+            same = vae.decode(z).sample  # float32 latents: exactly what the VAE gives without the wrapper
+            half = vae.decode(z.bfloat16()).sample  # bf16 latents (a half-precision reference): decoded in float32
+        with pytest.raises(RuntimeError):
+            vae.decode(z.bfloat16())  # the wrapper is gone again
+    assert torch.equal(same, plain) and "decode" not in vae.__dict__
+    torch.testing.assert_close(half, vae.decode(z.bfloat16().float()).sample)

@@ -10,8 +10,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("extract-lora", help="LoRA of chosen rank from a full fine-tune (SVD of tuned - base per "
                        "Linear/Conv layer), with the share of the difference it keeps")
     p.add_argument("--base", required=True, help="base pipeline folder or hub id; 'toy' for the toy model")
-    p.add_argument("--tuned", required=True, help="fine-tuned UNet folder, or a folder with unet/ (pipeline, run "
-                   "folder of a full fine-tune, or any of its checkpoint-N folders)")
+    p.add_argument("--tuned", required=True, help="fine-tuned UNet (or transformer) folder, or a folder with unet/ or "
+                   "transformer/ (pipeline, run folder of a full fine-tune, or any of its checkpoint-N folders)")
     p.add_argument("--rank", type=int, required=True,
                    help="LoRA rank: each layer keeps the top-R singular values of its weight difference (all of it "
                    "when R >= that layer's rank); biases and norm weights have no LoRA form and are dropped")

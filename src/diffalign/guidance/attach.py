@@ -105,8 +105,9 @@ def attach_negative_guidance(
     if not denoiser.full_offsets:
         for offset in (eta, delta):
             if offset is not None and not offset.is_lora:
-                raise UserError(f"{offset.path!r} is a full model folder; video guidance composes LoRA offsets only "
-                                "(train the negative model with train_mode=lora)")
+                raise UserError(f"{offset.path!r} is a full model folder; guidance on a {denoiser.shown} composes LoRA "
+                                "offsets only (train the negative model with train_mode=lora, or make a LoRA of it "
+                                "with `diffalign extract-lora`)")
     alpha, beta = float(alpha), float(beta)
     lora_only = all(o is None or o.is_lora for o in (eta, delta))
     info = GuidanceInfo(

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..models.loading import load_pipeline
-from ..models.lora import save_lora
+from ..models.lora import denoiser_component, save_lora
 from ..models.source import resolve_model
 from .offsets import add_factor_adapter, load_unet
 
@@ -167,7 +167,7 @@ def extract_lora(base_path: str, tuned_path: str, rank: int, out_dir: str, targe
     layer group, and warn (through `warn`, default `log`) when the total is below `warn_below` percent."""
 
     pipe = load_pipeline(resolve_model(base_path))
-    base = pipe.unet
+    base = getattr(pipe, denoiser_component(type(pipe)))  # the UNet, or the transformer of SD3 / FLUX / CogVideoX
     tuned = load_unet(str(resolve_model(tuned_path)), dtype=base.dtype)
     factors, report = decompose_difference(base, tuned, rank, target_modules)
     if report.total == 0:

@@ -19,7 +19,6 @@ and Conv layer, so a full-UNet offset can use the fast path at a chosen rank.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..models.folders import load_denoiser, locate_denoiser
 from ..models.lora import LORA_WEIGHT_NAME, load_lora_into_unet, resolve_lora_file
 
 #: module name -> (A weight, B weight, scaling); the module's LoRA delta is `B @ A * scaling` (conv: 1x1 B).
@@ -35,7 +35,8 @@ LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 @dataclass(frozen=True)
 class Offset:
-    """One weight offset: `kind` is 'lora' (a LoRA file) or 'unet' (a UNet folder, minus the base)."""
+    """One weight offset: `kind` is 'lora' (a LoRA file) or 'unet' (a whole model, minus the base: a UNet folder,
+    or a folder with unet/ or transformer/)."""
 
     kind: str
     path: str
@@ -45,34 +46,19 @@ class Offset:
         return self.kind == "lora"
 
 
-def _unet_folder(path: Path) -> tuple[str, str | None] | None:
-    """(folder, subfolder) when `path` is a UNet folder or a folder with a `unet/` (pipeline or run), else None."""
-    cfg = path / "config.json"
-    if cfg.is_file():
-        try:
-            name = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError):
-            name = ""
-        if "UNet" in name or "Transformer" in name:
-            return str(path), None
-    # A pipeline folder, or the output folder of a full fine-tune by `diffalign train` (weights in unet/).
-    if (path / "unet" / "config.json").is_file():
-        return str(path), "unet"
-    return None
-
-
 def resolve_offset(path: str | os.PathLike) -> Offset:
-    """Classify a path: LoRA file/folder, or UNet folder (a diffusers UNet folder or a pipeline folder)."""
+    """Classify a path: LoRA file/folder, or a whole model (a diffusers UNet or transformer folder, or a folder with
+    unet/ or transformer/: a pipeline, the run folder of a full fine-tune or one of its checkpoints)."""
     text = os.fspath(path)
     p = Path(text).expanduser()
-    if p.is_dir() and not (p / LORA_WEIGHT_NAME).is_file() and _unet_folder(p) is not None:
+    if p.is_dir() and not (p / LORA_WEIGHT_NAME).is_file() and locate_denoiser(p) is not None:
         return Offset("unet", str(p))
     try:
         return Offset("lora", resolve_lora_file(text))
     except UserError as exc:
         raise UserError(
             f"{text!r} is neither a LoRA (.safetensors file or folder) nor a UNet folder (config.json of a UNet, "
-            f"or a pipeline folder with unet/): {exc}"
+            f"or a pipeline or run folder with unet/ or transformer/): {exc}"
         ) from exc
 
 
@@ -83,18 +69,9 @@ def as_offset(value) -> Offset | None:
 
 
 def load_unet(path: str, dtype: torch.dtype | None = None):
-    """Load a UNet from a UNet folder or a pipeline folder's `unet/`."""
-    from diffusers import UNet2DConditionModel
-
-    where = _unet_folder(Path(path))
-    if where is None:
-        raise UserError(f"{path!r} is not a UNet folder nor a pipeline folder with unet/")
-    folder, sub = where
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    try:
-        return UNet2DConditionModel.from_pretrained(folder, subfolder=sub, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load UNet {path!r}: {exc}") from exc
+    """Load the whole denoiser of a UNet (or transformer) folder, or of a folder with `unet/` or `transformer/`
+    (pipeline, run or checkpoint folder: models/folders.py)."""
+    return load_denoiser(path, dtype)
 
 
 def lora_factors(unet: torch.nn.Module, adapter_name: str) -> LoraFactors:

@@ -93,6 +93,8 @@ class ModelFamily(abc.ABC):
     #: The denoiser's pipeline component name ("transformer" for DiT families such as CogVideoX). The module itself
     #: is always held in `self.unet`, so recipes and loops never branch on it; this names folders and LoRA prefixes.
     denoiser_name: ClassVar[str] = "unet"
+    #: The denoiser's diffusers class: what loads `denoiser_name/` of a pipeline or of a full fine-tune's run folder.
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"
     #: Video families have 5-D latents (B, F', C, H', W') and clips of frames instead of images.
     is_video: ClassVar[bool] = False
 

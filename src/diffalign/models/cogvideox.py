@@ -55,6 +55,7 @@ class CogVideoXFamily(ModelFamily):
     pipeline_class_name = "CogVideoXPipeline"
     required_components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
     denoiser_name = "transformer"
+    denoiser_class = "CogVideoXTransformer3DModel"
     is_video = True
 
     def __init__(self, *, zero_unconditional: bool = False, max_sequence_length: int = MAX_SEQUENCE_LENGTH, **kw):

@@ -130,13 +130,12 @@ class FlowFamily(ModelFamily):
     timestep_scale: ClassVar[float] = 1000.0
 
     TEXT_STACK: ClassVar[tuple] = ()  # (encoder subfolder, tokenizer subfolder, default encoder class) per encoder
-    TRANSFORMER_CLASS: ClassVar[str] = ""  # the diffusers transformer class of the family
 
     @classmethod
     def _load(cls, source, vae, dtype: torch.dtype, variant: str | None) -> "FlowFamily":
         import diffusers
 
-        common = load_flow_common(source, vae, dtype, variant, getattr(diffusers, cls.TRANSFORMER_CLASS))
+        common = load_flow_common(source, vae, dtype, variant, getattr(diffusers, cls.denoiser_class))
         tokenizers, encoders = load_text_stack(source, dtype, variant, cls.TEXT_STACK)
         return cls(text_encoders=encoders, tokenizers=tokenizers, **common)
 

@@ -69,7 +69,7 @@ class FluxFamily(FlowFamily):
     """FLUX.1 adapter over `FluxPipeline` components (see the module docstring)."""
 
     TEXT_STACK = FLUX_TEXT_STACK
-    TRANSFORMER_CLASS = "FluxTransformer2DModel"
+    denoiser_class = "FluxTransformer2DModel"
 
     name = "flux"
     pipeline_class_name = "FluxPipeline"

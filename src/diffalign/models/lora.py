@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from ..errors import UserError
+from .folders import locate_denoiser
 from .source import first_line, hub_offline
 
 if TYPE_CHECKING:
@@ -125,11 +126,24 @@ def _is_checkpoint(p: Path) -> bool:
     return (p / "state.json").is_file() and ((p / "trainable.safetensors").is_file() or (p / "sharded").is_dir())
 
 
+def _full_weights(p: Path) -> tuple[str, str, str] | None:
+    """(the network in words, its folder, how to use it) when `p` holds the whole network of a full fine-tune."""
+    where = locate_denoiser(p)
+    if where is None or where[1] is None:
+        return None
+    _, sub, cls = where
+    unet = "UNet" in cls
+    use = (f"{'--negative-model, ' if unet else ''}extract-lora --tuned, or "
+           f"{cls}.from_pretrained(..., subfolder={sub!r})")
+    return ("UNet" if unet else "transformer"), str(p / sub), use
+
+
 def _checkpoint_without_lora(p: Path, text: str) -> UserError:
-    if (p / "unet" / "config.json").is_file():
-        return UserError(f"{text!r} is a checkpoint of a full fine-tune: its weights are the UNet in {p / 'unet'} "
-                         "(give it to --negative-model, extract-lora --tuned, or "
-                         "UNet2DConditionModel.from_pretrained), not a LoRA")
+    full = _full_weights(p)
+    if full is not None:
+        what, folder, use = full
+        return UserError(f"{text!r} is a checkpoint of a full fine-tune: its weights are the {what} in {folder} "
+                         f"(give it to {use}), not a LoRA")
     return UserError(f"{text!r} is a training checkpoint that holds only the resume state (trainable.safetensors, "
                      f"written before checkpoints also held {LORA_WEIGHT_NAME}): it can only be resumed from "
                      "(--resume_from_checkpoint), not loaded; pick a checkpoint written by this version")
@@ -174,9 +188,11 @@ def resolve_lora_file(path: str | os.PathLike) -> str:
             return str(p / LORA_WEIGHT_NAME)
         if _is_checkpoint(p):
             raise _checkpoint_without_lora(p, text)
-        if (p / "unet" / "config.json").is_file() and (p / "train_report.json").is_file():
-            raise UserError(f"{text!r} is the run folder of a full fine-tune: its weights are the UNet in "
-                            f"{p / 'unet'}, not a LoRA")
+        full = _full_weights(p)
+        if full is not None and (p / "train_report.json").is_file():
+            what, folder, use = full
+            raise UserError(f"{text!r} is the run folder of a full fine-tune: its weights are the {what} in {folder} "
+                            f"(give it to {use}), not a LoRA")
         candidates = sorted(f.name for f in p.glob("*.safetensors"))
         if len(candidates) == 1:
             return str(p / candidates[0])

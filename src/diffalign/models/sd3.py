@@ -38,7 +38,7 @@ class SD3Family(FlowFamily):
     """SD3 / SD3.5 adapter over `StableDiffusion3Pipeline` components (see the module docstring)."""
 
     TEXT_STACK = SD3_TEXT_STACK
-    TRANSFORMER_CLASS = "SD3Transformer2DModel"
+    denoiser_class = "SD3Transformer2DModel"
 
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"

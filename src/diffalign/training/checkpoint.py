@@ -11,9 +11,10 @@ taken as `latest`. Old checkpoints are renamed to `.trash-*` before they are del
 Loadable weights. Besides the resume state (`trainable.safetensors`, whose peft keys no loader reads), each
 checkpoint holds the weights in the form the run folder holds them, written by the same code
 (`write_weights`, the recipe's `save_outputs`): `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights`,
-or `unet/` for `UNet2DConditionModel.from_pretrained` (with use_ema: `unet/` the EMA weights, `unet_raw/` the
-trained ones, as `state.json`'s `weights` says). So `generate --lora RUN/checkpoint-N` and every command that
-takes a run folder take any of its checkpoints.
+or `unet/` for `UNet2DConditionModel.from_pretrained` (`transformer/` for the transformer class of SD3, FLUX or
+CogVideoX; with use_ema: `unet/` the EMA weights, `unet_raw/` the trained ones, as `state.json`'s `weights`
+says). So `generate --lora RUN/checkpoint-N` and every command that takes a run folder take any of its
+checkpoints.
 
 No pickle. Weights and every tensor of the optimizer/scheduler state are safetensors; the rest of those states
 (param groups, step counts) is JSON. Older checkpoints with `optimizer.pt`/`scheduler.pt` still load, through

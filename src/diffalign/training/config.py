@@ -156,7 +156,8 @@ class _Optimisation:
 class _WhatIsTrained:
     train_mode: Literal["lora", "full"] = _f(
         "lora", "lora: train a LoRA on the UNet (output pytorch_lora_weights.safetensors); full: fine-tune "
-        "the whole UNet (output a unet/ folder).")
+        "the whole UNet or transformer (output a unet/ folder, or transformer/ for SD3, FLUX and CogVideoX, "
+        "as in a pipeline folder).")
     rank: int = _f(8, "LoRA rank (train_mode=lora).")
     lora_alpha: Optional[float] = _f(None, "LoRA alpha; none: equal to rank (scale 1).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")

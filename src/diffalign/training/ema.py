@@ -2,7 +2,8 @@
 
 As the diffusers training scripts do for a full fine-tune: after every applied optimizer update,
 ``ema = ema + (1 - decay) * (weight - ema)`` (float32); checkpoints hold it (``ema.safetensors``) so a resumed
-run continues it exactly; the output ``unet/`` holds the EMA weights and ``unet_raw/`` the trained ones.
+run continues it exactly; the output ``unet/`` (``transformer/`` for SD3, FLUX and CogVideoX) holds the EMA weights
+and ``unet_raw/`` (``transformer_raw/``) the trained ones.
 """
 
 from __future__ import annotations

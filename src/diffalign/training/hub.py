@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..models.folders import weight_patterns
 from .hub_keys import default_hub_model_id
 
-# The files of a run folder (or of a checkpoint-N folder) that are its weights: a LoRA, or the UNet folders of
-# a full fine-tune (unet_raw/: the trained weights beside an EMA).
-WEIGHT_PATTERNS = ["pytorch_lora_weights.safetensors", "unet/*", "unet_raw/*"]
+# The files of a run folder (or of a checkpoint-N folder) that are its weights: a LoRA, or the network folders of
+# a full fine-tune (unet/ or transformer/; unet_raw/ or transformer_raw/: the trained weights beside an EMA).
+WEIGHT_PATTERNS = ["pytorch_lora_weights.safetensors", *weight_patterns()]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+from ..models.folders import shown
 from ..models.source import TOY_MODEL_ALIAS, _looks_like_hub_id
 from .methods import get_method
 
@@ -77,6 +78,15 @@ def _weights_repo(cfg) -> tuple[str, str]:
     return ".", "the folder holding this card (the run folder)"
 
 
+def _denoiser(family: str) -> tuple[str, str]:
+    """(the pipeline attribute and weights folder of the family's denoiser, its diffusers class): ("unet",
+    "UNet2DConditionModel") for SD / SDXL, ("transformer", "SD3Transformer2DModel") for SD3, and so on."""
+    from ..models.loading import family_class
+
+    cls = family_class(family)
+    return cls.denoiser_name, cls.denoiser_class
+
+
 def _settings(keys) -> str:
     if keys is None or not dataclasses.is_dataclass(keys):
         return ""
@@ -117,13 +127,14 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
     base_text, load_base, base_id = _base(cfg)
     data_text, datasets = _data(cfg, data_summary)
     repo, what = _weights_repo(cfg)
+    name, cls = _denoiser(family)
     usage = (
         f'pipe.load_lora_weights("{repo}")  # {what}: reads pytorch_lora_weights.safetensors'
-        if lora else f'pipe.unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")  # {what}'
+        if lora else f'pipe.{name} = {cls}.from_pretrained("{repo}", subfolder="{name}")  # {what}'
     )
     settings = _settings(keys)
     body = [
-        f"# {method.name.upper()} {'LoRA' if lora else 'UNet'} for "
+        f"# {method.name.upper()} {'LoRA' if lora else shown(name)} for "
         f"{_base_name(cfg, base_id)}",
         "",
         f"This is {method.role}, trained with [diffalign](https://pypi.org/project/diffalign/).",
@@ -133,7 +144,7 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
         f"| base model | {base_text} ({family}) |",
         f"| method | {method.title(keys)} |",
         *([f"| method settings | {settings} |"] if settings else []),
-        f"| {'LoRA rank' if lora else 'trained'} | {cfg.rank if lora else 'full UNet'} |",
+        f"| {'LoRA rank' if lora else 'trained'} | {cfg.rank if lora else f'full {shown(name)}'} |",
         f"| beta | {beta} |",
         f"| data | {data_text} |",
         f"| steps | {cfg.max_train_steps} x batch {cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps} |",
@@ -146,7 +157,7 @@ def write_model_card(cfg, out: Path, *, resolution: int, family: str, data_summa
         "## Use",
         "",
         "```python",
-        "from diffusers import DiffusionPipeline" + ("" if lora else ", UNet2DConditionModel"),
+        "from diffusers import DiffusionPipeline" + ("" if lora else f", {cls}"),
         load_base,
         usage,
         "```",
@@ -164,9 +175,10 @@ def write_selfnpo_model_card(cfg, out: Path, *, resolution: int, family: str, da
     data_text, datasets = (_data(cfg, data_summary) if cfg.dataset_name not in (None, "", "toy")
                            else (no_local_paths(data_summary), []))
     repo, what = _weights_repo(cfg)
+    name, cls = _denoiser(family)
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
     load = (f'neg.load_lora_weights("{repo}")  # {what}: pytorch_lora_weights.safetensors, theta_base + delta'
-            if lora else f'neg.unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")  # {what}: '
+            if lora else f'neg.{name} = {cls}.from_pretrained("{repo}", subfolder="{name}")  # {what}: '
                          "theta_base + delta")
     huber = f" (c = {cfg.huber_c:g})" if cfg.selfnpo_loss == "pseudo_huber" else ""
     start = ("pure noise and prompts only (data-free)" if cfg.selfnpo_start == "noise"
@@ -176,7 +188,7 @@ def write_selfnpo_model_card(cfg, out: Path, *, resolution: int, family: str, da
                    else f"interior: the top {cfg.ddim_grid - cfg.teacher_steps} grid points, always "
                         f"{cfg.teacher_steps} full steps")
     body = [
-        f"# Self-NPO negative {'LoRA' if lora else 'UNet'} for "
+        f"# Self-NPO negative {'LoRA' if lora else shown(name)} for "
         f"{_base_name(cfg, base_id)}",
         "",
         "This is a **NEGATIVE model** (Self-NPO, Wang et al. 2025), trained with diffalign. Use it only in the "
@@ -197,7 +209,7 @@ def write_selfnpo_model_card(cfg, out: Path, *, resolution: int, family: str, da
         f"| start range | {start_range} |",
         f"| teacher EMA decay | {cfg.teacher_ema_decay:g} |",
         f"| loss | {cfg.selfnpo_loss}{huber} |",
-        f"| {'LoRA rank' if lora else 'trained'} | {cfg.rank if lora else 'full UNet'} |",
+        f"| {'LoRA rank' if lora else 'trained'} | {cfg.rank if lora else f'full {shown(name)}'} |",
         f"| data | {data_text} |",
         f"| steps | {cfg.max_train_steps} x batch {cfg.train_batch_size} x accumulation "
         f"{cfg.gradient_accumulation_steps} |",
@@ -208,12 +220,12 @@ def write_selfnpo_model_card(cfg, out: Path, *, resolution: int, family: str, da
         "## Use (negative branch only)",
         "",
         "```python",
-        "from diffusers import DiffusionPipeline" + ("" if lora else ", UNet2DConditionModel"),
+        "from diffusers import DiffusionPipeline" + ("" if lora else f", {cls}"),
         load_base + "  # the positive model",
         "neg = DiffusionPipeline.from_pretrained(pipe.name_or_path)   # becomes the negative model",
         load,
         "# at every sampling step: eps = eps_neg + g * (eps_pos - eps_neg),",
-        "# eps_pos from pipe.unet with the prompt, eps_neg from neg.unet with the negative prompt ('' if none)",
+        f"# eps_pos from pipe.{name} with the prompt, eps_neg from neg.{name} with the negative prompt ('' if none)",
         "```",
     ]
     if grids:

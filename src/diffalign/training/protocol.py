@@ -154,14 +154,15 @@ class RecipeBase:
         return {}
 
     def save_outputs(self, out: Path) -> None:
-        """The trained weights: the LoRA (pytorch_lora_weights.safetensors) or the whole network (unet/)."""
+        """The trained weights: the LoRA (pytorch_lora_weights.safetensors) or the whole network, in the folder a
+        pipeline keeps it in (unet/, or transformer/ for SD3, FLUX and CogVideoX: models/folders.py)."""
         ctx = self._context()
         from .sharding import save_lora, save_network
 
         if ctx.cfg.train_mode == "lora":
             save_lora(ctx.family, out)
         else:
-            save_network(ctx.family.unet, Path(out) / "unet")
+            save_network(ctx.family.unet, Path(out) / ctx.family.denoiser_name)
 
 
 __all__ = ["Recipe", "RecipeBase", "RunContext", "StepResult", "TrainData"]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..models import Conditioning
+from ..models.folders import raw_folder
 from ..objectives import per_sample_mse
 from .batches import PairBatch, drop_captions, empty_prompt_mask, to_pair_batch
 from .ema import WeightEma
@@ -164,16 +165,18 @@ class PreferenceRecipe(RecipeBase):
     def weights_note(self) -> dict[str, str]:
         if self.ema is None or self._context().cfg.train_mode == "lora":
             return {}
-        return {"unet": "EMA of the trained weights (use_ema)", "unet_raw": "the trained weights"}
+        name = self.family.denoiser_name
+        return {name: "EMA of the trained weights (use_ema)", raw_folder(name): "the trained weights"}
 
     def save_outputs(self, out: Path) -> None:
-        """The LoRA, or the UNet; with use_ema the EMA weights in unet/ and the trained ones in unet_raw/."""
+        """The LoRA, or the whole network; with use_ema the EMA weights in unet/ (transformer/ for SD3, FLUX and
+        CogVideoX) and the trained ones in unet_raw/ (transformer_raw/)."""
         if self.ema is None or self._context().cfg.train_mode == "lora":
             return super().save_outputs(out)
-        unet = self.family.unet
+        unet, name = self.family.unet, self.family.denoiser_name
         with self.ema.swapped_in():
-            save_network(unet, Path(out) / "unet")
-        save_network(unet, Path(out) / "unet_raw")
+            save_network(unet, Path(out) / name)
+        save_network(unet, Path(out) / raw_folder(name))
 
     def write_model_card(self, out: Path, data_summary: str) -> Path:
         ctx = self._context()

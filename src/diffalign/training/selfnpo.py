@@ -41,8 +41,8 @@ official SD1.5 setting. Everything the teacher does runs under ``torch.no_grad``
 
 :class:`SelfNPORecipe` is the method's recipe for the training loop (protocol.py): its data are prompts or
 image-caption rows (selfnpo_data.py), its checkpoints hold the teacher (``ema.safetensors``), its output is the
-negative offset: the student's LoRA (``pytorch_lora_weights.safetensors``) or its UNet (``unet/``), meant for the
-negative branch of classifier-free guidance only.
+negative offset: the student's LoRA (``pytorch_lora_weights.safetensors``) or its whole network (``unet/``, or
+``transformer/`` for SD3, FLUX and CogVideoX), meant for the negative branch of classifier-free guidance only.
 """
 
 from __future__ import annotations

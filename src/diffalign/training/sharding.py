@@ -14,7 +14,7 @@ frozen DPO reference copy; under a LoRA the frozen base and the adapters alike. 
 rest of the network is the root unit.
 
 Checkpoints hold the sharded state as a torch distributed checkpoint (`sharded/`, every process writes its
-part); the loadable weights (`unet/`, or the LoRA file) are gathered to the main process and written whole
+part); the loadable weights (`unet/` or `transformer/`, or the LoRA file) are gathered to the main process and written whole
 (:func:`save_network`, :func:`save_lora`).
 """
 

@@ -7,6 +7,7 @@ does not change during a run, so its row is sampled once (:class:`ValidationGrid
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 from typing import TYPE_CHECKING
 
@@ -22,17 +23,38 @@ if TYPE_CHECKING:
     from ..models import ModelFamily
 
 
+@contextlib.contextmanager
+def decode_in_vae_dtype(vae):
+    """The VAE decodes latents of any dtype in its own. A stock pipeline hands its VAE the latents in the dtype the
+    sampling left them in: under fp16/bf16 the frozen reference copy of a full fine-tune (the base row) is stored in
+    half precision and leaves half-precision latents, while the VAE may be float32 (its config asks for
+    force_upcast), and conv2d refuses the mix. A float32 run's latents are float32 already (the cast is a no-op)."""
+    decode, own = vae.decode, vae.__dict__.get("decode")
+    dtype = vae.dtype
+
+    def cast(z, *args, **kwargs):
+        return decode(z.to(dtype), *args, **kwargs)
+
+    vae.decode = cast  # an instance attribute over the class's method, undone below
+    try:
+        yield
+    finally:
+        if own is None:
+            del vae.decode
+        else:
+            vae.decode = own
+
+
 def _sample(family: ModelFamily, cfg, resolution: int, net=None) -> np.ndarray:
     pipe = family.make_pipeline(net=net)
     pipe.set_progress_bar_config(disable=True)
     prompts = list(cfg.validation_prompts)
     gens = [torch.Generator().manual_seed(cfg.validation_seed + i) for i in range(len(prompts))]
-    if family.is_video:  # clips: first/middle/last frame side by side (models/cogvideox.py)
-        with torch.no_grad():
+    with torch.no_grad(), decode_in_vae_dtype(pipe.vae):
+        if family.is_video:  # clips: first/middle/last frame side by side (models/cogvideox.py)
             return family.preview_images(pipe, prompts, gens, resolution=cfg.resolution,
                                          guidance_scale=cfg.validation_guidance_scale,
                                          num_inference_steps=cfg.validation_num_inference_steps)
-    with torch.no_grad():
         images = pipe(prompts, height=resolution, width=resolution, guidance_scale=cfg.validation_guidance_scale,
                       num_inference_steps=cfg.validation_num_inference_steps, generator=gens, output_type="np").images
     return (images * 255).round().astype(np.uint8)
