@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -129,30 +132,139 @@ def test_shipped_pairs_are_what_their_config_makes(tmp_path):
     assert again == shipped
 
 
-def test_stages_run_in_processes_side_by_side_where_they_wait_for_nothing(tmp_path):
-    import os
+def _threads_given(lines: list[str]) -> dict[str, int]:
+    """Stage title -> the torch threads the parent's start line gave it."""
+    found = (re.search(r"\] (.+?) \.\.\. \(worker \d+, (\d+) thread\(s\); its output: ", line) for line in lines)
+    return {m.group(1): int(m.group(2)) for m in found if m}
 
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "(Z)" not in Path(f"/proc/{pid}/stat").read_text()[:100]
+
+
+def test_stages_run_in_workers_side_by_side_where_they_wait_for_nothing(tmp_path):
     from demo_stage_child import file_stages, launcher
 
     lines: list[str] = []
-    summaries = run_stages(file_stages(), tmp_path, log=lines.append, jobs=2, launch=launcher(tmp_path))
+    summaries = run_stages(file_stages(tmp_path), tmp_path, log=lines.append, jobs=2, launch=launcher(tmp_path))
     pids = {name: int((tmp_path / name / "pid.txt").read_text()) for name in "abc"}
-    assert os.getpid() not in pids.values() and len(set(pids.values())) == 3  # each stage in a process of its own
+    assert os.getpid() not in pids.values() and len(set(pids.values())) == 2  # 3 stages, 2 workers
     assert {k: v["made"] for k, v in summaries.items()} == {"a": "a", "b": "b", "c": "c"}
-    started = [line for line in lines if "a process of its own" in line]
+    started = [line for line in lines if " ... (worker " in line]
     assert len(started) == 3 and "1 thread(s)" in started[0] and "1 thread(s)" in started[1]  # a and c side by side
+    given = _threads_given(lines)
+    for name, title in zip("abc", ("first", "second", "independent")):  # torch in the worker got what the line says
+        assert int((tmp_path / name / "threads.txt").read_text()) == given[title]
+        assert (tmp_path / name / "omp.txt").read_text() == "1"  # numpy/BLAS single-threaded in every worker
     position = {line.split("] ")[1].split(" ...")[0].split(":")[0] + (" done" if ": done" in line else ""): k
                 for k, line in enumerate(lines)}
     assert position["first done"] < position["second"]  # b starts only once a is finished
-    again = run_stages(file_stages(), tmp_path, log=lambda *_: None, jobs=2, launch=launcher(tmp_path))
-    assert all(s["reused"] for s in again.values())  # what the processes wrote is reused like a stage run here
+    assert not any(_alive(pid) for pid in pids.values())  # the workers stopped with the demo
+    again = run_stages(file_stages(tmp_path), tmp_path, log=lambda *_: None, jobs=2, launch=launcher(tmp_path))
+    assert all(s["reused"] for s in again.values())  # what the workers wrote is reused like a stage run here
 
 
-def test_a_stage_that_fails_in_its_process_stops_the_demo_with_its_log(tmp_path):
+def test_two_workers_run_each_of_four_stages_once(tmp_path):
+    from demo_stage_child import flat_stages, launcher
+
+    summaries = run_stages(flat_stages(tmp_path), tmp_path, log=lambda *_: None, jobs=2,
+                           launch=launcher(tmp_path, kind="flat"))
+    names = [f"s{k}" for k in range(1, 5)]
+    assert sorted((tmp_path / "runs.txt").read_text().split()) == names  # every stage exactly once
+    pids = {int((tmp_path / name / "pid.txt").read_text()) for name in names}
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes over four stages
+    assert [summaries[n]["made"] for n in names] == names
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_a_stage_that_fails_in_its_worker_stops_the_demo_with_its_log(tmp_path):
     from demo_stage_child import file_stages, launcher
 
     from diffalign.errors import UserError
 
-    with pytest.raises(UserError, match=r"(?s)the demo stage 'c' failed in its process .*stage c broke"):
-        run_stages(file_stages(), tmp_path, log=lambda *_: None, jobs=2, launch=launcher(tmp_path, fail="c"))
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"(?s)the demo stage 'c' failed in worker \d; the end of .*c\.log:\n.*"
+                                        r"RuntimeError: stage c broke"):
+        run_stages(file_stages(tmp_path, fail="c", sleep={"a": 30}), tmp_path, log=lambda *_: None, jobs=2,
+                   launch=launcher(tmp_path, fail="c", sleep={"a": 30}))
+    assert time.monotonic() - start < 20  # a's worker was stopped, not waited for
+    assert int((tmp_path / "a" / "pid.txt").read_text()) != int((tmp_path / "c" / "pid.txt").read_text())
+    assert not any((tmp_path / name / "stage.json").exists() for name in "ac") and not (tmp_path / "b").exists()
+    assert not any(_alive(int((tmp_path / name / "pid.txt").read_text())) for name in "ac")
+
+
+def test_a_worker_killed_mid_stage_stops_the_demo_and_leaves_no_worker(tmp_path):
+    from demo_stage_child import crash_stages, launcher
+
+    from diffalign.errors import UserError
+
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"(?s)the demo stage 'boom' failed: its worker \d died \(exit -9\); the end "
+                                        r"of .*boom\.log:\n.*fd 2 of boom"):
+        run_stages(crash_stages(tmp_path), tmp_path, log=lambda *_: None, jobs=2, launch=launcher(tmp_path, kind="crash"))
+    assert time.monotonic() - start < 30  # not the minute the other stage sleeps
+    pids = [int((tmp_path / name / "pid.txt").read_text()) for name in ("slow", "boom")]
+    assert pids[0] != pids[1] and not any(_alive(pid) for pid in pids)
+    assert not (tmp_path / "slow" / "stage.json").exists()
+
+
+def _children() -> list[int]:
+    """Processes whose parent is this one (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == os.getpid():
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_an_interrupted_demo_stops_its_workers(tmp_path):
+    from demo_stage_child import file_stages, launcher
+
+    workers: list[int] = []
+
+    def log(line: str) -> None:
+        if "first: done" in line:  # c still sleeps in the other worker: Ctrl-C now
+            workers.extend(_children())
+            raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(file_stages(tmp_path, sleep={"c": 30}), tmp_path, log=log, jobs=2,
+                   launch=launcher(tmp_path, sleep={"c": 30}))
+    assert time.monotonic() - start < 20
+    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
     assert not (tmp_path / "c" / "stage.json").exists() and not (tmp_path / "b").exists()
+
+
+def test_each_stage_output_goes_to_its_own_log_c_level_included(tmp_path):
+    from demo_stage_child import file_stages, launcher
+
+    run_stages(file_stages(tmp_path), tmp_path, log=lambda *_: None, jobs=2, launch=launcher(tmp_path))
+    pids = [int((tmp_path / name / "pid.txt").read_text()) for name in "abc"]
+    assert len(set(pids)) == 2  # so one worker ran two of the stages, one after the other
+    for name in "abc":
+        text = (tmp_path / f"{name}.log").read_text()
+        for what in ("python stdout of", "fd 1 of", "fd 2 of", "C printf of"):
+            assert f"{what} {name}\n" in text
+        assert not any(f" of {other}\n" in text for other in "abc" if other != name)
+
+
+def test_demo_cli_has_hidden_worker_and_only_stage_flags(capsys):
+    from diffalign.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--out", "o", "--worker"])
+    assert args.worker and args.only_stage is None
+    assert parser.parse_args(["demo", "--only-stage", "mapo"]).only_stage == "mapo"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--help"])
+    shown = capsys.readouterr().out
+    assert "--jobs" in shown and "--worker" not in shown and "--only-stage" not in shown

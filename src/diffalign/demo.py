@@ -1,9 +1,12 @@
 """`diffalign demo`: the whole loop on the shipped toy model, on a CPU, in minutes.
 
 Stages (each in its own folder under `--out`; a finished stage is reused when its settings and the stages it
-builds on are unchanged, so a re-run after an interruption goes on where it stopped). With `--jobs` above 1 (the
-default on a machine with several cores) every stage runs in a process of its own as soon as the stages it needs
-are done, so MaPO, DPO and Self-NPO train side by side, one torch thread each:
+builds on are unchanged, so a re-run after an interruption goes on where it stopped). With `--jobs N` above 1 (the
+default on a machine with several cores) N worker processes (`diffalign demo --worker`) each import torch and
+diffusers once and run the stages the demo hands them, one after another; a stage starts as soon as the stages it
+needs are done, so MaPO, DPO and Self-NPO train side by side, one torch thread each. Each stage's output goes to
+`OUT/NAME.log`, and a worker resets what a stage could leave behind in its process (`_FreshState`), so a stage's
+result does not depend on which worker ran it or after what:
 
 1. `pairs`    preference pairs the toy model made of itself, ranked by the toy judge: four samples of each
               training prompt, the one that shows the asked shape and colour against one that does not
@@ -29,12 +32,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import selectors
 import shutil
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import UserError
 from .fsutil import ensure_writable_dir
@@ -133,57 +140,265 @@ def _run_here(stage: Stage, folder: Path) -> dict:
     return {"fingerprint": stage.fingerprint, "seconds": seconds, "summary": summary}
 
 
-def _run_apart(todo: list[Stage], stages: list[Stage], out: Path, launch: Callable[[str], list[str]], jobs: int,
+def _tail(log_path: Path, lines: int = 15) -> str:
+    if not log_path.exists():
+        return "(no output)"
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class _Worker:
+    """The parent's view of one worker process: the stage it runs (None: idle) and what it said so far."""
+
+    number: int
+    proc: subprocess.Popen
+    received: bytes = b""
+    stage: Stage | None = None
+    log_path: Path | None = None
+    started: float = 0.0
+
+
+def _run_apart(todo: list[Stage], stages: list[Stage], out: Path, launch: Sequence[str], jobs: int,
                finished: set[str], log) -> None:
-    """Run the stages of `todo` in separate processes, up to `jobs` at once, each as soon as the stages it needs
-    are in `finished`. `launch(name)` is the command line of one (`diffalign demo ... --only-stage NAME`), which
-    writes the stage's folder and `stage.json` as it would here; its output goes to `OUT/NAME.log`. A process that
-    runs beside others gets one torch thread; one that runs alone gets `jobs`."""
-    import os
-    import subprocess
-
+    """Run the stages of `todo` in up to `jobs` worker processes, each stage as soon as the stages it needs are in
+    `finished`, the costliest ready stage first. `launch` is the command line of one worker (`diffalign demo ...
+    --worker`, which calls `run_worker`); a stage that starts beside others (running or ready) gets one torch thread,
+    one that starts alone gets `jobs`. A stage that fails, or a worker that dies, stops the demo with a UserError
+    quoting the end of the stage's log; every worker is stopped when this returns or raises."""
     number = {s.name: i for i, s in enumerate(stages, 1)}
-    waiting, running = list(todo), []
-    while waiting or running:
-        ready = sorted((s for s in waiting if all(d in finished for d in s.needs)), key=lambda s: -s.cost)
-        while ready and len(running) < jobs:
-            stage = ready.pop(0)
-            waiting.remove(stage)
-            threads = "1" if ready or running else str(jobs)
-            log_path = out / f"{stage.name}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = log_path.open("w")
-            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-            proc = subprocess.Popen(launch(stage.name), stdout=handle, stderr=subprocess.STDOUT, env=env)
-            running.append((stage, proc, handle, log_path, time.perf_counter()))
-            log(f"[{number[stage.name]}/{len(stages)}] {stage.title} ... (a process of its own, {threads} thread(s); "
-                f"its output: {log_path})")
-        if not running:
-            raise UserError(f"the demo stages {[s.name for s in waiting]} wait for stages that are not there")
-        time.sleep(0.2)
-        for item in list(running):
-            stage, proc, handle, log_path, started = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            handle.close()
-            if proc.returncode:
-                for _, other, *_ in running:
-                    other.terminate()
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-                raise UserError(f"the demo stage {stage.name!r} failed in its process (exit {proc.returncode}); the end "
-                                f"of {log_path}:\n{tail}")
-            finished.add(stage.name)
-            log(f"[{number[stage.name]}/{len(stages)}] {stage.title}: done in {time.perf_counter() - started:.0f} s")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # numpy/BLAS: one thread; torch: per stage
+    workers: list[_Worker] = []
+    selector = selectors.DefaultSelector()
+
+    def died(worker: _Worker) -> None:
+        """Its channel ended or its process is gone: a failure of the stage it ran (or of the worker itself)."""
+        try:
+            code = worker.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # it closed its channel but lives on
+            worker.proc.kill()
+            code = worker.proc.wait()
+        if worker.stage is None:
+            raise UserError(f"demo worker {worker.number} stopped (exit {code}) with no stage to run; its messages "
+                            "are above")
+        raise UserError(f"the demo stage {worker.stage.name!r} failed: its worker {worker.number} died (exit {code}); "
+                        f"the end of {worker.log_path}:\n{_tail(worker.log_path)}")
+
+    def receive(worker: _Worker) -> bool:
+        """Read what the worker said (never blocks); act on each finished stage. False at the end of its channel."""
+        while True:
+            try:
+                chunk = os.read(worker.proc.stdout.fileno(), 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            worker.received += chunk
+            while b"\n" in worker.received:
+                line, worker.received = worker.received.split(b"\n", 1)
+                answer = json.loads(line)
+                stage = worker.stage
+                if stage is None or answer.get("stage") != stage.name:
+                    raise UserError(f"demo worker {worker.number} reported {answer!r}, which it was not running")
+                if not answer.get("ok"):
+                    raise UserError(f"the demo stage {stage.name!r} failed in worker {worker.number}; the end of "
+                                    f"{worker.log_path}:\n{_tail(worker.log_path)}")
+                worker.stage = None
+                finished.add(stage.name)
+                log(f"[{number[stage.name]}/{len(stages)}] {stage.title}: done in "
+                    f"{time.perf_counter() - worker.started:.0f} s")
+
+    try:
+        for k in range(1, min(jobs, len(todo)) + 1):
+            proc = subprocess.Popen(list(launch), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            os.set_blocking(proc.stdout.fileno(), False)
+            workers.append(_Worker(k, proc))
+            selector.register(proc.stdout.fileno(), selectors.EVENT_READ, workers[-1])
+        waiting = list(todo)
+        while waiting or any(w.stage is not None for w in workers):
+            ready = sorted((s for s in waiting if all(d in finished for d in s.needs)), key=lambda s: -s.cost)
+            idle = [w for w in workers if w.stage is None]
+            while ready and idle:
+                stage, worker = ready.pop(0), idle.pop(0)
+                waiting.remove(stage)
+                busy = any(w.stage is not None for w in workers)
+                threads = 1 if ready or busy else jobs
+                worker.stage, worker.log_path, worker.started = stage, out / f"{stage.name}.log", time.perf_counter()
+                log(f"[{number[stage.name]}/{len(stages)}] {stage.title} ... (worker {worker.number}, {threads} "
+                    f"thread(s); its output: {worker.log_path})")
+                try:
+                    worker.proc.stdin.write((json.dumps({"stage": stage.name, "threads": threads}) + "\n").encode())
+                    worker.proc.stdin.flush()
+                except OSError:  # BrokenPipeError: it is gone
+                    died(worker)
+            if not any(w.stage is not None for w in workers):
+                raise UserError(f"the demo stages {[s.name for s in waiting]} wait for stages that are not there")
+            for key, _ in selector.select(timeout=1.0):
+                if not receive(key.data):
+                    died(key.data)
+            for worker in workers:  # gone without closing its channel (a child of it holds the pipe open)
+                if worker.stage is not None and worker.proc.poll() is not None:
+                    receive(worker)  # what it said before it went
+                    if worker.stage is not None:
+                        died(worker)
+    except BaseException:
+        for worker in workers:
+            if worker.proc.poll() is None:
+                worker.proc.terminate()
+        raise
+    finally:
+        for worker in workers:  # the end of its stdin: an idle worker returns
+            try:
+                worker.proc.stdin.close()
+            except OSError:
+                pass
+        for worker in workers:
+            try:
+                worker.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a stage that does not stop on SIGTERM
+                worker.proc.kill()
+                worker.proc.wait()
+            worker.proc.stdout.close()
+        selector.close()
 
 
-def run_stages(stages: list[Stage], out: Path, log=print, *, jobs: int = 1,
-               launch: Callable[[str], list[str]] | None = None, only: str | None = None) -> dict[str, dict]:
+class _FreshState:
+    """What a stage could leave behind in a worker's process and change in the next stage it runs there, as it
+    was when the worker started; `restore()` puts it back before every stage, as in a fresh process:
+
+    - accelerate's process-wide `AcceleratorState`/`PartialState`/`GradientState` (set by the first `Accelerator` or
+      `PartialState`: a later `Accelerator` with another `mixed_precision` would be refused);
+    - the global random generators (torch's starts from a fixed seed in a fresh process; the stages seed their
+      own draws, this is for any draw that does not);
+    - torch's grad mode, deterministic-algorithm, default-dtype, float32-matmul and cuDNN flags;
+    - the transformers/diffusers logging levels and the working directory;
+    - the registries of warnings already shown, so each stage's log shows its warnings as a fresh process would.
+    """
+
+    LOGGERS = ("transformers", "diffusers", "accelerate", "peft")
+
+    def __init__(self):
+        import logging
+        import random
+
+        import numpy as np
+        import torch
+
+        self.torch_rng = torch.get_rng_state()
+        self.numpy_rng = np.random.get_state()
+        self.python_rng = random.getstate()
+        self.grad = torch.is_grad_enabled()
+        self.deterministic = (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled())
+        self.dtype = torch.get_default_dtype()
+        self.matmul = torch.get_float32_matmul_precision()
+        self.cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+        self.levels = {name: logging.getLogger(name).level for name in self.LOGGERS}
+        self.cwd = os.getcwd()
+
+    def restore(self) -> None:
+        import logging
+        import random
+        import warnings
+
+        import numpy as np
+        import torch
+
+        if "accelerate.state" in sys.modules:
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        torch.set_rng_state(self.torch_rng)
+        np.random.set_state(self.numpy_rng)
+        random.setstate(self.python_rng)
+        torch.set_grad_enabled(self.grad)
+        torch.use_deterministic_algorithms(self.deterministic[0], warn_only=self.deterministic[1])
+        torch.set_default_dtype(self.dtype)
+        torch.set_float32_matmul_precision(self.matmul)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = self.cudnn
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        os.chdir(self.cwd)
+        getattr(warnings, "onceregistry", {}).clear()
+        for module in list(sys.modules.values()):
+            registry = getattr(module, "__dict__", {}).get("__warningregistry__")
+            if registry:
+                registry.clear()
+
+
+@contextmanager
+def _output_to(log_path: Path):
+    """File descriptors 1 and 2 (so C-level output and child processes too) into `log_path` while inside."""
+    import ctypes
+
+    def flush() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers: written where they belong, not into the next log
+        except (OSError, AttributeError):
+            pass
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    flush()
+    saved = os.dup(1), os.dup(2)
+    with log_path.open("wb") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+    try:
+        yield
+    finally:
+        flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def run_worker(stages: list[Stage], out: Path) -> None:
+    """A demo worker (`diffalign demo --worker`): run the stages the parent sends, one after another, here.
+
+    Reads one JSON line per stage on stdin (`{"stage": NAME, "threads": N}`), runs it as `run_stages(...,
+    only=NAME)` does with N torch threads and its output in `OUT/NAME.log`, and answers one JSON line
+    (`{"stage": NAME, "ok": true|false}`) on the channel that was its stdout; a failure's message or traceback
+    goes to the log. Returns at the end of stdin. Between stages its stdout and stderr both go to its stderr."""
+    import faulthandler
+    import gc
+    import traceback
+
+    import torch
+
+    sys.stdout.flush()
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # nothing a stage or a library prints can reach the channel
+    sys.stdout.reconfigure(line_buffering=True)  # a log shows each line as it is printed
+    faulthandler.enable()  # a crash (segfault) prints its traceback on fd 2: the log of the stage that crashed
+    fresh = _FreshState()
+    for line in iter(sys.stdin.readline, ""):
+        order = json.loads(line)
+        name, ok = order["stage"], False
+        with _output_to(out / f"{name}.log"):
+            fresh.restore()
+            torch.set_num_threads(int(order["threads"]))
+            try:
+                run_stages(stages, out, only=name)
+                ok = True
+            except UserError as exc:  # as the CLI prints it
+                print(f"diffalign demo: error: {exc}", file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+        gc.collect()  # the stage's models go before the next one loads its own
+        channel.write(json.dumps({"stage": name, "ok": ok}) + "\n")
+        channel.flush()
+
+
+def run_stages(stages: list[Stage], out: Path, log=print, *, jobs: int = 1, launch: Sequence[str] | None = None,
+               only: str | None = None) -> dict[str, dict]:
     """Run each stage whose folder has no matching `stage.json`; reuse the others. Returns summaries.
 
-    With `jobs` > 1 (and `launch`, the command line of a process that runs one stage) the stages run in
-    separate processes, side by side where they do not wait for each other. `only`: run that stage (the ones it
-    needs must be finished) and stop; what such a process does."""
+    With `jobs` > 1 (and `launch`, the command line of a worker process that calls `run_worker`) the stages run
+    in up to `jobs` workers, side by side where they do not wait for each other. `only`: run that stage (the ones
+    it needs must be finished) and stop; what a worker does for each stage it is given."""
     by_name = {s.name: s for s in stages}
     for stage in stages:  # in order: a stage's upstream fingerprints are set before its own
         stage.fingerprint = _fingerprint(stage.settings, [by_name[n].fingerprint for n in stage.needs])
@@ -394,7 +609,9 @@ def build_stages(out: Path, pairs_dir: Path | None = None) -> list[Stage]:
 
 
 def run_demo(out_dir: str | Path = "demo_out", pairs: str | Path | None = None, jobs: int | None = None,
-             only: str | None = None) -> dict:
+             only: str | None = None, worker: bool = False) -> dict:
+    """The demo; `only`: run that one stage here (`--only-stage`, for debugging); `worker`: be one of the
+    demo's worker processes (`--worker`, see `run_worker`)."""
     from transformers.utils import logging as hf_logging
 
     # The toy pipeline has no image processor worth a warning ("requires torchvision"): keep the output readable.
@@ -402,11 +619,11 @@ def run_demo(out_dir: str | Path = "demo_out", pairs: str | Path | None = None, 
     out = ensure_writable_dir(out_dir)
     start = time.perf_counter()
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
-    own = ["--out", str(out)] + (["--pairs", str(pairs)] if pairs is not None else [])
-
-    def launch(name: str) -> list[str]:
-        return [sys.executable, "-m", "diffalign", "demo", *own, "--only-stage", name]
-
+    if worker:
+        run_worker(build_stages(out, pairs), out)
+        return {"summaries": {}, "out": out, "seconds": time.perf_counter() - start}
+    launch = [sys.executable, "-m", "diffalign", "demo", "--out", str(out),
+              *(["--pairs", str(pairs)] if pairs is not None else []), "--worker"]
     summaries = run_stages(build_stages(out, pairs), out, jobs=jobs, launch=launch, only=only)
     if only is not None:
         return {"summaries": summaries, "out": out, "seconds": time.perf_counter() - start}
