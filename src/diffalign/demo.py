@@ -65,6 +65,7 @@ TRAIN = {
     "dpo": dict(method="dpo", beta=2000.0, max_train_steps=300, checkpointing_steps=300, validation_steps=300),
     "selfnpo": dict(method="selfnpo", dataset_name="toy", selfnpo_start="noise", teacher_ema_decay=0.99,
                     teacher_guidance=-1.0, ddim_grid=25, teacher_steps=5, selfnpo_loss="pseudo_huber", huber_c=1e-3,
+                    trace_teacher=True,
                     adam_weight_decay=1e-3, max_train_steps=150, checkpointing_steps=75, validation_steps=150),
 }
 # name -> (positive LoRA stage or None, use the Self-NPO negative); also the overview's row order

@@ -125,6 +125,10 @@ class SelfNPOKeys:
         "pseudo_huber", "Distance between the student's x0 prediction at (x_s, s, caption) and the teacher's "
         "x0 estimate at (x_t, t): pseudo_huber (official, see huber_c) or l2 (per-element mean squared error).")
     huber_c: float = key(1e-3, "c of the pseudo-Huber distance sqrt(d^2 + c^2) - c, per element (official 1e-3).")
+    trace_teacher: bool = key(
+        False, "Replay the teacher's network calls from torch.jit traces (one per input shape, each checked bit for "
+        "bit against the eager call when recorded): the same results with less Python overhead per call, which "
+        "is most of a small UNet's time on a CPU. UNet families (sd, sdxl) without FSDP.")
 
 
 # ------------------------------------------------------------------------------------------------- rules

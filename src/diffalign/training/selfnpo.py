@@ -64,6 +64,7 @@ from .model_card import write_selfnpo_model_card
 from .protocol import RecipeBase, RunContext, StepResult, TrainData
 from .selfnpo_data import SelfNPOBatch, load_selfnpo_data, make_batch
 from .timesteps import UniformTimesteps, draw_global, timestep_sampler
+from .traced import TracedDenoiser
 
 if TYPE_CHECKING:
     from ..models import ModelFamily
@@ -203,7 +204,7 @@ class SelfNPORecipe(RecipeBase):
                  grid_steps: int = 25, teacher_steps: int = 5, loss: str = "pseudo_huber", huber_c: float = 1e-3,
                  latent_shape: Optional[tuple[int, ...]] = None, shard: tuple[int, int] = (0, 1),
                  start_range: str = "official", distance: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-                 timesteps=None, run: Optional[RunContext] = None):
+                 timesteps=None, run: Optional[RunContext] = None, trace_teacher: bool = False):
         if start not in START_MODES:
             raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
         if start_range not in START_RANGES:
@@ -227,6 +228,8 @@ class SelfNPORecipe(RecipeBase):
         self.timesteps = timesteps or UniformTimesteps(family.num_train_timesteps)
         self.run = run
         self._uncond1 = None
+        self.trace_teacher = trace_teacher
+        self._traced: Optional[TracedDenoiser] = None
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> "SelfNPORecipe":
@@ -234,6 +237,9 @@ class SelfNPORecipe(RecipeBase):
         cfg, keys, family = ctx.cfg, ctx.keys, ctx.family
         if keys.ddim_grid > family.num_train_timesteps:
             raise UserError(f"ddim_grid={keys.ddim_grid} exceeds the model's {family.num_train_timesteps} timesteps")
+        if keys.trace_teacher and family.denoiser_name != "unet":
+            raise UserError(f"trace_teacher applies to UNet families (sd, sdxl); {type(family).__name__} calls a "
+                            f"{family.denoiser_name}: set --trace_teacher=false")
         lora = cfg.train_mode == "lora"
         teacher = EmaTeacher(family.unet, ctx.trainable, keys.teacher_ema_decay, separate_copy=not lora)
         return cls(family, teacher, start=keys.selfnpo_start, guidance=keys.teacher_guidance,
@@ -241,7 +247,7 @@ class SelfNPORecipe(RecipeBase):
                    latent_shape=family.latent_shape(cfg.resolution),  # video: (F', C, H', W')
                    shard=ctx.shard,  # draws cover the global batch: same weights on any process count
                    start_range=keys.selfnpo_start_range, distance=ctx.method.objective(keys), run=ctx,
-                   timesteps=timestep_sampler(cfg, family))
+                   timesteps=timestep_sampler(cfg, family), trace_teacher=keys.trace_teacher)
 
     def _draw(self, fn, n: int, *args, generator: torch.Generator, **kwargs) -> Tensor:
         """``fn(..., (n, ...))`` drawn for the global batch, this process's rows (see ``shard``)."""
@@ -260,6 +266,17 @@ class SelfNPORecipe(RecipeBase):
         return i, torch.clamp(i + K, max=len(self.path) - 1)
 
     # ------------------------------------------------------------------------------------------ teacher
+    def _teacher_net(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The network to call as the teacher: `net`, or with `trace_teacher` its traced calls (kept across steps:
+        the traces read the weights the teacher swaps in at each call)."""
+        if not self.trace_teacher:
+            return net
+        if hasattr(next(net.parameters()), "to_local"):
+            raise UserError("trace_teacher does not apply to a sharded (FSDP) teacher: set --trace_teacher=false")
+        if self._traced is None or self._traced.net is not net:
+            self._traced = TracedDenoiser(net)
+        return self._traced
+
     def _guided_x0(self, net, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
         """The teacher's x0 estimate from ``cond + w*(cond - uncond)``: ONE call of ``net``."""
         family, w = self.family, self.guidance
@@ -293,6 +310,7 @@ class SelfNPORecipe(RecipeBase):
         x_t, target = torch.empty_like(x), torch.empty_like(x)
         calls = 0
         with self.teacher.active() as net:
+            net = self._teacher_net(net)
             todo = torch.arange(B)
             rounds = self.teacher.rounds(int((end - pos).max()) + 1)  # this process's rows need (end - pos) + 1 calls
             for _ in range(rounds - int((end - pos).max()) - 1):  # sharded: match the process needing the most
