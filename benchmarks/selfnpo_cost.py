@@ -2,8 +2,10 @@
 
 A "step" is the full optimizer update: for DPO noise/t, the 2B policy pass, the reference pass (adapters off),
 backward, AdamW; for Self-NPO the teacher's K DDIM steps plus its x0 estimate (no grad), the student pass,
-backward, AdamW, the EMA update. Steps alternate DPO / Self-NPO (images) / Self-NPO (noise) round by round so
-load drift hits all alike. UNet forward calls per step are counted too.
+backward, AdamW, the EMA update. Steps alternate DPO / Self-NPO (images) / Self-NPO (noise) / Self-NPO (noise,
+`trace_teacher`: the teacher's calls replayed from traces) round by round so load drift hits all alike. UNet forward
+calls per step are counted too (a replayed call is not a module call, so the traced row counts only the student's
+and the one eager call of each trace check).
 
 Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/selfnpo_cost.py [--quick] [--batch 8 --reps 10 --threads 1]
 """
@@ -44,7 +46,8 @@ def setup(kind: str, batch: int):
     else:
         start = kind.split("-")[1]
         teacher = EmaTeacher(family.unet, named, 0.999, separate_copy=False)
-        recipe = SelfNPORecipe(family, teacher, start=start, guidance=-1.0, latent_shape=(4, 16, 16))
+        recipe = SelfNPORecipe(family, teacher, start=start, guidance=-1.0, latent_shape=(4, 16, 16),
+                               trace_teacher=kind.endswith("-traced"))
         data = SelfNPOBatch(cond, family.unconditional(batch), latents if start == "images" else None)
 
         def step(g):
@@ -62,7 +65,7 @@ def setup(kind: str, batch: int):
 
 
 def measure(batch: int, reps: int, warmup: int) -> dict:
-    kinds = ["dpo", "selfnpo-images", "selfnpo-noise"]
+    kinds = ["dpo", "selfnpo-images", "selfnpo-noise", "selfnpo-noise-traced"]
     setups = {k: setup(k, batch) for k in kinds}
     calls, times = {}, {k: [] for k in kinds}
     for k, (family, fn) in setups.items():
@@ -71,7 +74,7 @@ def measure(batch: int, reps: int, warmup: int) -> dict:
                 fn(torch.Generator().manual_seed(i))
             calls[k] = c["calls"]
     for r in range(reps):
-        order = kinds[r % 3:] + kinds[: r % 3]
+        order = kinds[r % len(kinds):] + kinds[: r % len(kinds)]
         for k in order:
             t0 = time.perf_counter()
             setups[k][1](torch.Generator().manual_seed(100 + r))
@@ -96,7 +99,9 @@ def target_rows(res: dict) -> list[tuple[str, float, float]]:
     start range, N = 25, K = 5), more than the ~8 forward-equivalents of a DPO pair (RESULTS.md)."""
     t = res["times"]
     ratio = statistics.median(a / b for a, b in zip(t["selfnpo-noise"], t["dpo"]))
-    return [("Self-NPO step from noise / Diffusion-DPO step (same batch)", ratio, 2.0)]
+    traced = statistics.median(a / b for a, b in zip(t["selfnpo-noise-traced"], t["selfnpo-noise"]))
+    return [("Self-NPO step from noise / Diffusion-DPO step (same batch)", ratio, 2.0),
+            ("Self-NPO step from noise, trace_teacher / eager teacher", traced, 0.9)]
 
 
 def add_args(ap: argparse.ArgumentParser, quick: bool = False) -> None:
