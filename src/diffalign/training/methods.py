@@ -114,7 +114,8 @@ def _describe_npo(keys) -> str:
 
 def _describe_selfnpo(keys) -> str:
     return (f"selfnpo ({keys.selfnpo_start} start, {keys.selfnpo_start_range} start range, K={keys.teacher_steps} "
-            f"on a {keys.ddim_grid}-step grid, w={keys.teacher_guidance:g})")
+            f"on a {keys.ddim_grid}-step grid, w={keys.teacher_guidance:g}"
+            f"{', teacher calls traced' if keys.trace_teacher else ''})")
 
 
 _PAIRS = "recipes:PreferenceRecipe.for_run"
