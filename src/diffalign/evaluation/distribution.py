@@ -27,7 +27,7 @@ clipped to the measure's range. It always contains the estimate; it does not cor
 
 from __future__ import annotations
 
-import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -413,10 +413,11 @@ def paired_distribution_difference(a, b, reference, *, k: int = DEFAULT_K, group
 
 
 def run_jobs(jobs: Sequence[tuple[Callable, dict]], processes: int = 1) -> Iterator:
-    """The results of `fn(**kwargs)` for each (fn, kwargs) of `jobs`, in order. With `processes` above 1 (on a
-    system that can fork) the jobs run in that many forked processes: the measures are pure numpy, seeded per
-    job, so the results are the same either way. Yields each result as it is ready, in the jobs' order."""
-    if processes <= 1 or len(jobs) < 2 or not hasattr(os, "fork"):
+    """The results of `fn(**kwargs)` for each (fn, kwargs) of `jobs`, in order. With `processes` above 1 (on
+    Linux, where forking a process that has loaded torch is safe) the jobs run in that many forked processes: the
+    measures are pure numpy, seeded per job, so the results are the same either way. Yields each result as it is
+    ready, in the jobs' order."""
+    if processes <= 1 or len(jobs) < 2 or not sys.platform.startswith("linux"):
         for fn, kwargs in jobs:
             yield fn(**kwargs)
         return
