@@ -15,3 +15,20 @@ def tiny_pipelines(tmp_path_factory):
     from diffalign.toy.builders import save_tiny_pipelines
 
     return save_tiny_pipelines(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def seen_run(monkeypatch):
+    """A dict that gets the training run's model family ("family") when `train` starts the run."""
+    from diffalign.training import setup
+
+    seen = {}
+    real_start = setup.start_run
+
+    def spy(cfg):
+        run = real_start(cfg)
+        seen["family"] = run.family
+        return run
+
+    monkeypatch.setattr("diffalign.training.loop.start_run", spy)  # the one loop of every method
+    return seen

@@ -295,7 +295,7 @@ def test_full_finetune_changes_every_trained_weight(tiny, pairs, tmp_path, name)
     assert len(changed) == len(base), sorted(set(base) - set(changed))[:5]
 
 
-def test_a_full_finetune_writes_transformer_where_diffusers_and_diffalign_load_it(tiny, pairs, tmp_path, monkeypatch,
+def test_a_full_finetune_writes_transformer_where_diffusers_and_diffalign_load_it(tiny, pairs, tmp_path, seen_run,
                                                                                   capsys):
     """A transformer family's full fine-tune keeps the network where a pipeline folder does, in `transformer/` (with
     use_ema: the EMA there, the trained weights in `transformer_raw/`), not in `unet/`, in the run folder and in
@@ -308,20 +308,9 @@ def test_a_full_finetune_writes_transformer_where_diffusers_and_diffalign_load_i
     from diffalign.cli import main
     from diffalign.guidance.offsets import load_unet, resolve_offset
     from diffalign.models import load_pipeline, resolve_lora_file
-    from diffalign.training import setup
-
-    seen = {}
-    real_start = setup.start_run
-
-    def spy(cfg):
-        run = real_start(cfg)
-        seen["family"] = run.family
-        return run
-
-    monkeypatch.setattr("diffalign.training.loop.start_run", spy)
     out = _train(tiny["sd3"], pairs, tmp_path / "full", method="sft", train_mode="full", use_ema=True, ema_decay=0.5,
                  checkpointing_steps=2)
-    trained = {k: v.detach() for k, v in seen["family"].unet.named_parameters()}  # the trained (not EMA) weights
+    trained = {k: v.detach() for k, v in seen_run["family"].unet.named_parameters()}  # the trained (not EMA) weights
     ckpt = out / "checkpoint-2"
     ema = load_file(str(ckpt / "ema.safetensors"))
     assert ema.keys() == trained.keys() and any(not torch.equal(ema[k], v) for k, v in trained.items())

@@ -265,28 +265,18 @@ def fresh_accelerator_state():
                                               ("selfnpo", "full", "sd"), ("dpo", "lora", "sdxl")])
 @pytest.mark.slow
 def test_mixed_precision_keeps_frozen_weights_in_bf16_and_trains_in_float32(tiny_pipelines, style_pairs, tmp_path,
-                                                                            monkeypatch, fresh_accelerator_state,
+                                                                            seen_run, fresh_accelerator_state,
                                                                             method, mode, model):
     """bf16 (CPU autocast here; fp16 on GPUs works the same way): the frozen weights are stored in bf16 - half
     the bytes - while every trained weight, the DPO reference aside, stays float32, and the run still trains."""
-    from diffalign.training import setup
     from diffalign.training.loop import train
 
-    seen = {}
-    real_start = setup.start_run
-
-    def spy(cfg):
-        run = real_start(cfg)
-        seen["family"] = run.family
-        return run
-
-    monkeypatch.setattr("diffalign.training.loop.start_run", spy)  # the one loop of every method
     kw = dict(method=method, train_mode=mode, max_train_steps=2, train_batch_size=2, mixed_precision="bf16")
     if method == "selfnpo":
         kw.update(dataset_name="toy", ddim_grid=5, teacher_steps=2, teacher_ema_decay=0.5)
     out = train(_cfg(tiny_pipelines[model], style_pairs, tmp_path / "run", **kw))
 
-    family = seen["family"]
+    family = seen_run["family"]
     for module in family.text_encoders:
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     vae_dtype = torch.float32 if family.vae.config.force_upcast else torch.bfloat16  # SDXL's asks for float32
