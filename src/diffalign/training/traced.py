@@ -8,6 +8,10 @@ layers and the optimizer's updates are seen. `TracedDenoiser` records one trace 
 and checks its replay against the eager call bit for bit, once for each batch size it serves; a batch size whose
 replay differs gets a trace of its own, and runs eagerly if that one differs too.
 Calls that need gradients, a network in training mode, autocast, or arguments it does not trace run eagerly.
+
+A trace holds the network's Python-level choices as they were when it was recorded: which adapters are active,
+their scales, merged or not, the attention processors. Only the weights' values may change afterwards, as they do
+for the Self-NPO teacher; a network whose settings change between calls must not be called through one.
 """
 
 from __future__ import annotations
