@@ -15,12 +15,17 @@ def test_help_does_not_import_torch():
 
 
 def test_output_into_a_closed_pipe_ends_quietly():
-    """`diffalign configs | head -1`: the reader goes away after one line; the command stops with SIGPIPE's usual
-    status and no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "diffalign", "configs"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    first = proc.stdout.readline()
-    proc.stdout.close()  # as `head -1` does
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 141 and first
+    """`diffalign configs | head -1`: the reader has gone; the command stops with SIGPIPE's usual status and no
+    traceback. The pipe's reading end is closed before the command starts, so its first write fails every time."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "diffalign", "configs"], stdout=write_end, stderr=subprocess.PIPE,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=60)
+    finally:
+        os.close(write_end)
+    err = proc.stderr.decode()
+    assert proc.returncode == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -82,8 +82,6 @@ VERSUS_TUNED = ("mapo+selfnpo", "mapo")
 
 def default_jobs() -> int:
     """Stages run at once (`--jobs`): one per available core, at most 3."""
-    import os
-
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -601,7 +599,7 @@ def build_stages(out: Path, pairs_dir: Path | None = None) -> list[Stage]:
         Stage("mapo", "MaPO LoRA on the pairs", {**LORA, **TRAIN["mapo"]}, _train("mapo", pairs_dir), ("pairs",)),
         Stage("dpo", "Diffusion-DPO LoRA on the pairs", {**LORA, **TRAIN["dpo"]}, _train("dpo", pairs_dir), ("pairs",)),
         Stage("selfnpo", "Self-NPO negative LoRA from prompts only", {**LORA, **TRAIN["selfnpo"]}, _train("selfnpo", None),
-              cost=1.5),  # the walk from noise: about 1.5x a MaPO or DPO stage (benchmarks/RESULTS.md)
+              cost=1.5),  # the walk from noise: 1.7-2x a MaPO or DPO stage (benchmarks/RESULTS.md); starts first
         *sample_stages(out),
         Stage("report", "evaluation with the toy judge and the FD to ground truth, report.html",
               {"rewards": list(REWARDS), "distribution": DISTRIBUTION, "versus_tuned": VERSUS_TUNED}, _report(out),

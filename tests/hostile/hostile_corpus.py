@@ -92,10 +92,10 @@ def case(**kw):
     return register
 
 
-def _half_images(ctx):
+def _half_images(ctx, path=PIXELS):
     good = png()
     data = parquet(ctx, "half.parquet", [("x", good[: len(good) // 2], png(colour=(1, 2, 3)), 1.0, 0.0)] * 16)
-    return train_args(ctx, data, "--max_train_steps=3", *PIXELS)
+    return train_args(ctx, data, "--max_train_steps=3", *path)
 
 
 def _check_not_finished(ctx, err):
@@ -118,21 +118,21 @@ case(id="truncated_images_whole_epoch", defect=1, input="parquet whose every ima
      outcome="error", expect="in epoch 1 had images that could not be used")(_half_images_epoch)
 
 
-def _some_bad_over_limit(ctx):
+def _some_bad_over_limit(ctx, path=PIXELS):
     good, bad = png(), png()[:40]
     rows = [("x", bad, good, 1.0, 0.0)] * 3 + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 5
     return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=8", "--max_skipped_share=0.25",
-                      "--seed=1", *PIXELS)
+                      "--seed=1", *path)
 
 
 case(id="skipped_share_over_user_limit", defect=1, input="3 of 8 rows undecodable, max_skipped_share=0.25",
      outcome="error", expect="max_skipped_share=0.25")(_some_bad_over_limit)
 
 
-def _some_bad_counted(ctx):
+def _some_bad_counted(ctx, path=PIXELS):
     good, bad = png(), png()[:40]
     rows = [("x", bad, good, 1.0, 0.0)] + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 3
-    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=2", *PIXELS)
+    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=2", *path)
 
 
 def _check_counted(ctx, err):
@@ -147,32 +147,14 @@ case(id="one_undecodable_row", defect=1, input="1 of 4 rows undecodable (default
 
 # The same bad images on the default path (use_cache: auto): the latent cache is built before training, so its
 # skipped pairs are counted there, against the same limit, and the run stops before its first step.
-def _half_images_cached(ctx):
-    good = png()
-    data = parquet(ctx, "half.parquet", [("x", good[: len(good) // 2], png(colour=(1, 2, 3)), 1.0, 0.0)] * 16)
-    return train_args(ctx, data, "--max_train_steps=3")
-
-
 case(id="truncated_images_every_row_cached", defect=1, input="every jpg_0 cut in half, default use_cache: auto",
      outcome="error", expect="16 of the 16 pairs had images that could not be used when the latent cache was built "
-     "(16 undecodable_image")(_half_images_cached)
-
-
-def _some_bad_over_limit_cached(ctx):
-    good, bad = png(), png()[:40]
-    rows = [("x", bad, good, 1.0, 0.0)] * 3 + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 5
-    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=8", "--max_skipped_share=0.25")
+     "(16 undecodable_image")(lambda ctx: _half_images(ctx, path=()))
 
 
 case(id="skipped_share_over_user_limit_cached", defect=1, input="3 of 8 rows undecodable, max_skipped_share=0.25, "
      "default use_cache: auto", outcome="error", expect="3 of the 8 pairs had images that could not be used when the "
-     "latent cache was built")(_some_bad_over_limit_cached)
-
-
-def _some_bad_counted_cached(ctx):
-    good, bad = png(), png()[:40]
-    rows = [("x", bad, good, 1.0, 0.0)] + [("x", good, png(colour=(1, 2, 3)), 1.0, 0.0)] * 3
-    return train_args(ctx, parquet(ctx, "some.parquet", rows), "--max_train_steps=2")
+     "latent cache was built")(lambda ctx: _some_bad_over_limit(ctx, path=()))
 
 
 def _check_counted_cached(ctx, err):
@@ -184,7 +166,7 @@ def _check_counted_cached(ctx, err):
 
 case(id="one_undecodable_row_cached", defect=1, input="1 of 4 rows undecodable, default use_cache: auto",
      outcome="skip", expect="undecodable_image=1 in train_report.json, in the cache manifest's skipped list",
-     check=_check_counted_cached, exit_code=0)(_some_bad_counted_cached)
+     check=_check_counted_cached, exit_code=0)(lambda ctx: _some_bad_counted(ctx, path=()))
 
 
 # ------------------------------------------------------------------------------------------------ 2: LoRA files

@@ -68,10 +68,9 @@ def as_offset(value) -> Offset | None:
     return resolve_offset(value)
 
 
-def load_unet(path: str, dtype: torch.dtype | None = None):
-    """Load the whole denoiser of a UNet (or transformer) folder, or of a folder with `unet/` or `transformer/`
-    (pipeline, run or checkpoint folder: models/folders.py)."""
-    return load_denoiser(path, dtype)
+# The whole denoiser of a UNet (or transformer) folder, or of a folder with `unet/` or `transformer/` (pipeline, run
+# or checkpoint folder): the name the guidance code has always used for models/folders.py's loader.
+load_unet = load_denoiser
 
 
 def lora_factors(unet: torch.nn.Module, adapter_name: str) -> LoraFactors:

@@ -126,8 +126,9 @@ def _is_checkpoint(p: Path) -> bool:
     return (p / "state.json").is_file() and ((p / "trainable.safetensors").is_file() or (p / "sharded").is_dir())
 
 
-def _full_weights(p: Path) -> tuple[str, str, str] | None:
-    """(the network in words, its folder, how to use it) when `p` holds the whole network of a full fine-tune."""
+def _full_weights(p: Path) -> str | None:
+    """"its weights are the UNet in FOLDER (give it to ...), not a LoRA" when `p` holds the whole network of a full
+    fine-tune; None otherwise."""
     where = locate_denoiser(p)
     if where is None or where[1] is None:
         return None
@@ -135,15 +136,13 @@ def _full_weights(p: Path) -> tuple[str, str, str] | None:
     unet = "UNet" in cls
     use = (f"{'--negative-model, ' if unet else ''}extract-lora --tuned, or "
            f"{cls}.from_pretrained(..., subfolder={sub!r})")
-    return ("UNet" if unet else "transformer"), str(p / sub), use
+    return f"its weights are the {'UNet' if unet else 'transformer'} in {p / sub} (give it to {use}), not a LoRA"
 
 
 def _checkpoint_without_lora(p: Path, text: str) -> UserError:
     full = _full_weights(p)
     if full is not None:
-        what, folder, use = full
-        return UserError(f"{text!r} is a checkpoint of a full fine-tune: its weights are the {what} in {folder} "
-                         f"(give it to {use}), not a LoRA")
+        return UserError(f"{text!r} is a checkpoint of a full fine-tune: {full}")
     return UserError(f"{text!r} is a training checkpoint that holds only the resume state (trainable.safetensors, "
                      f"written before checkpoints also held {LORA_WEIGHT_NAME}): it can only be resumed from "
                      "(--resume_from_checkpoint), not loaded; pick a checkpoint written by this version")
@@ -190,9 +189,7 @@ def resolve_lora_file(path: str | os.PathLike) -> str:
             raise _checkpoint_without_lora(p, text)
         full = _full_weights(p)
         if full is not None and (p / "train_report.json").is_file():
-            what, folder, use = full
-            raise UserError(f"{text!r} is the run folder of a full fine-tune: its weights are the {what} in {folder} "
-                            f"(give it to {use}), not a LoRA")
+            raise UserError(f"{text!r} is the run folder of a full fine-tune: {full}")
         candidates = sorted(f.name for f in p.glob("*.safetensors"))
         if len(candidates) == 1:
             return str(p / candidates[0])

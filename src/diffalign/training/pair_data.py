@@ -92,7 +92,7 @@ def _open_or_build(cfg, pairs, family: ModelFamily, resolution: int, log, *, fli
     cached = open_cache(cache_dir, key)
     if cached is not None:  # reused: its skipped pairs still count
         record_manifest_skips(pairs, cached.manifest)
-    if cached is None:
+    else:
         log(f"no matching latent cache in {cache_dir}: building it")
         start = time.perf_counter()
         build_cache(pairs, family, resolution=resolution, cache_dir=cache_dir, flips=flips,

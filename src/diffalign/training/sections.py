@@ -126,8 +126,8 @@ class SelfNPOKeys:
         "x0 estimate at (x_t, t): pseudo_huber (official, see huber_c) or l2 (per-element mean squared error).")
     huber_c: float = key(1e-3, "c of the pseudo-Huber distance sqrt(d^2 + c^2) - c, per element (official 1e-3).")
     trace_teacher: bool = key(
-        False, "Replay the teacher's network calls from torch.jit traces (one per input shape, each checked bit for "
-        "bit against the eager call when recorded): the same results with less Python overhead per call, which "
+        False, "Replay the teacher's network calls from torch.jit traces (one per per-row input shape, checked bit "
+        "for bit against the eager call once per batch size): the same results with less Python overhead per call, which "
         "is most of a small UNet's time on a CPU. UNet families (sd, sdxl) without FSDP.")
 
 
