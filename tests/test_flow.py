@@ -461,3 +461,12 @@ def test_a_shipped_flux_recipe_trains_the_tiny_model(tiny, pairs, tmp_path, fres
                  "--gradient_checkpointing=false", "--validation_steps=1000", "--validation_num_inference_steps=2"])
     assert code == 0
     _assert_every_lora_weight_changed(tmp_path / "run", tiny["flux"])
+
+
+def test_every_family_denoiser_is_a_class_load_denoiser_accepts():
+    """models/folders.py lists the denoiser classes it loads by hand (the families import it): they are exactly the
+    families' own `denoiser_class`es, so a new family cannot be forgotten there."""
+    from diffalign.models import FAMILIES
+    from diffalign.models.folders import DENOISER_CLASSES
+
+    assert set(DENOISER_CLASSES) == {cls.denoiser_class for cls in FAMILIES.values() if cls is not None}

@@ -24,15 +24,11 @@ from .source import first_line
 DENOISER_FOLDERS: tuple[str, ...] = ("transformer", "unet")
 #: Beside an EMA in `name/`: the trained weights (use_ema).
 RAW_SUFFIX = "_raw"
-
-
-
-def denoiser_classes() -> tuple[str, ...]:
-    """The classes a denoiser folder's config.json may name: each model family's `denoiser_class` (diffusers' own,
-    loaded with from_pretrained: no custom code)."""
-    from .loading import FAMILIES  # here: the families import this module
-
-    return tuple(dict.fromkeys(cls.denoiser_class for cls in FAMILIES.values() if cls is not None))
+#: Classes a denoiser folder's config.json may name (diffusers' own, loaded with from_pretrained: no custom code):
+#: every model family's `denoiser_class`, written here because the families import this module
+#: (tests/test_flow.py checks that the two agree).
+DENOISER_CLASSES: tuple[str, ...] = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+                                     "CogVideoXTransformer3DModel")
 
 
 def raw_folder(name: str) -> str:
@@ -89,10 +85,9 @@ def load_denoiser(path: str | os.PathLike, dtype: torch.dtype | None = None):
                         "transformer/ (a pipeline, the run folder of a full fine-tune or one of its checkpoint-N "
                         "folders)")
     folder, sub, name = where
-    known = denoiser_classes()
-    if name not in known:
+    if name not in DENOISER_CLASSES:
         raise UserError(f"{os.path.join(folder, sub or '')!r} holds a {name or 'model without _class_name'}, not a "
-                        f"denoiser diffalign loads ({', '.join(known)})")
+                        f"denoiser diffalign loads ({', '.join(DENOISER_CLASSES)})")
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         return getattr(diffusers, name).from_pretrained(folder, subfolder=sub, **kwargs)
@@ -100,5 +95,5 @@ def load_denoiser(path: str | os.PathLike, dtype: torch.dtype | None = None):
         raise UserError(f"cannot load the {name} of {os.fspath(path)!r}: {first_line(exc)}") from exc
 
 
-__all__ = ["DENOISER_FOLDERS", "denoiser_classes", "denoiser_folder", "load_denoiser", "locate_denoiser",
+__all__ = ["DENOISER_CLASSES", "DENOISER_FOLDERS", "denoiser_folder", "load_denoiser", "locate_denoiser",
            "raw_folder", "shown", "weight_patterns"]
