@@ -73,7 +73,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  native_resolution=512,
                  public_counts={"sd15_unet.json": 859.52e6, "sd_vae.json": 83.65e6, "clip_l_text.json": 123.06e6}),
     Architecture("sdxl", "sdxl", "sdxl_unet.json", "sdxl_vae.json", ("clip_l_text.json", "clip_bigg_text.json"),
-                 {**_DDPM_SD, "_class_name": "EulerDiscreteScheduler"},
+                 _DDPM_SD,
                  hub_ids=("stabilityai/stable-diffusion-xl-base-1.0",), native_resolution=1024,
                  public_counts={"sdxl_unet.json": 2567.46e6, "sdxl_vae.json": 83.65e6,
                                 "clip_l_text.json": 123.06e6, "clip_bigg_text.json": 694.66e6}),
@@ -115,8 +115,9 @@ def architecture_for(model: str | None) -> Architecture:
 
 
 def _match_folder(folder: Path) -> Architecture:
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    sub = "transformer" if "transformer" in index else "unet"
+    from ..models.folders import denoiser_folder
+
+    sub = denoiser_folder(folder) or "unet"
     try:
         own = json.loads((folder / sub / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -169,8 +170,6 @@ def build(file: str, *, device: str | torch.device = "meta", dtype: torch.dtype 
         model_type = cfg.pop("model_type")
         cfg.pop("architectures", None)
         conf = transformers.AutoConfig.for_model(model_type, **cfg)
-        if model_type == "clip_text_model":
-            conf = transformers.CLIPTextConfig(**cfg)
         with _on(device):
             module = cls(conf)
         module.tie_weights()  # T5: the encoder's embedding is the shared one (one tensor in the checkpoints)
@@ -205,8 +204,6 @@ def scheduler(arch: Architecture):
 
     cfg = dict(arch.scheduler)
     cls = getattr(diffusers, cfg.pop("_class_name"))
-    if cls.__name__ == "EulerDiscreteScheduler":
-        cls = diffusers.DDPMScheduler
     return cls.from_config(cfg)
 
 

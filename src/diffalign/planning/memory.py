@@ -50,7 +50,7 @@ ROWS = {"dpo": 2, "mapo": 2, "npo": 2, "sft": 1, "selfnpo": 1}
 
 @dataclass
 class Setting:
-    """The settings a plan depends on (from a TrainConfig by :func:`setting_from_config`)."""
+    """The settings a plan depends on (from a config and the command line by commands/plan.py `setting_from_args`)."""
 
     arch: Architecture
     method: str = "mapo"
@@ -83,7 +83,6 @@ class Plan:
     setting: Setting
     lines: list[Line] = field(default_factory=list)
     activation_per_sample: float = 0.0
-    activation_note: str = ""
 
     @property
     def total(self) -> float:
@@ -110,16 +109,16 @@ def _matches(name: str, targets) -> bool:
 
 @lru_cache(maxsize=None)
 def _denoiser_shapes(file: str) -> tuple:
-    """(name, module kind, in, out, kernel) of the denoiser's Linear/Conv layers and every parameter's shape."""
+    """(name, in, out, kernel) of the denoiser's Linear/Conv layers and every parameter's shape."""
     import torch
 
     net = build(file, device="meta")
     layers = []
     for name, m in net.named_modules():
         if isinstance(m, torch.nn.Linear):
-            layers.append((name, "linear", m.in_features, m.out_features, 1))
+            layers.append((name, m.in_features, m.out_features, 1))
         elif isinstance(m, torch.nn.Conv2d):
-            layers.append((name, "conv", m.in_channels, m.out_channels, m.kernel_size[0] * m.kernel_size[1]))
+            layers.append((name, m.in_channels, m.out_channels, m.kernel_size[0] * m.kernel_size[1]))
     shapes = tuple(tuple(p.shape) for p in net.parameters())
     blocks = []
     for attr in ("down_blocks", "up_blocks", "transformer_blocks"):
@@ -134,14 +133,7 @@ def _denoiser_shapes(file: str) -> tuple:
 
 def lora_parameters(file: str, rank: int, targets) -> int:
     """Parameters of a peft LoRA of `rank` on the layers named `targets` (A: in x r, B: r x out)."""
-    layers = _denoiser_shapes(file)[0]
-    total = 0
-    for name, kind, fan_in, fan_out, kernel in layers:
-        if _matches(name, targets):
-            total += rank * (fan_in * kernel + fan_out)
-    if total == 0:
-        raise UserError(f"lora_target_modules={list(targets)} matches no layer of {file}")
-    return total
+    return sum(math.prod(s) for s in _lora_shapes(file, rank, targets))
 
 
 def optimizer_bytes(optimizer: str, shapes) -> float:
@@ -164,11 +156,14 @@ def optimizer_bytes(optimizer: str, shapes) -> float:
 
 
 def _lora_shapes(file: str, rank: int, targets) -> list[tuple]:
+    """The shapes of a peft LoRA's A and B matrices on the layers named `targets`."""
     layers = _denoiser_shapes(file)[0]
     out = []
-    for name, kind, fan_in, fan_out, kernel in layers:
+    for name, fan_in, fan_out, kernel in layers:
         if _matches(name, targets):
             out += [(rank, fan_in * kernel), (fan_out, rank)]
+    if not out:
+        raise UserError(f"lora_target_modules={list(targets)} matches no layer of {file}")
     return out
 
 
@@ -212,10 +207,6 @@ def activation_bytes_per_sample(s: Setting, table: dict | None = None) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------- plan
-def half(mixed_precision: str | None) -> bool:
-    return mixed_precision in ("fp16", "bf16")
-
-
 def plan(s: Setting, activations: dict | None = None) -> Plan:
     """The memory of one device during a step of `s` (see the module docstring for each line); `activations`: a
     table in the form of activations.json (default: the shipped one)."""
@@ -225,19 +216,22 @@ def plan(s: Setting, activations: dict | None = None) -> Plan:
         raise UserError("num_processes and train_batch_size must be >= 1")
     if s.strategy not in ("fsdp2", "ddp"):
         raise UserError(f"strategy must be fsdp2 or ddp, got {s.strategy!r}")
+    from ..training.setup import frozen_weight_dtype
+
     arch, procs = s.arch, int(s.num_processes)
     n = procs if s.strategy == "fsdp2" else 1
-    frozen = 2 if half(s.mixed_precision) else 4
-    frozen_name = s.mixed_precision if half(s.mixed_precision) else "float32"
+    frozen = frozen_weight_dtype(s.mixed_precision).itemsize  # 2 under fp16/bf16, else 4
+    half = frozen == 2
+    frozen_name = s.mixed_precision if half else "float32"
     shard = f" / {n} (FSDP2)" if n > 1 else ""
     p = Plan(s)
-    net = parameter_count(arch.denoiser)
     layers_shapes = _denoiser_shapes(arch.denoiser)
+    net = sum(math.prod(shape) for shape in layers_shapes[1])
     buffers = layers_shapes[3]
     with_buffers = f" + {buffers / 1e6:,.0f} M buffer values" if buffers > 1e6 else ""
     if s.train_mode == "lora":
-        trainable = lora_parameters(arch.denoiser, s.rank, s.lora_targets)
         shapes = _lora_shapes(arch.denoiser, s.rank, s.lora_targets)
+        trainable = sum(math.prod(shape) for shape in shapes)
         p.lines.append(Line("weights: denoiser (frozen)", (net + buffers) * frozen / n,
                             f"{net / 1e6:,.0f} M{with_buffers} x {frozen} B ({frozen_name}){shard}"))
         p.lines.append(Line("weights: LoRA (trained)", trainable * 4 / n,
@@ -254,13 +248,13 @@ def plan(s: Setting, activations: dict | None = None) -> Plan:
     if "vae" not in s.without:
         c = parameter_count(arch.vae)
         vae_b = 4 if (arch.vae_upcast and not s.separate_vae) else frozen
-        why = " (force_upcast)" if vae_b == 4 and frozen == 2 else ""
+        why = " (force_upcast)" if vae_b == 4 and half else ""
         p.lines.append(Line("weights: VAE", c * vae_b, f"{c / 1e6:,.0f} M x {vae_b} B{why}"))
     p.lines.append(Line("gradients", trainable * 4 / n, f"{trainable / 1e6:,.2f} M x 4 B (float32){shard}"))
     opt = optimizer_bytes(s.optimizer, shapes)
     p.lines.append(Line(f"optimizer state ({s.optimizer})", opt / n, f"{opt / max(trainable, 1):.2f} B per trainable "
                         f"parameter{shard}"))
-    if half(s.mixed_precision):
+    if half:
         p.lines.append(Line("autocast copies of trained weights", trainable * 2,
                             f"{trainable / 1e6:,.2f} M x 2 B ({s.mixed_precision}), held from forward to backward"))
     if s.needs_reference:
@@ -279,11 +273,11 @@ def plan(s: Setting, activations: dict | None = None) -> Plan:
                             "(gradient_as_bucket_view off, torch's default)"))
     if n > 1:
         block = layers_shapes[2]
-        gathered = 2 if half(s.mixed_precision) else 4
+        gathered = frozen
         p.lines.append(Line("FSDP2 gathered units", 2 * block * gathered,
                             f"the largest block ({block / 1e6:,.0f} M) x {gathered} B, computing + prefetched"))
     per_sample, how = activation_bytes_per_sample(s, activations)
-    p.activation_per_sample, p.activation_note = per_sample, how
+    p.activation_per_sample = per_sample
     p.lines.append(Line("activations", per_sample * s.batch, f"batch {s.batch} x {per_sample / GiB:.3f} GiB; {how}"))
     return p
 
